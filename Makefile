@@ -1,0 +1,38 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create or refresh .venv first; a second run reinstalls nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# Pinned CPU torch (a local wheel on these machines); nothing may resolve torch freely.
+TORCH_VERSION := 2.13.0
+# Official fairseq 0.12.2 does not import on Python 3.11; ve-fairseq ships cp311/cp312 wheels of the same
+# code (module `fairseq`). Installed --no-deps so pip never pulls torchaudio (broken beside torch 2.13).
+FAIRSEQ_DEPS := cffi cython "hydra-core>=1.3.2" omegaconf numpy regex sacrebleu tqdm bitarray \
+                scikit-learn packaging sentencepiece jiwer kaldi-native-fbank soundfile editdistance
+# The plugin's own needs (setup.py: install_requires and the [test] extra), installed with the pinned
+# torch on the same command line so that nothing can swap it.
+PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout
+
+.PHONY: all venv demo test clean
+all: test
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install --no-deps "ve-fairseq==0.12.3"
+	$(PIP) install "torch==$(TORCH_VERSION)" $(FAIRSEQ_DEPS) $(PLUGIN_DEPS)
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) -c "import fairseq_accel, torch; print('fairseq_accel ready, torch', torch.__version__)"
+	touch $@
+
+demo: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash egs/mini_l10n/nmt/run.sh
+
+test: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

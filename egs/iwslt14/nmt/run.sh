@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# IWSLT'14 German->English with the Lite Transformer (LSRA), following fairseq's IWSLT'14 example
+# and the Lite Transformer paper (arXiv:2004.11886).
+#
+# Stages (run a range with --stage N --stop-stage M; finished stages leave a .done marker and are
+# skipped when the recipe runs again, so delete the marker to redo one):
+#   0  download de-en.tgz (or give a local copy with --orig_tgz, or the extracted folder with --orig_dir)
+#   1  extract it; tokenize, clean, lowercase and split (fairseq-accel-prepare iwslt14)
+#   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece BPE, fairseq-preprocess
+#      (separate dictionaries), fairseq-train, fairseq-generate (beam 4), BLEU on tokenized text
+#
+# Relative paths are taken from the current directory (--config also from this recipe's folder).
+# Example:  cd egs/iwslt14/nmt && ./run.sh --orig_tgz ~/corpora/de-en.tgz --nj 8
+set -euo pipefail
+
+stage=0                 # first stage to run
+stop_stage=100          # last stage to run
+nj=4                    # parallel jobs for tokenization, BPE training and binarization
+config=conf/lite_transformer_iwslt_de_en_160.yaml  # experiment config (train: and generate: sections)
+url=http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz  # the archive fairseq's example uses
+download_dir=downloads  # where de-en.tgz is downloaded and extracted
+orig_tgz=""             # a local de-en.tgz to use instead of downloading
+orig_dir=""             # an already extracted de-en folder to use instead of de-en.tgz
+data_dir=data           # text, BPE and binarized data
+exp_dir=exp             # experiments: <exp_dir>/<config name>/
+bpe_vocab_size=10000    # joint sentencepiece vocabulary (fairseq's example: 10k BPE merges)
+train_args=""           # extra fairseq-train arguments, e.g. "--max-update 100 --cpu"
+decode_args=""          # extra fairseq-generate arguments, e.g. "--cpu"
+gen_subset=test         # split decoded in stage 5 (test or valid)
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tools_dir="${recipe_dir}/../../tools"
+. "${tools_dir}/log.sh"
+. "${tools_dir}/parse_options.sh"
+. "${tools_dir}/stage_utils.sh"
+
+if [ $# -gt 0 ]; then
+  log "error: unexpected arguments: $* (see $0 --help)"
+  exit 2
+fi
+if [ ! -f "${config}" ] && [ -f "${recipe_dir}/${config}" ]; then
+  config="${recipe_dir}/${config}"
+fi
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
+tok_dir="${data_dir}/tok"  # tokenized, lowercased text (stage 1)
+if [ -z "${orig_dir}" ]; then
+  orig_dir="${download_dir}/de-en"
+  orig_tgz="${orig_tgz:-${download_dir}/de-en.tgz}"
+fi
+
+if in_stage 0; then
+  log "Stage 0: get de-en.tgz"
+  if [ -d "${orig_dir}" ] && [ "${orig_dir}" != "${download_dir}/de-en" ]; then
+    log "using the extracted folder ${orig_dir}"
+  elif [ -f "${orig_tgz}" ]; then
+    log "using ${orig_tgz}"
+  else
+    mkdir -p "${download_dir}"
+    log "downloading ${url} to ${orig_tgz}"
+    if command -v wget > /dev/null; then
+      wget -O "${orig_tgz}.part" "${url}"
+    else
+      curl -fL -o "${orig_tgz}.part" "${url}"
+    fi
+    mv "${orig_tgz}.part" "${orig_tgz}"
+  fi
+fi
+
+if in_stage 1; then
+  log "Stage 1: extract and prepare IWSLT'14 de-en text in ${tok_dir}"
+  if ! stage_done "${tok_dir}/.done" "Stage 1"; then
+    if [ ! -d "${orig_dir}" ]; then
+      if [ ! -f "${orig_tgz}" ]; then
+        log "error: neither ${orig_dir} nor ${orig_tgz} exists; run stage 0 or pass --orig_tgz/--orig_dir"
+        exit 2
+      fi
+      mkdir -p "$(dirname "${orig_dir}")"
+      log "extracting ${orig_tgz}"
+      tar -xzf "${orig_tgz}" -C "$(dirname "${orig_dir}")" de-en
+    fi
+    python3 -m fairseq_accel.cli.prepare iwslt14 --orig-dir "${orig_dir}" --out-dir "${tok_dir}" --jobs "${nj}"
+    touch "${tok_dir}/.done"
+  fi
+fi
+
+# Separate source and target dictionaries, as in fairseq's IWSLT'14 example (the paper's IWSLT models
+# do not share embeddings). sentencepiece BPE stands in for subword-nmt; its normalisation is off, so
+# `--remove-bpe sentencepiece` restores the tokenized lowercased text that BLEU is computed on.
+"${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
+  --text_dir "${tok_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${config}" \
+  --bpe_type bpe --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary false --bleu_tokenize none \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}"

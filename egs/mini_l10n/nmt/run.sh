@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Offline mini recipe: German->English translation of real software messages (the machine's gettext
+# catalogs, /usr/share/locale/de/LC_MESSAGES/*.mo), Lite Transformer (LSRA) against a stock fairseq
+# transformer of matched Mult-Adds. Needs no download; `make demo` runs it.
+#
+# Stages (run a range with --stage N --stop-stage M; finished stages leave .done markers and are
+# skipped when the recipe runs again; an interrupted training resumes from checkpoint_last.pt):
+#   1  extract, clean, dedup and split (de, en) pairs from the catalogs (fairseq-accel-prepare gettext)
+#   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece unigram model,
+#      fairseq-preprocess (joined dictionary), fairseq-train per config, fairseq-generate (beam 5),
+#      sacrebleu BLEU/chrF and one results table (exp/RESULTS.md)
+#
+# The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
+# longer and score higher:
+#   ./run.sh --configs "conf/tuning/lite_transformer_mini_long.yaml conf/tuning/transformer_mini_long.yaml"
+set -euo pipefail
+
+stage=1                 # first stage to run
+stop_stage=100          # last stage to run
+locale_dir=/usr/share/locale  # root of the gettext catalogs
+configs="conf/lite_transformer_mini.yaml conf/transformer_mini.yaml"  # experiments (space separated)
+data_dir=data           # text, sentencepiece and binarized data
+exp_dir=exp             # experiments: <exp_dir>/<config name>/
+bpe_vocab_size=8000     # joint sentencepiece unigram vocabulary
+nj=2                    # parallel jobs for sentencepiece and binarization
+train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
+decode_args=""          # extra fairseq-generate arguments for every config
+gen_subset=test         # split decoded (test or valid)
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tools_dir="${recipe_dir}/../../tools"
+. "${tools_dir}/log.sh"
+. "${tools_dir}/parse_options.sh"
+. "${tools_dir}/stage_utils.sh"
+
+if [ $# -gt 0 ]; then
+  log "error: unexpected arguments: $* (see $0 --help)"
+  exit 2
+fi
+cd "${recipe_dir}"  # configs and data are relative to the recipe
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
+text_dir="${data_dir}/text"
+
+if in_stage 1; then
+  log "Stage 1: (de, en) pairs from ${locale_dir}/de/LC_MESSAGES into ${text_dir}"
+  if ! stage_done "${text_dir}/.done" "Stage 1"; then
+    python3 -m fairseq_accel.cli.prepare gettext --locale-dir "${locale_dir}" --src-lang de --tgt-lang en \
+      --out-dir "${text_dir}"
+    touch "${text_dir}/.done"
+  fi
+fi
+
+"${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
+  --text_dir "${text_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${configs}" \
+  --bpe_type unigram --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}"

@@ -1,0 +1,1 @@
+"""Command-line tools of fairseq_accel (installed as ``fairseq-accel-*`` console scripts)."""

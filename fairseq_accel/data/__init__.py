@@ -1,0 +1,1 @@
+"""Corpus preparation: parallel text from gettext catalogs, IWSLT'14 de-en, speech data and features."""

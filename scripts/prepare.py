@@ -1,0 +1,5 @@
+"""``fairseq-accel-prepare`` without installing the package: ``python scripts/prepare.py --help``."""
+import pathlib, sys  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from fairseq_accel.cli.prepare import main  # noqa: E402
+sys.exit(main())

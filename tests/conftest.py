@@ -1,0 +1,113 @@
+"""Shared test fixtures: a tiny learnable parallel corpus binarized for fairseq, and a CLI runner.
+
+The corpus is a deterministic toy "translation": each source word ``s<i>`` maps to a target word
+``t<j>`` through a fixed permutation, and the target sentence is the mapped words in reverse
+order. A small transformer learns it, so tests can train, decode and score in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+USER_DIR = REPO_ROOT / "user_dir"
+# The bin folder of the interpreter running pytest (the project's venv under `make test`): it
+# holds fairseq-train/-generate/-preprocess, and its python sees the same packages as the tests.
+VENV_BIN = Path(sys.executable).parent
+
+TOY_VOCAB_SIZE = 24
+TOY_SPLITS = {"train": 300, "valid": 40, "test": 40}
+TOY_LENGTHS = (3, 8)
+TOY_SEED = 1234
+
+
+def toy_pair(rng: random.Random, mapping: Sequence[int]) -> tuple[str, str]:
+    """One (source, target) sentence pair of the toy language: mapped words, reversed."""
+    words = [rng.randrange(TOY_VOCAB_SIZE) for _ in range(rng.randint(*TOY_LENGTHS))]
+    source = " ".join(f"s{w}" for w in words)
+    target = " ".join(f"t{mapping[w]}" for w in reversed(words))
+    return source, target
+
+
+def write_toy_corpus(folder: Path, seed: int = TOY_SEED) -> Path:
+    """Write ``{train,valid,test}.{src,tgt}`` plain-text files into ``folder``; return it."""
+    rng = random.Random(seed)
+    mapping = list(range(TOY_VOCAB_SIZE))
+    rng.shuffle(mapping)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in TOY_SPLITS.items():
+        pairs = [toy_pair(rng, mapping) for _ in range(size)]
+        (folder / f"{split}.src").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+        (folder / f"{split}.tgt").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return folder
+
+
+def cli_env(env: Optional[Mapping[str, Optional[str]]] = None) -> Dict[str, str]:
+    """The environment ``run_cli`` uses: ours with the venv's bin first on PATH, then ``env``
+    applied on top (a value of None removes that variable)."""
+    result = dict(os.environ)
+    result["PATH"] = os.pathsep.join([str(VENV_BIN), result.get("PATH", "")])
+    for key, value in (env or {}).items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def run_cli(
+    args: Sequence[Union[str, os.PathLike]],
+    cwd: Optional[Union[str, os.PathLike]] = None,
+    env: Optional[Mapping[str, Optional[str]]] = None,
+    input: Optional[str] = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run a console command (e.g. ``fairseq-train``) with the venv's bin first on PATH.
+
+    Returns the CompletedProcess with stdout and stderr captured as text; asserts nothing, so
+    tests can check failures as well as successes.
+    """
+    return subprocess.run(
+        [str(a) for a in args],
+        cwd=None if cwd is None else str(cwd),
+        env=cli_env(env),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_output(result: subprocess.CompletedProcess) -> str:
+    """stdout and stderr of a finished command, for assertion messages and text checks."""
+    return f"$ {' '.join(map(str, result.args))}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+@pytest.fixture(scope="session")
+def tiny_translation_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Binarized toy corpus (languages ``src``/``tgt``, joined dictionary); returns the data-bin
+    folder. The raw text files lie in ``<data-bin>/../raw``."""
+    root = tmp_path_factory.mktemp("tiny_translation")
+    raw = write_toy_corpus(root / "raw")
+    data_bin = root / "data-bin"
+    result = run_cli(
+        [
+            "fairseq-preprocess",
+            "--source-lang", "src",
+            "--target-lang", "tgt",
+            "--trainpref", raw / "train",
+            "--validpref", raw / "valid",
+            "--testpref", raw / "test",
+            "--destdir", data_bin,
+            "--joined-dictionary",
+            "--workers", "1",
+        ]
+    )
+    assert result.returncode == 0, cli_output(result)
+    return data_bin
