@@ -22,6 +22,15 @@ def toy_dictionary(num_words: int = 40) -> Dictionary:
     return dictionary
 
 
+# What fairseq's speech_to_text task adds to the model args from its data config and options.
+SPEECH_TASK_ARGS = dict(input_feat_per_channel=80, input_channels=1, max_source_positions=6000)
+
+
+def build_speech_model(arch: str, dictionary: Optional[Dictionary] = None, seed: int = 0, **overrides):
+    """Build a speech_to_text model for 80-dim filterbanks (see :func:`build_translation_model`)."""
+    return build_translation_model(arch, dictionary, seed, **{**SPEECH_TASK_ARGS, **overrides})
+
+
 def build_translation_model(arch: str, dictionary: Optional[Dictionary] = None, seed: int = 0, **overrides):
     """Build ``arch`` the way fairseq-train does: explicit CLI defaults, overrides, arch defaults; eval mode."""
     dictionary = dictionary or toy_dictionary()
@@ -40,7 +49,7 @@ def build_translation_model(arch: str, dictionary: Optional[Dictionary] = None, 
     # give every bias and layer-norm weight trained-looking values.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
+            if name.endswith("bias") or "norm" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     return model.eval()
 

@@ -104,6 +104,26 @@ class LiteTransformerDecoder(TransformerDecoderBase):
         return _wrap_layer(LiteTransformerDecoderLayer(cfg, next(self._pending_layers), no_encoder_attn), cfg)
 
 
+def add_lsra_args(parser: argparse.ArgumentParser, sides=("encoder", "decoder")) -> None:
+    """The LSRA options of the given sides (``encoder``, ``decoder``) plus the shared kernel options."""
+    # fmt: off
+    for side in sides:
+        parser.add_argument(f"--{side}-branch-type", nargs="+", metavar="TYPE:KERNEL:DIM:HEADS",
+                            help=f"{side} LSRA branches, e.g. attn:1:80:4 lightweight:default:80:4; TYPE is attn, "
+                                 f"lightweight or dynamic, KERNEL 'default' takes the layer's entry of "
+                                 f"--{side}-kernel-size-list, DIMs must sum to --{side}-embed-dim"
+                                 + ("; decoder convolutions are causal" if side == "decoder" else ""))
+        parser.add_argument(f"--{side}-kernel-size-list", nargs="+", type=int, metavar="K",
+                            help=f"convolution kernel size of each {side} layer (paper: 3 7 15 31 31 31)")
+        parser.add_argument(f"--{side}-glu", type=options.eval_bool, metavar="BOOL",
+                            help=f"GLU after the input projection of {side} convolution branches")
+    parser.add_argument("--weight-softmax", type=options.eval_bool, metavar="BOOL",
+                        help="normalise convolution kernels with a softmax over their taps")
+    parser.add_argument("--weight-dropout", type=float, metavar="D",
+                        help="DropConnect probability on convolution kernels")
+    # fmt: on
+
+
 @register_model("lite_transformer")
 class LiteTransformerModel(TransformerModel):
     """Lite Transformer (LSRA) encoder-decoder; takes every ``transformer`` option plus the LSRA ones."""
@@ -111,26 +131,7 @@ class LiteTransformerModel(TransformerModel):
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         TransformerModel.add_args(parser)
-        # fmt: off
-        parser.add_argument("--encoder-branch-type", nargs="+", metavar="TYPE:KERNEL:DIM:HEADS",
-                            help="encoder LSRA branches, e.g. attn:1:80:4 lightweight:default:80:4; "
-                                 "TYPE is attn, lightweight or dynamic, KERNEL 'default' takes the layer's "
-                                 "entry of --encoder-kernel-size-list, DIMs must sum to --encoder-embed-dim")
-        parser.add_argument("--decoder-branch-type", nargs="+", metavar="TYPE:KERNEL:DIM:HEADS",
-                            help="decoder LSRA branches (convolutions are causal), same format")
-        parser.add_argument("--encoder-kernel-size-list", nargs="+", type=int, metavar="K",
-                            help="convolution kernel size of each encoder layer (paper: 3 7 15 31 31 31)")
-        parser.add_argument("--decoder-kernel-size-list", nargs="+", type=int, metavar="K",
-                            help="convolution kernel size of each decoder layer")
-        parser.add_argument("--encoder-glu", type=options.eval_bool, metavar="BOOL",
-                            help="GLU after the input projection of encoder convolution branches")
-        parser.add_argument("--decoder-glu", type=options.eval_bool, metavar="BOOL",
-                            help="GLU after the input projection of decoder convolution branches")
-        parser.add_argument("--weight-softmax", type=options.eval_bool, metavar="BOOL",
-                            help="normalise convolution kernels with a softmax over their taps")
-        parser.add_argument("--weight-dropout", type=float, metavar="D",
-                            help="DropConnect probability on convolution kernels")
-        # fmt: on
+        add_lsra_args(parser, sides=("encoder", "decoder"))
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens) -> LiteTransformerEncoder:
@@ -141,13 +142,12 @@ class LiteTransformerModel(TransformerModel):
         return LiteTransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
-def _lsra_defaults(args, conv_type: str, glu: bool, branch_heads: int = 4) -> None:
-    """Fill the LSRA options from the (already set) sizes, then the stock transformer defaults.
+def lsra_defaults(args, conv_type: str, glu: bool, sides=("encoder", "decoder"), branch_heads: int = 4) -> None:
+    """Fill the LSRA options of ``sides`` from the (already set) sizes.
 
     Every paper config gives each branch 4 heads (``attn:1:d/2:4``), whatever the cross-attention uses.
     """
-    transformer_base_architecture(args)
-    for side in ("encoder", "decoder"):
+    for side in sides:
         embed_dim = getattr(args, f"{side}_embed_dim")
         if getattr(args, f"{side}_branch_type", None) is None:
             setattr(args, f"{side}_branch_type", even_split(embed_dim, conv_type, branch_heads))
@@ -157,6 +157,12 @@ def _lsra_defaults(args, conv_type: str, glu: bool, branch_heads: int = 4) -> No
             setattr(args, f"{side}_glu", glu)
     args.weight_softmax = getattr(args, "weight_softmax", True)
     args.weight_dropout = getattr(args, "weight_dropout", args.attention_dropout)
+
+
+def _lsra_defaults(args, conv_type: str, glu: bool) -> None:
+    """Stock transformer defaults, then the LSRA options of both sides."""
+    transformer_base_architecture(args)
+    lsra_defaults(args, conv_type, glu)
 
 
 def _sizes(args, embed_dim: int, heads: int, layers: int = 6) -> None:

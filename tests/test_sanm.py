@@ -1,0 +1,149 @@
+"""SAN-M (and the LSRA speech encoder): FunASR semantics, batch invariance, causality, incremental decoding."""
+import pytest
+import torch
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+from fairseq.sequence_generator import SequenceGenerator
+
+import fairseq_accel  # noqa: F401
+from fairseq_accel.models.s2t_lite_transformer import S2TLiteTransformerModel
+from fairseq_accel.models.s2t_sanm import S2TSANMModel
+from fairseq_accel.modules.sanm_attention import CausalFSMN, MultiHeadedAttentionSANM
+from fairseq_accel.modules.speech_frontend import Conv2dSubsampling, LowFrameRate
+from model_builders import build_speech_model, random_tokens
+
+TOLERANCE = 1e-5
+SPEECH_MODELS = [
+    ("s2t_sanm_mini", {}),
+    ("s2t_sanm_mini", {"input_layer": "lfr"}),
+    ("s2t_sanm_mini", {"decoder_type": "transformer"}),
+    ("s2t_lite_transformer_s", {"encoder_layers": 3, "decoder_layers": 2}),
+    ("s2t_lite_transformer_s", {"encoder_layers": 3, "decoder_layers": 2, "input_layer": "lfr"}),
+]
+LENGTHS = [37, 80, 55]
+
+
+def test_every_plugin_name_maps_to_our_class():
+    assert MODEL_REGISTRY["s2t_sanm"] is S2TSANMModel
+    for arch in ["s2t_sanm_s", "s2t_sanm_m", "s2t_sanm_mini"]:
+        assert ARCH_MODEL_REGISTRY[arch] is S2TSANMModel
+    assert MODEL_REGISTRY["s2t_lite_transformer"] is ARCH_MODEL_REGISTRY["s2t_lite_transformer_s"] is S2TLiteTransformerModel
+
+
+def utterances(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = [torch.randn(n, 80, generator=generator) for n in LENGTHS]
+    batch = torch.zeros(len(features), max(LENGTHS), 80)
+    for index, utterance in enumerate(features):
+        batch[index, : len(utterance)] = utterance
+    return features, batch, torch.tensor(LENGTHS)
+
+
+def encoder_batch_error(model) -> float:
+    features, batch, lengths = utterances()
+    worst = 0.0
+    with torch.no_grad():
+        batched = model.encoder(batch, lengths)["encoder_out"][0]
+        for index, utterance in enumerate(features):
+            alone = model.encoder(utterance[None], lengths[index : index + 1])["encoder_out"][0]
+            worst = max(worst, (batched[: alone.size(0), index] - alone[:, 0]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("arch, overrides", SPEECH_MODELS)
+def test_encoder_gives_each_utterance_the_same_output_batched_or_alone(arch, overrides):
+    assert encoder_batch_error(build_speech_model(arch, **overrides)) <= TOLERANCE
+
+
+def test_stock_s2t_transformer_leaks_padding_so_the_check_can_fail():
+    assert encoder_batch_error(build_speech_model("s2t_transformer_xs")) > 1e-2
+
+
+@pytest.mark.parametrize("arch, overrides", SPEECH_MODELS)
+def test_incremental_decoding_equals_full_forward_and_is_causal(arch, overrides):
+    model = build_speech_model(arch, **overrides)
+    _, batch, lengths = utterances(1)
+    generator = torch.Generator().manual_seed(1)
+    tokens = random_tokens(model.decoder.dictionary, 3, 16, generator)
+    changed = tokens.clone()
+    changed[:, 8:] = random_tokens(model.decoder.dictionary, 3, 8, generator)
+    with torch.no_grad():
+        encoder_out = model.encoder(batch, lengths)
+        full, _ = model.decoder(tokens, encoder_out=encoder_out)
+        full_changed, _ = model.decoder(changed, encoder_out=encoder_out)
+        state = {}
+        for step in range(tokens.size(1)):
+            out, _ = model.decoder(tokens[:, : step + 1], encoder_out=encoder_out, incremental_state=state)
+            assert (out[:, 0] - full[:, step]).abs().max().item() <= TOLERANCE, f"step {step}"
+    assert (full[:, :8] - full_changed[:, :8]).abs().max().item() <= TOLERANCE
+    assert (full[:, 8:] - full_changed[:, 8:]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("arch, overrides", SPEECH_MODELS[:2])
+def test_beam_search_is_the_same_batched_or_alone(arch, overrides):
+    model = build_speech_model(arch, **overrides)
+    features, batch, lengths = utterances(2)
+    search = SequenceGenerator([model], model.decoder.dictionary, beam_size=4, max_len_b=10, min_len=2)
+    with torch.no_grad():
+        batched = search.forward({"net_input": {"src_tokens": batch, "src_lengths": lengths}})
+        for index, utterance in enumerate(features):
+            alone = search.forward({"net_input": {"src_tokens": utterance[None], "src_lengths": lengths[index : index + 1]}})
+            assert [h["tokens"].tolist() for h in alone[0]] == [h["tokens"].tolist() for h in batched[index]]
+            for mine, theirs in zip(alone[0], batched[index]):
+                assert abs(mine["score"].item() - theirs["score"].item()) <= 1e-4
+
+
+def naive_fsmn(v, keep, weight, left):
+    """out[t] = (sum_k w[k] * v[t - left + k] + v[t]) * keep[t], with v masked and zero outside."""
+    v = v * keep
+    time = v.size(1)
+    out = torch.zeros_like(v)
+    for t in range(time):
+        for k in range(weight.size(-1)):
+            source = t - left + k
+            if 0 <= source < time:
+                out[:, t] += weight[:, 0, k] * v[:, source]
+    return (out + v) * keep
+
+
+@pytest.mark.parametrize("kernel_size, shift", [(11, 0), (11, 3), (4, 0)])
+def test_encoder_fsmn_follows_funasr_padding_and_masking(kernel_size, shift):
+    torch.manual_seed(0)
+    attention = MultiHeadedAttentionSANM(2, 8, 8, 0.0, kernel_size, shift).eval()
+    v = torch.randn(2, 9, 8)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    keep = (~padding).unsqueeze(-1).float()
+    expected = naive_fsmn(v, keep, attention.fsmn_block.weight, (kernel_size - 1) // 2 + shift)
+    assert torch.allclose(attention.forward_fsmn(v, padding), expected, atol=1e-6)
+
+
+def test_decoder_fsmn_is_causal():
+    torch.manual_seed(0)
+    fsmn = CausalFSMN(8, 0.0, 5).eval()
+    x = torch.randn(2, 9, 8)
+    expected = naive_fsmn(x, torch.ones(2, 9, 1), fsmn.fsmn_block.weight, left=4)
+    assert torch.allclose(fsmn(x, None), expected, atol=1e-6)
+
+
+def test_low_frame_rate_stacks_frames_like_funasr():
+    features = torch.arange(2 * 13 * 2, dtype=torch.float32).view(2, 13, 2)
+    lengths = torch.tensor([13, 8])
+    stacked, out_lengths = LowFrameRate(2, m=7, n=6)(features, lengths)
+    assert out_lengths.tolist() == [3, 2]
+    for batch_index, length in enumerate(lengths.tolist()):
+        frames = features[batch_index, :length]
+        padded = torch.cat([frames[:1].repeat(3, 1), frames, frames[-1:].repeat(12, 1)])  # (m-1)//2 in front
+        for step in range(out_lengths[batch_index]):
+            assert torch.equal(stacked[batch_index, step], padded[step * 6 : step * 6 + 7].reshape(-1))
+
+
+def test_conv2d_subsampling_lengths():
+    assert Conv2dSubsampling.output_length(torch.tensor([7, 8, 100, 101])).tolist() == [1, 1, 24, 24]
+
+
+def test_too_short_utterance_and_bad_shift_give_clear_errors():
+    model = build_speech_model("s2t_sanm_mini")
+    with pytest.raises(ValueError, match="an utterance of 5 frames is too short for the Conv2dSubsampling front-end"):
+        model.encoder(torch.randn(1, 5, 80), torch.tensor([5]))
+    with pytest.raises(ValueError, match="sanm_shfit 6 is too large for FSMN kernel size 11"):
+        build_speech_model("s2t_sanm_mini", sanm_shfit=6)
