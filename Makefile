@@ -14,10 +14,20 @@ FAIRSEQ_DEPS := cffi cython "hydra-core>=1.3.2" omegaconf numpy regex sacrebleu 
 # torch on the same command line so that nothing can swap it.
 PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout
 
-.PHONY: all venv demo test clean
+.PHONY: all system-deps venv demo test clean
 all: test
 
-venv: $(VENV)/.installed
+# espeak-ng synthesizes the mini ASR corpus (fairseq-accel-prepare espeak). Installed with apt-get when
+# we are root and have apt-get; otherwise say how and go on (its tests are skipped without it).
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && apt-get install -y espeak-ng; \
+	else \
+		echo "espeak-ng is missing (needed by fairseq-accel-prepare espeak): sudo apt-get install espeak-ng"; \
+	fi
+
+venv: system-deps $(VENV)/.installed
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -80,7 +80,10 @@ setup(
     # distribution (module `fairseq`), and naming `fairseq` would make pip fetch the official 0.12.2,
     # which does not import there. `fairseq_accel` checks for the module at import time instead.
     # torch is not listed either, so that installing the plugin never replaces the user's torch build.
-    install_requires=["numpy", "sentencepiece", "sacrebleu", "pyyaml"],
+    install_requires=[
+        "numpy", "scipy", "sentencepiece", "sacrebleu", "pyyaml", "editdistance", "jiwer", "soundfile",
+        "kaldi-native-fbank",
+    ],
     extras_require={
         "gpu": ["cupy-cuda12x", "nvidia-cuda-nvrtc-cu12"],
         "test": ["pytest", "pytest-timeout", "sacremoses"],

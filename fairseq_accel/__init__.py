@@ -19,3 +19,6 @@ __version__ = "0.1.0"
 
 from fairseq_accel import checkpoint_compat  # noqa: E402,F401  (torch>=2.6 checkpoint loading)
 from fairseq_accel import models  # noqa: E402,F401  (registers models and architectures)
+from fairseq_accel.data import batch_tail_fix  # noqa: E402,F401  (fairseq 0.12 drops a last batch)
+from fairseq_accel import criterions  # noqa: E402,F401
+from fairseq_accel.data import s2t_config_check  # noqa: E402,F401  (clear errors for missing S2T data files)

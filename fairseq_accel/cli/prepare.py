@@ -5,9 +5,15 @@ Subcommands:
 * ``gettext`` -- a German->English (or any catalog language <-> English) corpus from this machine's
   gettext catalogs (offline; used by ``egs/mini_l10n``);
 * ``iwslt14`` -- IWSLT'14 de-en from the extracted ``de-en.tgz``, processed like fairseq's
-  ``prepare-iwslt14.sh`` (used by ``egs/iwslt14/nmt``).
+  ``prepare-iwslt14.sh`` (used by ``egs/iwslt14/nmt``);
+* ``espeak`` -- an English speech corpus synthesized offline by espeak-ng from the English side of the
+  gettext corpus (used by ``egs/mini_espeak``);
+* ``aishell`` -- AISHELL-1 (Mandarin) from the extracted ``data_aishell`` folder (used by ``egs/aishell``).
+* ``s2t`` -- from such Kaldi data directories, the fbank features, manifests, sentencepiece vocabulary
+  and ``config.yaml`` that fairseq's stock ``--task speech_to_text`` reads.
 
-Both write ``{train,valid,test}.{src,tgt}`` text files, one sentence per line, ready for BPE.
+The text corpora are ``{train,valid,test}.{src,tgt}`` files, one sentence per line, ready for BPE; the
+speech corpora are Kaldi data directories ``{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}``.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fairseq_accel.data import espeak_corpus
+from fairseq_accel.data.aishell import TRANSCRIPT, prepare_aishell
 from fairseq_accel.data.gettext_corpus import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VALID_FRACTION,
@@ -24,6 +32,13 @@ from fairseq_accel.data.gettext_corpus import (
     build_corpus,
 )
 from fairseq_accel.data.iwslt14 import expected_files, prepare_iwslt14
+from fairseq_accel.data.s2t_manifest import (
+    DEFAULT_LOG_EVERY,
+    DEFAULT_MAX_FRAMES,
+    UNITS,
+    S2TOptions,
+    prepare_s2t,
+)
 
 PROG = "fairseq-accel-prepare"
 
@@ -55,12 +70,135 @@ def _run_iwslt14(args: argparse.Namespace) -> None:
     prepare_iwslt14(args.orig_dir, args.out_dir, jobs=args.jobs)
 
 
+def _run_s2t(args: argparse.Namespace) -> None:
+    data_dirs = {}
+    for item in args.data_dirs:
+        split, sep, directory = item.partition("=")
+        if not sep or not split or not directory:
+            raise CorpusError(f"--data-dirs takes SPLIT=DIR items such as train=data/train, got '{item}'")
+        if split in data_dirs:
+            raise CorpusError(f"--data-dirs names split '{split}' twice")
+        data_dirs[split] = Path(directory)
+    options = S2TOptions(
+        train_split=args.train_split,
+        vocab_size=args.vocab_size,
+        unit=args.unit,
+        speed_factors=tuple(args.speed_perturb),
+        max_frames=args.max_frames,
+        jobs=args.jobs,
+        log_every=args.log_every,
+    )
+    prepare_s2t(data_dirs, args.out_dir, options)
+
+
+def _run_espeak(args: argparse.Namespace) -> None:
+    espeak_corpus.build_espeak_corpus(
+        out_dir=args.out_dir,
+        num_utts=args.num_utts,
+        dev_fraction=args.dev_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        keep_clean=args.keep_clean,
+        jobs=args.jobs,
+        locale_dir=args.locale_dir,
+        catalog_lang=args.catalog_lang,
+    )
+
+
+def _run_aishell(args: argparse.Namespace) -> None:
+    prepare_aishell(args.aishell_dir, args.out_dir)
+
+
+def _add_speech_commands(commands: argparse._SubParsersAction) -> None:
+    """The ``espeak`` and ``aishell`` subcommands (Kaldi data directories for ASR)."""
+    espeak = commands.add_parser(
+        "espeak",
+        help="English ASR corpus synthesized by espeak-ng from gettext sentences (offline)",
+        formatter_class=_HelpFormatter,
+        description="Read English sentences of the gettext de-en corpus aloud with espeak-ng voices\n"
+        f"({len(espeak_corpus.ACCENTS)} accents x {len(espeak_corpus.VARIANTS)} variants, each with its own "
+        "rate and pitch) and write\n16 kHz mono wavs plus Kaldi data directories train/, dev/, test/.\n\n"
+        "Sentences are kept when espeak-ng reads them as written: no placeholders, paths,\n"
+        "options, digits or identifiers, 3-20 words. Transcripts are lowercase words with\n"
+        "apostrophes. No dev or test voice is heard in train; train utterances get white\n"
+        "or pink noise at 10-30 dB SNR. A rerun resumes: valid wavs are kept.\n"
+        "utterances.tsv records each utterance's voice, rate, pitch and noise.\n"
+        "Needs espeak-ng: apt-get install espeak-ng",
+        epilog="example:\n"
+        f"  {PROG} espeak --out-dir data/espeak --num-utts 3000 --jobs 4\n"
+        "  # writes data/espeak/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt}, wavs\n"
+        "  # under data/espeak/wav/",
+    )
+    espeak.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="where to write the corpus"
+    )
+    espeak.add_argument(
+        "--num-utts", type=int, default=espeak_corpus.DEFAULT_NUM_UTTS, metavar="N",
+        help="utterances in all three splits",
+    )
+    espeak.add_argument(
+        "--dev-fraction", type=float, default=espeak_corpus.DEFAULT_DEV_FRACTION, metavar="F",
+        help="share of the sentences and of the voices that go to dev",
+    )
+    espeak.add_argument(
+        "--test-fraction", type=float, default=espeak_corpus.DEFAULT_TEST_FRACTION, metavar="F",
+        help="share of the sentences and of the voices that go to test",
+    )
+    espeak.add_argument(
+        "--seed", type=int, default=espeak_corpus.DEFAULT_SEED, metavar="N",
+        help="seed of the voice split, rates, pitches and noise",
+    )
+    espeak.add_argument(
+        "--keep-clean", action="store_true",
+        help="also write the train utterances without noise, as the Kaldi directory train_clean/",
+    )
+    espeak.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="parallel espeak-ng syntheses (the output does not depend on it)",
+    )
+    espeak.add_argument(
+        "--locale-dir", type=Path, default=Path("/usr/share/locale"), metavar="DIR",
+        help="root of the gettext catalogs",
+    )
+    espeak.add_argument(
+        "--catalog-lang", default="de", metavar="LANG",
+        help="catalog language whose gettext corpus gives the English sentences",
+    )
+    espeak.set_defaults(func=_run_espeak)
+
+    aishell = commands.add_parser(
+        "aishell",
+        help="AISHELL-1 Mandarin ASR corpus as Kaldi data directories (character transcripts)",
+        formatter_class=_HelpFormatter,
+        description="Make Kaldi data directories train/, dev/, test/ from AISHELL-1 (OpenSLR 33).\n"
+        "--aishell-dir is the data_aishell folder of data_aishell.tgz, with\n"
+        f"  {TRANSCRIPT}\n"
+        "  wav/{train,dev,test}/<speaker>/<utterance>.wav\n"
+        "The per-speaker archives wav/*.tar.gz of the download are unpacked first (and\n"
+        "deleted, as Kaldi does). Transcripts lose their word-separating spaces: the units\n"
+        "are characters. Utterances lacking audio or transcript are dropped and counted.",
+        epilog="example:\n"
+        "  tar xzf data_aishell.tgz -C downloads\n"
+        f"  {PROG} aishell --aishell-dir downloads/data_aishell --out-dir data/aishell\n"
+        "  # about 120k/14k/7k train/dev/test utterances",
+    )
+    aishell.add_argument(
+        "--aishell-dir", type=Path, required=True, metavar="DIR", help="the data_aishell folder"
+    )
+    aishell.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR",
+        help="where to write the Kaldi data directories",
+    )
+    aishell.set_defaults(func=_run_aishell)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fairseq-accel-prepare`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Build the plain-text parallel corpora ({train,valid,test}.{src,tgt}, one\n"
-        "sentence per line) that the fairseq_accel recipes train on.",
+        description="Build the corpora that the fairseq_accel recipes train on: plain-text parallel\n"
+        "corpora ({train,valid,test}.{src,tgt}, one sentence per line) and speech corpora\n"
+        "(Kaldi data directories {train,dev,test}/{wav.scp,text,utt2spk,spk2utt}).",
         formatter_class=_HelpFormatter,
         epilog="examples:\n"
         f"  {PROG} gettext --out-dir data/l10n.de-en\n"
@@ -153,6 +291,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer processes (the output does not depend on it)",
     )
     iwslt14.set_defaults(func=_run_iwslt14)
+
+    s2t = commands.add_parser(
+        "s2t",
+        help="fbank features, manifests, vocabulary and config.yaml for fairseq's speech_to_text",
+        formatter_class=_HelpFormatter,
+        description="Turn Kaldi-style data directories into the input of fairseq's stock\n"
+        "--task speech_to_text. Each DIR of --data-dirs holds three files:\n"
+        "  wav.scp   <utt-id> <path of a mono WAV/FLAC/OGG file>   (any sample rate:\n"
+        "            resampled to 16 kHz; relative paths start at the current directory;\n"
+        "            piped commands such as 'sox ... - |' and segments files are NOT\n"
+        "            supported)\n"
+        "  text      <utt-id> <transcript>\n"
+        "  utt2spk   <utt-id> <speaker>\n"
+        "Written to --out-dir:\n"
+        "  fbank80/<split>/<id>.npy  80-dim Kaldi fbank (25 ms window, 10 ms shift)\n"
+        "  <split>.tsv               id, audio (.npy path), n_frames, tgt_text, speaker\n"
+        "  global_cmvn.npz           mean/std of the training frames\n"
+        "  spm_<unit><N>.model/.txt  sentencepiece model and fairseq vocabulary,\n"
+        "                            trained on the training transcripts\n"
+        "  config.yaml               for --config-yaml: CMVN everywhere, SpecAugment\n"
+        "                            on the training split\n"
+        "Only the training split is speed-perturbed (ids sp0.9-<id>, ...) and filtered\n"
+        "by --max-frames; the others keep every utterance. A run that was interrupted\n"
+        "continues where it stopped (existing features are reused). Paths in the .tsv\n"
+        "files and config.yaml are absolute: after moving --out-dir, run again.",
+        epilog="example (three splits, speed perturbation 0.9/1.0/1.1, 2 processes):\n"
+        f"  {PROG} s2t --data-dirs train=data/train dev=data/dev test=data/test \\\n"
+        "      --out-dir data/s2t --vocab-size 500 --unit unigram \\\n"
+        "      --speed-perturb 0.9 1.0 1.1 --max-frames 3000 --jobs 2\n"
+        "then train with the stock task:\n"
+        "  fairseq-train data/s2t --task speech_to_text --config-yaml config.yaml \\\n"
+        "      --train-subset train --valid-subset dev --user-dir user_dir ...",
+    )
+    s2t.add_argument(
+        "--data-dirs", nargs="+", required=True, metavar="SPLIT=DIR",
+        help="Kaldi data directories, each named by its split (the name of its .tsv)",
+    )
+    s2t.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the S2T data")
+    s2t.add_argument(
+        "--train-split", default="train", metavar="SPLIT",
+        help="the split of --data-dirs to train on (its name must start with 'train')",
+    )
+    s2t.add_argument(
+        "--vocab-size", type=int, default=500, metavar="N",
+        help="sentencepiece vocabulary size (an upper limit on small corpora; unused for char)",
+    )
+    s2t.add_argument("--unit", choices=UNITS, default="unigram", help="sentencepiece model type")
+    s2t.add_argument(
+        "--speed-perturb", type=float, nargs="+", default=[1.0], metavar="FACTOR",
+        help="speed factors of the training split, 1.0 included (Kaldi uses 0.9 1.0 1.1)",
+    )
+    s2t.add_argument(
+        "--max-frames", type=int, default=DEFAULT_MAX_FRAMES, metavar="N",
+        help="drop training utterances longer than N frames (10 ms each)",
+    )
+    s2t.add_argument("--jobs", type=int, default=1, metavar="N", help="feature extraction processes")
+    s2t.add_argument(
+        "--log-every", type=int, default=DEFAULT_LOG_EVERY, metavar="N",
+        help="print progress every N utterances",
+    )
+    s2t.set_defaults(func=_run_s2t)
+    _add_speech_commands(commands)
     return parser
 
 

@@ -18,6 +18,7 @@ from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
 from fairseq.models.speech_to_text.s2t_transformer import base_architecture as s2t_base_architecture
 from torch import Tensor, nn
 
+from fairseq_accel.models.ctc_head import build_ctc_head
 from fairseq_accel.modules.sanm_attention import (
     CausalFSMN,
     DecoderFeedForward,
@@ -71,6 +72,8 @@ class SpeechEncoder(FairseqEncoder):
         self.embed_scale = math.sqrt(args.encoder_embed_dim)
         self.dropout = nn.Dropout(args.dropout)
         self.after_norm = nn.LayerNorm(args.encoder_embed_dim)
+        # CTC head of the joint_ctc_attention criterion, built like the stock s2t_transformer's
+        self.ctc_proj = build_ctc_head(args, args.encoder_embed_dim, args.tgt_dict_size)
 
     def run_layers(self, x: Tensor, padding: Optional[Tensor], states: Optional[List[Tensor]]) -> Tensor:
         """Apply the layers to batch-first ``x``; append each layer's output (T x B x C) to ``states``."""
@@ -204,7 +207,9 @@ class SANMDecoder(FairseqIncrementalDecoder):
         **unused,
     ):
         features = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
-        return (features if features_only else self.output_projection(features)), {"attn": [None]}
+        # outside incremental decoding the encoder output goes along for CTC (fairseq's S2T convention)
+        extra = {"attn": [None], "encoder_out": encoder_out if incremental_state is None else None}
+        return (features if features_only else self.output_projection(features)), extra
 
     def extract_features(
         self, prev_output_tokens: Tensor, encoder_out: Optional[EncoderOut], incremental_state: Optional[IncrementalState] = None, **unused

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# AISHELL-1 Mandarin speech recognition with SAN-M (Gao et al. 2020, arXiv:2006.01713: 6.46% test CER
+# without a language model). Characters are the output units and CER the metric.
+#
+# Stages (run a range with --stage N --stop-stage M; finished stages leave .done markers and are
+# skipped when the recipe runs again; an interrupted training resumes from checkpoint_last.pt):
+#   0  download data_aishell.tgz and resource_aishell.tgz (OpenSLR resource 33), or use --aishell_dir
+#   1  extract, pair transcripts with audio, transcripts -> characters (fairseq-accel-prepare aishell)
+#   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + character
+#      units + manifests, fairseq-train, fairseq-generate, jiwer CER/WER table
+#
+# Example (GPU recommended):  cd egs/aishell/asr && ./run.sh --download_dir /data/openslr33
+set -euo pipefail
+
+stage=0                 # first stage to run
+stop_stage=100          # last stage to run
+url=https://www.openslr.org/resources/33  # OpenSLR resource 33 (AISHELL-1)
+download_dir=downloads  # where the archives are downloaded and extracted
+aishell_dir=""          # an already extracted data_aishell folder to use instead of downloading
+configs="conf/s2t_sanm_s.yaml"  # experiments (space separated)
+data_dir=data           # Kaldi data directories and fairseq manifests
+exp_dir=exp             # experiments: <exp_dir>/<config name>/
+nj=8                    # parallel jobs for extraction and feature computation
+train_args=""           # extra fairseq-train arguments for every config
+decode_args=""          # extra fairseq-generate arguments for every config
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tools_dir="${recipe_dir}/../../tools"
+. "${tools_dir}/log.sh"
+. "${tools_dir}/parse_options.sh"
+. "${tools_dir}/stage_utils.sh"
+
+if [ $# -gt 0 ]; then
+  log "error: unexpected arguments: $* (see $0 --help)"
+  exit 2
+fi
+if [ ! -f "${configs%% *}" ] && [ -f "${recipe_dir}/${configs%% *}" ]; then
+  cd "${recipe_dir}"  # configs given relative to the recipe
+fi
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
+aishell_dir="${aishell_dir:-${download_dir}/data_aishell}"
+
+if in_stage 0; then
+  log "Stage 0: get AISHELL-1 into ${download_dir}"
+  if [ -d "${aishell_dir}/wav" ]; then
+    log "using ${aishell_dir}"
+  else
+    mkdir -p "${download_dir}"
+    for archive in data_aishell.tgz resource_aishell.tgz; do
+      if [ ! -f "${download_dir}/${archive}" ]; then
+        log "downloading ${url}/${archive}"
+        if command -v wget > /dev/null; then
+          wget -O "${download_dir}/${archive}.part" "${url}/${archive}"
+        else
+          curl -fL -o "${download_dir}/${archive}.part" "${url}/${archive}"
+        fi
+        mv "${download_dir}/${archive}.part" "${download_dir}/${archive}"
+      fi
+      tar -xzf "${download_dir}/${archive}" -C "${download_dir}"
+    done
+  fi
+fi
+
+if in_stage 1; then
+  log "Stage 1: Kaldi data directories from ${aishell_dir} into ${data_dir}"
+  if ! stage_done "${data_dir}/.prepare.done" "Stage 1"; then
+    if [ ! -d "${aishell_dir}" ]; then
+      log "error: ${aishell_dir} not found; run stage 0 or pass --aishell_dir /path/to/data_aishell"
+      exit 2
+    fi
+    fairseq-accel-prepare aishell --aishell-dir "${aishell_dir}" --out-dir "${data_dir}"
+    touch "${data_dir}/.prepare.done"
+  fi
+fi
+
+"${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
+  --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
+  --exp_dir "${exp_dir}" --configs "${configs}" --unit char --nj "${nj}" \
+  --train_args "${train_args}" --decode_args "${decode_args}"

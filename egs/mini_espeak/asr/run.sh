@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Offline mini ASR recipe: English speech synthesized with espeak-ng from real sentences (the English
+# side of the machine's gettext catalogs), several voices, variants, rates and pitches, with the test
+# voices held out of training and noise added to the training audio. SAN-M against a stock fairseq
+# s2t_transformer of matched parameters. Needs no download; `make demo` runs it.
+#
+# Stages (run a range with --stage N --stop-stage M; finished stages leave .done markers and are
+# skipped when the recipe runs again; an interrupted training resumes from checkpoint_last.pt):
+#   0  check that espeak-ng is installed (apt-get install espeak-ng)
+#   1  synthesize the corpus as Kaldi-style data directories (fairseq-accel-prepare espeak)
+#   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + sentencepiece
+#      units + manifests, fairseq-train per config, fairseq-generate (beam 5), jiwer WER/CER table
+set -euo pipefail
+
+stage=0                 # first stage to run
+stop_stage=100          # last stage to run
+num_utts=3000           # sentences to synthesize (split into train/dev/test by speaker)
+configs="conf/s2t_sanm_mini.yaml conf/s2t_transformer_mini.yaml"  # experiments (space separated)
+data_dir=data           # synthesized audio, Kaldi data directories and fairseq manifests
+exp_dir=exp             # experiments: <exp_dir>/<config name>/
+vocab_size=300          # sentencepiece unigram vocabulary
+nj=2                    # parallel jobs for synthesis and feature extraction
+train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
+decode_args=""          # extra fairseq-generate arguments for every config
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tools_dir="${recipe_dir}/../../tools"
+. "${tools_dir}/log.sh"
+. "${tools_dir}/parse_options.sh"
+. "${tools_dir}/stage_utils.sh"
+
+if [ $# -gt 0 ]; then
+  log "error: unexpected arguments: $* (see $0 --help)"
+  exit 2
+fi
+cd "${recipe_dir}"  # configs and data are relative to the recipe
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
+
+if in_stage 0; then
+  log "Stage 0: check for espeak-ng"
+  if ! command -v espeak-ng > /dev/null; then
+    log "error: espeak-ng is not installed; install it with: apt-get install espeak-ng (or: make system-deps)"
+    exit 2
+  fi
+fi
+
+if in_stage 1; then
+  log "Stage 1: synthesize ${num_utts} utterances into ${data_dir}"
+  if ! stage_done "${data_dir}/.synth.done" "Stage 1"; then
+    fairseq-accel-prepare espeak --out-dir "${data_dir}" --num-utts "${num_utts}" --jobs "${nj}"
+    touch "${data_dir}/.synth.done"
+  fi
+fi
+
+"${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
+  --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
+  --exp_dir "${exp_dir}" --configs "${configs}" --unit unigram --vocab_size "${vocab_size}" --nj "${nj}" \
+  --train_args "${train_args}" --decode_args "${decode_args}"

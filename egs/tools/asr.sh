@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Shared ASR pipeline (stages 2-5) that the corpus recipes egs/<corpus>/asr/run.sh call once their
+# stage 1 has written Kaldi-style data directories (wav.scp, text, utt2spk) for --train_set,
+# --valid_set and --test_set below --kaldi_dir.
+#
+#   2  80-dim fbank, global CMVN, speed perturbation of the training set, sentencepiece units and
+#      fairseq speech_to_text manifests + config.yaml (fairseq-accel-prepare s2t)
+#   3  train each experiment config with fairseq-train --task speech_to_text (its train: section)
+#   4  decode --test_set with fairseq-generate (its generate: section)
+#   5  score (jiwer WER and CER) and print one results table for all configs
+#
+# Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
+# from its checkpoint_last.pt.
+set -euo pipefail
+
+stage=2                 # first stage to run
+stop_stage=100          # last stage to run
+kaldi_dir=data          # Kaldi-style data directories written by the corpus recipe's stage 1
+train_set=train         # training data directory (below --kaldi_dir)
+valid_set=dev           # validation data directory
+test_set=test           # test data directory (decoded in stage 4)
+s2t_dir=data/s2t        # features, manifests and config.yaml
+exp_dir=exp             # experiments: <exp_dir>/<config name>/
+configs=""              # experiment configs (yaml with train: and generate: sections), space separated
+unit=unigram            # sentencepiece units: unigram, bpe or char
+vocab_size=500          # sentencepiece vocabulary size (ignored for char)
+speed_perturb="0.9 1.0 1.1"  # speed factors applied to the training set
+max_frames=3000         # utterances with more frames are left out of the manifests (counted)
+nj=2                    # parallel jobs for feature extraction
+train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
+decode_args=""          # extra fairseq-generate arguments for every config
+
+tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "${tools_dir}/log.sh"
+. "${tools_dir}/parse_options.sh"
+. "${tools_dir}/stage_utils.sh"
+
+if [ $# -gt 0 ]; then
+  log "error: unexpected arguments: $* (see $0 --help)"
+  exit 2
+fi
+if [ -z "${configs}" ]; then
+  log "error: --configs is empty; give at least one experiment config"
+  exit 2
+fi
+repo_root=$(cd "${tools_dir}/../.." && pwd)
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}${repo_root}"  # the checkout's plugin, if not installed
+read -r -a config_list <<< "${configs}"
+for config in "${config_list[@]}"; do
+  [ -f "${config}" ] || { log "error: config ${config} not found (from $(pwd))"; exit 2; }
+done
+exp_of() { echo "${exp_dir}/$(basename "$1" .yaml)"; }
+
+if in_stage 2; then
+  log "Stage 2: features, units and manifests in ${s2t_dir}"
+  if ! stage_done "${s2t_dir}/.done" "Stage 2"; then
+    require fairseq-accel-prepare
+    read -r -a speeds <<< "${speed_perturb}"
+    fairseq-accel-prepare s2t --data-dirs "${train_set}=${kaldi_dir}/${train_set}" \
+      "${valid_set}=${kaldi_dir}/${valid_set}" "${test_set}=${kaldi_dir}/${test_set}" \
+      --train-split "${train_set}" --out-dir "${s2t_dir}" --unit "${unit}" --vocab-size "${vocab_size}" \
+      --speed-perturb "${speeds[@]}" --max-frames "${max_frames}" --jobs "${nj}"
+    touch "${s2t_dir}/.done"
+  fi
+fi
+
+if in_stage 3; then
+  for config in "${config_list[@]}"; do
+    exp=$(exp_of "${config}")
+    log "Stage 3: train $(basename "${exp}") in ${exp}"
+    if ! stage_done "${exp}/.train.done" "Stage 3 ($(basename "${exp}"))"; then
+      require fairseq-train
+      mkdir -p "${exp}"
+      cp "${config}" "${exp}/config.yaml"
+      python3 "${tools_dir}/yaml2args.py" "${config}" --section train > "${exp}/train.args"
+      mapfile -t config_args < "${exp}/train.args"
+      # shellcheck disable=SC2086  # ${train_args} holds several arguments
+      fairseq-train "${s2t_dir}" --user-dir "${repo_root}/user_dir" --task speech_to_text \
+        --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}" \
+        --save-dir "${exp}/checkpoints" "${config_args[@]}" ${train_args} 2>&1 | tee "${exp}/train.log"
+      touch "${exp}/.train.done"
+    fi
+  done
+fi
+
+if in_stage 4; then
+  for config in "${config_list[@]}"; do
+    exp=$(exp_of "${config}")
+    decode_dir="${exp}/decode_${test_set}"
+    checkpoint="${exp}/checkpoints/checkpoint_best.pt"
+    log "Stage 4: decode ${test_set} with ${checkpoint}"
+    if ! stage_done "${decode_dir}/.done" "Stage 4 ($(basename "${exp}"))"; then
+      require fairseq-generate
+      if [ ! -f "${checkpoint}" ]; then
+        log "error: ${checkpoint} not found; run stage 3 first"
+        exit 2
+      fi
+      mkdir -p "${decode_dir}"
+      python3 "${tools_dir}/yaml2args.py" "${config}" --section generate > "${decode_dir}/generate.args"
+      mapfile -t config_args < "${decode_dir}/generate.args"
+      # shellcheck disable=SC2086  # ${decode_args} holds several arguments
+      fairseq-generate "${s2t_dir}" --user-dir "${repo_root}/user_dir" --task speech_to_text \
+        --config-yaml config.yaml --gen-subset "${test_set}" --path "${checkpoint}" \
+        "${config_args[@]}" ${decode_args} > "${decode_dir}/generate.txt" 2>&1  # log kept: it holds the timing
+      # detokenized hypotheses and references in corpus order
+      grep '^D-' "${decode_dir}/generate.txt" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 > "${decode_dir}/hyp.txt"
+      grep '^T-' "${decode_dir}/generate.txt" | sed 's/^T-//' | sort -n -k1,1 | cut -f2 > "${decode_dir}/ref.txt"
+      expected=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))
+      got=$(wc -l < "${decode_dir}/hyp.txt")
+      if [ "${got}" -ne "${expected}" ]; then
+        log "error: ${decode_dir}: ${got} hypotheses for ${expected} utterances of ${s2t_dir}/${test_set}.tsv"
+        exit 1
+      fi
+      touch "${decode_dir}/.done"
+    fi
+  done
+fi
+
+if in_stage 5; then
+  log "Stage 5: results (${test_set}) in ${exp_dir}/RESULTS.md"
+  exps=()
+  for config in "${config_list[@]}"; do exps+=("$(exp_of "${config}")"); done
+  python3 "${tools_dir}/asr_results.py" "${exps[@]}" --subset "${test_set}" --out "${exp_dir}/RESULTS.md"
+fi
