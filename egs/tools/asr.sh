@@ -31,14 +31,7 @@ train_args=""           # extra fairseq-train arguments for every config, e.g. "
 decode_args=""          # extra fairseq-generate arguments for every config
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-. "${tools_dir}/log.sh"
-. "${tools_dir}/parse_options.sh"
-. "${tools_dir}/stage_utils.sh"
-
-if [ $# -gt 0 ]; then
-  log "error: unexpected arguments: $* (see $0 --help)"
-  exit 2
-fi
+. "${tools_dir}/recipe.sh"
 if [ -z "${configs}" ]; then
   log "error: --configs is empty; give at least one experiment config"
   exit 2

@@ -26,14 +26,7 @@ decode_args=""          # extra fairseq-generate arguments for every config
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
-. "${tools_dir}/log.sh"
-. "${tools_dir}/parse_options.sh"
-. "${tools_dir}/stage_utils.sh"
-
-if [ $# -gt 0 ]; then
-  log "error: unexpected arguments: $* (see $0 --help)"
-  exit 2
-fi
+. "${tools_dir}/recipe.sh"
 if [ ! -f "${configs%% *}" ] && [ -f "${recipe_dir}/${configs%% *}" ]; then
   cd "${recipe_dir}"  # configs given relative to the recipe
 fi

@@ -30,14 +30,7 @@ gen_subset=test         # split decoded in stage 5 (test or valid)
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
-. "${tools_dir}/log.sh"
-. "${tools_dir}/parse_options.sh"
-. "${tools_dir}/stage_utils.sh"
-
-if [ $# -gt 0 ]; then
-  log "error: unexpected arguments: $* (see $0 --help)"
-  exit 2
-fi
+. "${tools_dir}/recipe.sh"
 if [ ! -f "${config}" ] && [ -f "${recipe_dir}/${config}" ]; then
   config="${recipe_dir}/${config}"
 fi

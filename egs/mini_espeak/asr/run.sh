@@ -25,14 +25,7 @@ decode_args=""          # extra fairseq-generate arguments for every config
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
-. "${tools_dir}/log.sh"
-. "${tools_dir}/parse_options.sh"
-. "${tools_dir}/stage_utils.sh"
-
-if [ $# -gt 0 ]; then
-  log "error: unexpected arguments: $* (see $0 --help)"
-  exit 2
-fi
+. "${tools_dir}/recipe.sh"
 cd "${recipe_dir}"  # configs and data are relative to the recipe
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
 
