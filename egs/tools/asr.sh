@@ -32,6 +32,7 @@ decode_args=""          # extra fairseq-generate arguments for every config
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
+. "${tools_dir}/fairseq_stages.sh"
 if [ -z "${configs}" ]; then
   log "error: --configs is empty; give at least one experiment config"
   exit 2
@@ -58,54 +59,19 @@ if in_stage 2; then
 fi
 
 if in_stage 3; then
+  log "Stage 3: train"
   for config in "${config_list[@]}"; do
-    exp=$(exp_of "${config}")
-    log "Stage 3: train $(basename "${exp}") in ${exp}"
-    if ! stage_done "${exp}/.train.done" "Stage 3 ($(basename "${exp}"))"; then
-      require fairseq-train
-      mkdir -p "${exp}"
-      cp "${config}" "${exp}/config.yaml"
-      python3 "${tools_dir}/yaml2args.py" "${config}" --section train > "${exp}/train.args"
-      mapfile -t config_args < "${exp}/train.args"
-      # shellcheck disable=SC2086  # ${train_args} holds several arguments
-      fairseq-train "${s2t_dir}" --user-dir "${repo_root}/user_dir" --task speech_to_text \
-        --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}" \
-        --save-dir "${exp}/checkpoints" "${config_args[@]}" ${train_args} 2>&1 | tee "${exp}/train.log"
-      touch "${exp}/.train.done"
-    fi
+    train_experiment "${config}" "$(exp_of "${config}")" "${s2t_dir}" --task speech_to_text \
+      --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}"
   done
 fi
 
 if in_stage 4; then
+  log "Stage 4: decode ${test_set} (detokenized hypotheses)"
+  utterances=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))  # the manifest has a header line
   for config in "${config_list[@]}"; do
-    exp=$(exp_of "${config}")
-    decode_dir="${exp}/decode_${test_set}"
-    checkpoint="${exp}/checkpoints/checkpoint_best.pt"
-    log "Stage 4: decode ${test_set} with ${checkpoint}"
-    if ! stage_done "${decode_dir}/.done" "Stage 4 ($(basename "${exp}"))"; then
-      require fairseq-generate
-      if [ ! -f "${checkpoint}" ]; then
-        log "error: ${checkpoint} not found; run stage 3 first"
-        exit 2
-      fi
-      mkdir -p "${decode_dir}"
-      python3 "${tools_dir}/yaml2args.py" "${config}" --section generate > "${decode_dir}/generate.args"
-      mapfile -t config_args < "${decode_dir}/generate.args"
-      # shellcheck disable=SC2086  # ${decode_args} holds several arguments
-      fairseq-generate "${s2t_dir}" --user-dir "${repo_root}/user_dir" --task speech_to_text \
-        --config-yaml config.yaml --gen-subset "${test_set}" --path "${checkpoint}" \
-        "${config_args[@]}" ${decode_args} > "${decode_dir}/generate.txt" 2>&1  # log kept: it holds the timing
-      # detokenized hypotheses and references in corpus order
-      grep '^D-' "${decode_dir}/generate.txt" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 > "${decode_dir}/hyp.txt"
-      grep '^T-' "${decode_dir}/generate.txt" | sed 's/^T-//' | sort -n -k1,1 | cut -f2 > "${decode_dir}/ref.txt"
-      expected=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))
-      got=$(wc -l < "${decode_dir}/hyp.txt")
-      if [ "${got}" -ne "${expected}" ]; then
-        log "error: ${decode_dir}: ${got} hypotheses for ${expected} utterances of ${s2t_dir}/${test_set}.tsv"
-        exit 1
-      fi
-      touch "${decode_dir}/.done"
-    fi
+    decode_experiment "${config}" "$(exp_of "${config}")" "${s2t_dir}" "${test_set}" D "${utterances}" \
+      --task speech_to_text --config-yaml config.yaml
   done
 fi
 

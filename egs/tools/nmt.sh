@@ -31,13 +31,13 @@ gen_subset=test         # split decoded in stage 5 (test or valid)
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
+. "${tools_dir}/fairseq_stages.sh"
 if [ -z "${configs}" ]; then
   log "error: --configs is empty; give at least one experiment config"
   exit 2
 fi
 repo_root=$(cd "${tools_dir}/../.." && pwd)
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}${repo_root}"  # the checkout's plugin, if not installed
-python=python3
 spm_dir="${data_dir}/spm_${bpe_type}${bpe_vocab_size}"
 bin_dir="${data_dir}/bin_${bpe_type}${bpe_vocab_size}"
 read -r -a config_list <<< "${configs}"
@@ -49,11 +49,11 @@ exp_of() { echo "${exp_dir}/$(basename "$1" .yaml)"; }
 if in_stage 2; then
   log "Stage 2: joint sentencepiece ${bpe_type} (${bpe_vocab_size} pieces) in ${spm_dir}"
   if ! stage_done "${spm_dir}/.done" "Stage 2"; then
-    ${python} "${tools_dir}/spm.py" train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
+    python3 "${tools_dir}/spm.py" train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
       --model-prefix "${spm_dir}/spm" --vocab-size "${bpe_vocab_size}" --model-type "${bpe_type}" --threads "${nj}"
     for split in train valid test; do
       for lang in ${src} ${tgt}; do
-        ${python} "${tools_dir}/spm.py" encode --model "${spm_dir}/spm.model" \
+        python3 "${tools_dir}/spm.py" encode --model "${spm_dir}/spm.model" \
           --input "${text_dir}/${split}.${lang}" --output "${spm_dir}/${split}.${lang}"
       done
     done
@@ -75,54 +75,22 @@ if in_stage 3; then
 fi
 
 if in_stage 4; then
+  log "Stage 4: train"
   for config in "${config_list[@]}"; do
-    exp=$(exp_of "${config}")
-    log "Stage 4: train $(basename "${exp}") in ${exp}"
-    if ! stage_done "${exp}/.train.done" "Stage 4 ($(basename "${exp}"))"; then
-      require fairseq-train
-      mkdir -p "${exp}"
-      cp "${config}" "${exp}/config.yaml"
-      ${python} "${tools_dir}/yaml2args.py" "${config}" --section train > "${exp}/train.args"
-      mapfile -t config_args < "${exp}/train.args"
-      # shellcheck disable=SC2086  # ${train_args} holds several arguments
-      fairseq-train "${bin_dir}" --user-dir "${repo_root}/user_dir" \
-        --source-lang "${src}" --target-lang "${tgt}" --save-dir "${exp}/checkpoints" \
-        "${config_args[@]}" ${train_args} 2>&1 | tee "${exp}/train.log"
-      touch "${exp}/.train.done"
-    fi
+    train_experiment "${config}" "$(exp_of "${config}")" "${bin_dir}" --source-lang "${src}" --target-lang "${tgt}"
   done
 fi
 
 if in_stage 5; then
+  log "Stage 5: decode ${gen_subset} (hypotheses after BPE removal) and profile"
+  require fairseq-accel-profile
   for config in "${config_list[@]}"; do
     exp=$(exp_of "${config}")
-    decode_dir="${exp}/decode_${gen_subset}"
-    checkpoint="${exp}/checkpoints/checkpoint_best.pt"
-    log "Stage 5: decode ${gen_subset} with ${checkpoint}"
-    if ! stage_done "${decode_dir}/.done" "Stage 5 ($(basename "${exp}"))"; then
-      require fairseq-generate fairseq-accel-profile
-      if [ ! -f "${checkpoint}" ]; then
-        log "error: ${checkpoint} not found; run stage 4 first"
-        exit 2
-      fi
-      mkdir -p "${decode_dir}"
-      ${python} "${tools_dir}/yaml2args.py" "${config}" --section generate > "${decode_dir}/generate.args"
-      mapfile -t config_args < "${decode_dir}/generate.args"
-      # shellcheck disable=SC2086  # ${decode_args} holds several arguments
-      fairseq-generate "${bin_dir}" --user-dir "${repo_root}/user_dir" \
-        --source-lang "${src}" --target-lang "${tgt}" --path "${checkpoint}" --gen-subset "${gen_subset}" \
-        "${config_args[@]}" ${decode_args} > "${decode_dir}/generate.txt" 2>&1  # log kept: it holds the timing
-      # hypotheses and references in corpus order, after BPE removal
-      grep '^H-' "${decode_dir}/generate.txt" | sed 's/^H-//' | sort -n -k1,1 | cut -f3 > "${decode_dir}/hyp.txt"
-      grep '^T-' "${decode_dir}/generate.txt" | sed 's/^T-//' | sort -n -k1,1 | cut -f2 > "${decode_dir}/ref.txt"
-      expected=$(wc -l < "${text_dir}/${gen_subset}.${tgt}")
-      got=$(wc -l < "${decode_dir}/hyp.txt")
-      if [ "${got}" -ne "${expected}" ]; then
-        log "error: ${decode_dir}: ${got} translations for ${expected} sentences of ${text_dir}/${gen_subset}.${tgt}"
-        exit 1
-      fi
-      fairseq-accel-profile --path "${checkpoint}" --no-baseline --format json > "${exp}/profile.json"
-      touch "${decode_dir}/.done"
+    decode_experiment "${config}" "${exp}" "${bin_dir}" "${gen_subset}" H "$(wc -l < "${text_dir}/${gen_subset}.${tgt}")" \
+      --source-lang "${src}" --target-lang "${tgt}"
+    if [ ! -f "${exp}/profile.json" ]; then
+      fairseq-accel-profile --path "${exp}/checkpoints/checkpoint_best.pt" --no-baseline --format json > "${exp}/profile.json.part"
+      mv "${exp}/profile.json.part" "${exp}/profile.json"
     fi
   done
 fi
@@ -131,6 +99,6 @@ if in_stage 6; then
   log "Stage 6: results (${gen_subset}) in ${exp_dir}/RESULTS.md"
   exps=()
   for config in "${config_list[@]}"; do exps+=("$(exp_of "${config}")"); done
-  ${python} "${tools_dir}/nmt_results.py" "${exps[@]}" --subset "${gen_subset}" \
+  python3 "${tools_dir}/nmt_results.py" "${exps[@]}" --subset "${gen_subset}" \
     --bleu-tokenize "${bleu_tokenize}" --out "${exp_dir}/RESULTS.md"
 fi
