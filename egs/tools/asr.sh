@@ -33,17 +33,6 @@ decode_args=""          # extra fairseq-generate arguments for every config
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
-if [ -z "${configs}" ]; then
-  log "error: --configs is empty; give at least one experiment config"
-  exit 2
-fi
-repo_root=$(cd "${tools_dir}/../.." && pwd)
-export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}${repo_root}"  # the checkout's plugin, if not installed
-read -r -a config_list <<< "${configs}"
-for config in "${config_list[@]}"; do
-  [ -f "${config}" ] || { log "error: config ${config} not found (from $(pwd))"; exit 2; }
-done
-exp_of() { echo "${exp_dir}/$(basename "$1" .yaml)"; }
 
 if in_stage 2; then
   log "Stage 2: features, units and manifests in ${s2t_dir}"

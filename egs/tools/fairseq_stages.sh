@@ -1,5 +1,19 @@
 # Training and decoding steps shared by nmt.sh and asr.sh. Source it after recipe.sh; it uses the
-# callers' repo_root, train_args and decode_args.
+# callers' configs, exp_dir, train_args and decode_args, and checks the configs at once.
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}${repo_root}"  # the checkout's plugin, if not installed
+if [ -z "${configs}" ]; then
+  log "error: --configs is empty; give at least one experiment config"
+  exit 2
+fi
+read -r -a config_list <<< "${configs}"
+for config in "${config_list[@]}"; do
+  [ -f "${config}" ] || { log "error: config ${config} not found (from $(pwd))"; exit 2; }
+done
+
+# exp_of CONFIG: the experiment directory of a config, named after it.
+exp_of() { echo "${exp_dir}/$(basename "$1" .yaml)"; }
 
 # train_experiment CONFIG EXP DATA [ARGS...]: fairseq-train on DATA with the train: section of CONFIG,
 # then ARGS and ${train_args}; checkpoints, a copy of the config, the arguments and the log go to EXP.

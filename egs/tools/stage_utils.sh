@@ -24,3 +24,14 @@ stage_done() {
 in_stage() {
   [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]
 }
+
+# download URL DEST: fetch URL to DEST with wget or curl; DEST appears only once complete.
+download() {
+  log "downloading $1 to $2"
+  if command -v wget > /dev/null; then
+    wget -O "$2.part" "$1"
+  else
+    curl -fL -o "$2.part" "$1"
+  fi
+  mv "$2.part" "$2"
+}

@@ -55,14 +55,17 @@ class Conv2dSubsampling(nn.Module):
         self.out_dim = out_dim
 
     @staticmethod
-    def output_length(lengths: Tensor) -> Tensor:
-        """Frames left after the two unpadded 3-wide stride-2 convolutions."""
-        for _ in range(2):
-            lengths = torch.div(lengths - 3, 2, rounding_mode="floor") + 1
-        return lengths
+    def conv_length(lengths: Tensor) -> Tensor:
+        """Frames left after one unpadded 3-wide stride-2 convolution."""
+        return torch.div(lengths - 3, 2, rounding_mode="floor") + 1
+
+    @classmethod
+    def output_length(cls, lengths: Tensor) -> Tensor:
+        """Frames left after both convolutions."""
+        return cls.conv_length(cls.conv_length(lengths))
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-        first = torch.div(lengths - 3, 2, rounding_mode="floor") + 1
+        first = self.conv_length(lengths)
         x = zero_padding(features, lengths).unsqueeze(1)  # batch x 1 x time x features
         x = torch.relu(self.conv1(x))
         x = zero_padding(x.transpose(1, 2), first).transpose(1, 2)  # mask between the convolutions

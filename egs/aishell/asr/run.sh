@@ -40,15 +40,7 @@ if in_stage 0; then
   else
     mkdir -p "${download_dir}"
     for archive in data_aishell.tgz resource_aishell.tgz; do
-      if [ ! -f "${download_dir}/${archive}" ]; then
-        log "downloading ${url}/${archive}"
-        if command -v wget > /dev/null; then
-          wget -O "${download_dir}/${archive}.part" "${url}/${archive}"
-        else
-          curl -fL -o "${download_dir}/${archive}.part" "${url}/${archive}"
-        fi
-        mv "${download_dir}/${archive}.part" "${download_dir}/${archive}"
-      fi
+      [ -f "${download_dir}/${archive}" ] || download "${url}/${archive}" "${download_dir}/${archive}"
       tar -xzf "${download_dir}/${archive}" -C "${download_dir}"
     done
   fi

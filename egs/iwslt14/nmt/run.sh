@@ -49,13 +49,7 @@ if in_stage 0; then
     log "using ${orig_tgz}"
   else
     mkdir -p "${download_dir}"
-    log "downloading ${url} to ${orig_tgz}"
-    if command -v wget > /dev/null; then
-      wget -O "${orig_tgz}.part" "${url}"
-    else
-      curl -fL -o "${orig_tgz}.part" "${url}"
-    fi
-    mv "${orig_tgz}.part" "${orig_tgz}"
+    download "${url}" "${orig_tgz}"
   fi
 fi
 
