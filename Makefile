@@ -10,9 +10,10 @@ TORCH_VERSION := 2.13.0
 # code (module `fairseq`). Installed --no-deps so pip never pulls torchaudio (broken beside torch 2.13).
 FAIRSEQ_DEPS := cffi cython "hydra-core>=1.3.2" omegaconf numpy regex sacrebleu tqdm bitarray \
                 scikit-learn packaging sentencepiece jiwer kaldi-native-fbank soundfile editdistance
-# The plugin's own needs (setup.py: install_requires and the [test] extra), installed with the pinned
-# torch on the same command line so that nothing can swap it.
-PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout
+# The plugin's own needs (setup.py: install_requires and the [test], [gpu] and [bench] extras), installed
+# with the pinned torch on the same command line so that nothing can swap it. cupy + NVRTC let the tests
+# compile every CUDA kernel without a GPU; ctranslate2 is the speed peer in fairseq-accel-benchmark.
+PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout cupy-cuda12x nvidia-cuda-nvrtc-cu12 ctranslate2
 
 .PHONY: all system-deps venv demo test clean
 all: test
@@ -38,8 +39,13 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -c "import fairseq_accel, torch; print('fairseq_accel ready, torch', torch.__version__)"
 	touch $@
 
+# The mini NMT recipe (LSRA vs transformer), the decoding benchmark on its transformer checkpoint, then
+# the mini ASR recipe (SAN-M vs s2t_transformer); each prints its table.
+DEMO_NMT := egs/mini_l10n/nmt
 demo: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash egs/mini_l10n/nmt/run.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(DEMO_NMT)/run.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(DEMO_NMT)/run.sh --stage 7
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash egs/mini_espeak/asr/run.sh
 
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests

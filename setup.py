@@ -13,6 +13,7 @@ CONSOLE_SCRIPTS = [
     "fairseq-accel-prepare=fairseq_accel.cli.prepare:main",
     "fairseq-accel-profile=fairseq_accel.cli.profile:main",
     "fairseq-accel-trust-checkpoint=fairseq_accel.checkpoint_compat:main",
+    "fairseq-accel-benchmark=fairseq_accel.cli.benchmark:main",
 ]
 
 # Startup hook (see fairseq_accel_startup.py): a .pth file in site-packages whose one line (Python
@@ -88,6 +89,8 @@ setup(
         "gpu": ["cupy-cuda12x", "nvidia-cuda-nvrtc-cu12"],
         "test": ["pytest", "pytest-timeout", "sacremoses"],
         "iwslt": ["sacremoses"],
+        "bench": ["ctranslate2"],
     },
+    package_data={"fairseq_accel": ["kernels/*.cu", "kernels/*.cuh"]},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -22,3 +22,4 @@ from fairseq_accel import models  # noqa: E402,F401  (registers models and archi
 from fairseq_accel.data import batch_tail_fix  # noqa: E402,F401  (fairseq 0.12 drops a last batch)
 from fairseq_accel import criterions  # noqa: E402,F401
 from fairseq_accel.data import s2t_config_check  # noqa: E402,F401  (clear errors for missing S2T data files)
+from fairseq_accel import tasks  # noqa: E402,F401  (translation_accel, speech_to_text_accel)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO_ROOT, cli_output, run_cli
 from test_aishell_prep import make_corpus
@@ -31,6 +32,8 @@ def test_mini_espeak_recipe_end_to_end(tmp_path):
     assert [row["sentences"] for row in rows] == [test_size, test_size]
     assert all(0 <= row["cer"] and 0 <= row["wer"] for row in rows)
     assert "| s2t_sanm_mini | s2t_sanm_mini |" in result.stdout
+    transforms = yaml.safe_load((tmp_path / "data" / "s2t" / "config.yaml").read_text())["feature_transforms"]
+    assert transforms == {"*": ["global_cmvn"]}  # the recipe's --specaugment false
     rerun = run_cli(command, timeout=600)
     assert rerun.returncode == 0, cli_output(rerun)[-3000:]
     assert rerun.stderr.count("already done") == 6  # synthesis, features, train + decode of both configs
@@ -49,6 +52,7 @@ def test_aishell_recipe_on_a_fixture(tmp_path):
     assert result.returncode == 0, cli_output(result)[-5000:]
     s2t = tmp_path / "data" / "s2t"
     assert (s2t / "spm_char.model").is_file() and (s2t / "config.yaml").is_file()
+    assert "specaugment" in yaml.safe_load((s2t / "config.yaml").read_text())["feature_transforms"]["_train"]
     train_tsv = (s2t / "train.tsv").read_text(encoding="utf-8").splitlines()
     assert train_tsv[0].split("\t") == ["id", "audio", "n_frames", "tgt_text", "speaker"]
     assert any("而对楼市成交抑制作用最大的限购" in line for line in train_tsv)  # characters, no spaces

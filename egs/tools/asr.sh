@@ -26,6 +26,7 @@ unit=unigram            # sentencepiece units: unigram, bpe or char
 vocab_size=500          # sentencepiece vocabulary size (ignored for char)
 speed_perturb="0.9 1.0 1.1"  # speed factors applied to the training set
 max_frames=3000         # utterances with more frames are left out of the manifests (counted)
+specaugment=true        # SpecAugment on the training set (config.yaml); false for very short trainings
 nj=2                    # parallel jobs for feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
@@ -33,6 +34,10 @@ decode_args=""          # extra fairseq-generate arguments for every config
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
+case "${specaugment}" in
+  true|false) ;;
+  *) log "error: --specaugment must be true or false, got '${specaugment}'"; exit 2 ;;
+esac
 
 if in_stage 2; then
   log "Stage 2: features, units and manifests in ${s2t_dir}"
@@ -42,7 +47,8 @@ if in_stage 2; then
     fairseq-accel-prepare s2t --data-dirs "${train_set}=${kaldi_dir}/${train_set}" \
       "${valid_set}=${kaldi_dir}/${valid_set}" "${test_set}=${kaldi_dir}/${test_set}" \
       --train-split "${train_set}" --out-dir "${s2t_dir}" --unit "${unit}" --vocab-size "${vocab_size}" \
-      --speed-perturb "${speeds[@]}" --max-frames "${max_frames}" --jobs "${nj}"
+      --speed-perturb "${speeds[@]}" --max-frames "${max_frames}" --jobs "${nj}" \
+      $([ "${specaugment}" = true ] || echo --no-specaugment)
     touch "${s2t_dir}/.done"
   fi
 fi

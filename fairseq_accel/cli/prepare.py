@@ -85,6 +85,7 @@ def _run_s2t(args: argparse.Namespace) -> None:
         unit=args.unit,
         speed_factors=tuple(args.speed_perturb),
         max_frames=args.max_frames,
+        specaugment=not args.no_specaugment,
         jobs=args.jobs,
         log_every=args.log_every,
     )
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     s2t.add_argument(
         "--max-frames", type=int, default=DEFAULT_MAX_FRAMES, metavar="N",
         help="drop training utterances longer than N frames (10 ms each)",
+    )
+    s2t.add_argument(
+        "--no-specaugment", action="store_true",
+        help="leave SpecAugment out of config.yaml (it pays off only with longer training)",
     )
     s2t.add_argument("--jobs", type=int, default=1, metavar="N", help="feature extraction processes")
     s2t.add_argument(

@@ -336,9 +336,10 @@ def write_tsv(path: Path, rows: Iterable[Mapping[str, object]]) -> None:
         writer.writerows(rows)
 
 
-def data_config(vocab_filename: str, spm_model: Path, cmvn_path: Path) -> Dict[str, object]:
-    """The ``config.yaml`` of fairseq's speech_to_text task for our features and vocabulary."""
-    return {
+def data_config(vocab_filename: str, spm_model: Path, cmvn_path: Path, specaugment: bool = True) -> Dict[str, object]:
+    """The ``config.yaml`` of fairseq's speech_to_text task for our features and vocabulary (SpecAugment on
+    the training split unless ``specaugment`` is False)."""
+    config = {
         "input_feat_per_channel": NUM_MEL_BINS,
         "input_channels": 1,
         "vocab_filename": vocab_filename,  # fairseq reads it from the data folder
@@ -348,6 +349,10 @@ def data_config(vocab_filename: str, spm_model: Path, cmvn_path: Path) -> Dict[s
         "feature_transforms": {"_train": ["global_cmvn", "specaugment"], "*": ["global_cmvn"]},
         "specaugment": dict(SPECAUGMENT),
     }
+    if not specaugment:
+        config["feature_transforms"] = {"*": ["global_cmvn"]}
+        del config["specaugment"]
+    return config
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,7 @@ class S2TOptions:
     unit: str = "unigram"
     speed_factors: Tuple[float, ...] = (1.0,)  # training split only; must include 1.0
     max_frames: int = DEFAULT_MAX_FRAMES  # training split only
+    specaugment: bool = True  # in config.yaml, for the training split
     jobs: int = 1
     log_every: int = DEFAULT_LOG_EVERY
 
@@ -506,7 +512,7 @@ def prepare_s2t(
     log(f"sentencepiece {options.unit} model {spm_model.name}: {pieces} pieces + 4 special symbols")
     for split, data in splits.items():
         write_tsv(out_dir / f"{split}.tsv", data.rows)
-    config = data_config(vocab_path.name, spm_model, cmvn_path)
+    config = data_config(vocab_path.name, spm_model, cmvn_path, options.specaugment)
     (out_dir / CONFIG_FILENAME).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log(f"wrote {len(splits)} manifests and {CONFIG_FILENAME} to {out_dir} in {time.time() - start:.1f} s")
     return {split: len(data.rows) for split, data in splits.items()}

@@ -9,6 +9,9 @@
 #   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece unigram model,
 #      fairseq-preprocess (joined dictionary), fairseq-train per config, fairseq-generate (beam 5),
 #      sacrebleu BLEU/chrF and one results table (exp/RESULTS.md)
+#   7  decoding speed: fairseq-accel-benchmark of each experiment's checkpoint on the test set (stock
+#      SequenceGenerator, the fast generator with fp32 and int8 caches, CTranslate2 for the stock
+#      transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md)
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
 # longer and score higher:
@@ -21,11 +24,14 @@ locale_dir=/usr/share/locale  # root of the gettext catalogs
 configs="conf/lite_transformer_mini.yaml conf/transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # text, sentencepiece and binarized data
 exp_dir=exp             # experiments: <exp_dir>/<config name>/
-bpe_vocab_size=8000     # joint sentencepiece unigram vocabulary
+bpe_type=unigram        # sentencepiece model type (unigram or bpe)
+bpe_vocab_size=8000     # joint sentencepiece vocabulary
 nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
 gen_subset=test         # split decoded (test or valid)
+bench_sentences=200     # test sentences the stage-7 benchmark decodes (0: all)
+bench_args="--threads 2 --ct2-threads 1 --repeats 3"  # thread counts measured best here (see the README)
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
@@ -45,5 +51,20 @@ fi
 
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${text_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${configs}" \
-  --bpe_type unigram --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
+  --bpe_type "${bpe_type}" --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
   --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}"
+
+if in_stage 7; then
+  log "Stage 7: decoding speed of each experiment on ${gen_subset} (fairseq-accel-benchmark)"
+  read -r -a config_list <<< "${configs}"
+  for config in "${config_list[@]}"; do
+    exp="${exp_dir}/$(basename "${config}" .yaml)"
+    stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; continue; }
+    # shellcheck disable=SC2086  # ${bench_args} holds several arguments
+    python3 -m fairseq_accel.cli.benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
+      --path "${exp}/checkpoints/checkpoint_best.pt" --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
+      --batch-sizes 1 32 --beam 5 --max-sentences "${bench_sentences}" --json "${exp}/benchmark.json" \
+      ${bench_args} | tee "${exp}/BENCHMARK.md"
+    touch "${exp}/.benchmark.done"
+  done
+fi

@@ -1,0 +1,335 @@
+"""Decoder caches for beam search: preallocated, written in place, reordered by index instead of copied.
+
+Stock fairseq keeps one growing cache per hypothesis: every step it ``torch.cat``s the new key/value on
+and ``index_select``s every layer's whole cache into the new beam order, and it stores cross-attention
+keys/values once per *beam*. Here (the cache-indirection scheme of FasterTransformer):
+
+* every hypothesis writes its step-``t`` key/value into its own beam slot of a ``[B, H, T, beam, D]``
+  buffer allocated once for the longest output of the batch;
+* ``BeamIndirection`` records, for each hypothesis and time step, which slot holds its history; a beam
+  reorder rewrites that small integer table, never the cache;
+* attention reads the cache through the table: the scores of a hypothesis against all ``beam`` slots of a
+  time step are one matmul, and a mask keeps only the slot of its own history;
+* cross-attention keys/values are computed once per sentence and shared by its beams;
+* finished sentences leave the batch (``keep``), the only time a cache is copied.
+
+Row order is fairseq's: row ``b * beam + i`` is hypothesis ``i`` of sentence ``b``.
+"""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+KV_CACHE_DTYPES = ("fp32", "fp16", "int8")
+
+
+def quantize_int8(x: Tensor, dim: int = -1) -> Tuple[Tensor, Tensor]:
+    """Symmetric int8 over ``dim``: ``q = rint(x * 127 / absmax)``, ``scale = absmax / 127`` (0 for an
+    all-zero vector). The CUDA kernel ``quantize_write`` uses the same formula."""
+    absmax = x.abs().amax(dim=dim, keepdim=True).float()
+    inverse = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    q = torch.round(x.float() * inverse).clamp_(-127, 127).to(torch.int8)
+    return q, (absmax / 127.0).squeeze(dim)
+
+
+class BeamIndirection:
+    """For hypothesis ``i`` of sentence ``b`` at time ``t``, ``table[b, i, t]`` is the beam slot holding
+    that step of its history; ``step`` is the time step being decoded."""
+
+    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device):
+        self.beam = beam
+        self.max_steps = max_steps
+        self.step = 0
+        self.table = torch.arange(beam, device=device).view(1, beam, 1).repeat(batch, 1, max_steps)
+        self._slots = torch.arange(beam, device=device)
+        self._mask: Optional[Tensor] = None
+        self._table_int32: Optional[Tensor] = None
+        self._windows: Dict[Tuple[int, int, int], Tensor] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.table.size(0)
+
+    def history_mask(self, dtype: torch.dtype) -> Tensor:
+        """Additive ``[B, 1, beam, (step + 1) * beam]`` mask over (time, slot) keys: 0 where the slot holds
+        the hypothesis' own history, -inf elsewhere. Built once per step, shared by every layer."""
+        if self._mask is None or self._mask.dtype != dtype:
+            steps = self.step + 1
+            own = self.table[:, :, :steps, None] == self._slots  # B x beam x steps x beam
+            mask = torch.zeros(own.shape, dtype=dtype, device=own.device).masked_fill_(~own, -math.inf)
+            self._mask = mask.view(self.batch, 1, self.beam, steps * self.beam)
+        return self._mask
+
+    def window_index(self, width: int, time_stride: int, first_time: int) -> Tensor:
+        """Flat row indices into a ``[B, T', beam, C]`` buffer viewed as ``[B * T' * beam, C]``: for every
+        hypothesis, its slots at steps ``step - width + 1 .. step`` stored at times ``first_time + step``
+        (``T' = time_stride``); steps before 0 read the buffer's zero history. Built once per step and
+        width, shared by every layer."""
+        key = (width, time_stride, first_time)
+        if key not in self._windows:
+            times = range(self.step - width + 1, self.step + 1)
+            slots = self.table[:, :, max(times.start, 0) : times.stop]  # B x beam x (steps >= 0)
+            if times.start < 0:  # the zero history: any slot will do
+                slots = torch.cat([slots.new_zeros(self.batch, self.beam, -times.start), slots], dim=2)
+            base = torch.arange(self.batch, device=slots.device).mul_(time_stride).view(-1, 1, 1)
+            rows = (base + torch.arange(times.start + first_time, times.stop + first_time, device=slots.device)) * self.beam
+            self._windows[key] = (rows + slots).view(-1)
+        return self._windows[key]
+
+    def table_int32(self) -> Tensor:
+        """The table as a contiguous int32 tensor (the CUDA kernels' index type)."""
+        if self._table_int32 is None:
+            self._table_int32 = self.table.to(torch.int32).contiguous()
+        return self._table_int32
+
+    def advance(self, parents: Tensor) -> None:
+        """After step ``step``: hypothesis ``i`` of sentence ``b`` continues hypothesis ``parents[b, i]``,
+        so it inherits that one's history up to ``step``; later steps stay in its own slot."""
+        steps = self.step + 1
+        index = parents.unsqueeze(-1).expand(-1, -1, steps)
+        self.table[:, :, :steps] = self.table[:, :, :steps].gather(1, index)
+        self.step += 1
+        self._forget_derived()
+
+    def keep(self, sentences: Tensor) -> None:
+        self.table = self.table.index_select(0, sentences)
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        self._mask = self._table_int32 = None
+        self._windows = {}
+
+
+def keep_rows(buffer: Tensor, sentences: Tensor, time_dim: int, steps: int) -> Tensor:
+    """``buffer`` with only the ``sentences`` (dim 0) kept, moved to the front in place: only the first
+    ``steps`` entries of ``time_dim`` (those written so far) are copied. Returns a view of the front."""
+    used = buffer.narrow(time_dim, 0, steps)
+    kept = used.index_select(0, sentences)
+    front = buffer[: sentences.numel()]
+    front.narrow(time_dim, 0, steps).copy_(kept)
+    return front
+
+
+def beam_attention(
+    q: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """``softmax(q k^T * key_scale + mask) * value_scale @ v`` with ``q: [B, H, beam, D]`` (pre-scaled),
+    ``keys/values: [B, H, M, D]`` (any dtype, computed in ``q``'s), scales ``[B, H, 1, M]``."""
+    scores = torch.matmul(q, keys.to(q.dtype).transpose(-1, -2))
+    if key_scale is not None:
+        scores.mul_(key_scale)
+    if mask is not None:
+        scores.add_(mask)
+    probs = torch.softmax(scores, dim=-1)
+    if value_scale is not None:
+        probs.mul_(value_scale)
+    return torch.matmul(probs, values.to(q.dtype))
+
+
+def _rows_to_beams(x: Tensor, beam: int) -> Tensor:
+    """``[B * beam, H, D]`` rows to ``[B, H, beam, D]``."""
+    rows, heads, dim = x.shape
+    return x.view(rows // beam, beam, heads, dim).transpose(1, 2)
+
+
+def _beams_to_rows(x: Tensor) -> Tensor:
+    """``[B, H, beam, D]`` to ``[B * beam, H, D]``."""
+    batch, heads, beam, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * beam, heads, dim)
+
+
+class AttentionKVCache:
+    """Self-attention keys and values of every hypothesis: ``[B, H, T, beam, D]``, fp32, fp16 or int8 with
+    one scale per (head, token) (``[B, H, T, beam]``), dequantized inside the attention."""
+
+    def __init__(
+        self, indirection: BeamIndirection, heads: int, head_dim: int, dtype: str, compute_dtype: torch.dtype,
+        device: torch.device, cuda_kernels=None,
+    ):
+        if dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
+        self.indirection = indirection
+        self.dtype = dtype
+        self.kernels = cuda_kernels if dtype == "int8" else None
+        storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
+        shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
+        # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
+        self.keys = torch.empty(shape, dtype=storage, device=device)
+        self.values = torch.empty(shape, dtype=storage, device=device)
+        self.key_scale = self.value_scale = None
+        if dtype == "int8":
+            self.key_scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+            self.value_scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+        self.compute_dtype = compute_dtype
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Store step ``indirection.step``'s keys and values ``[B * beam, H, D]`` in each row's own slot."""
+        step = self.indirection.step
+        if self.kernels is not None:
+            self.kernels.quantize_write(k.contiguous(), self.keys, self.key_scale, step)
+            self.kernels.quantize_write(v.contiguous(), self.values, self.value_scale, step)
+            return
+        beam = self.indirection.beam
+        for new, cache, scale in ((k, self.keys, self.key_scale), (v, self.values, self.value_scale)):
+            new = _rows_to_beams(new, beam)  # B x H x beam x D
+            if scale is None:
+                cache[:, :, step].copy_(new)
+            else:
+                q, s = quantize_int8(new)
+                cache[:, :, step].copy_(q)
+                scale[:, :, step].copy_(s)
+
+    def attend(self, q: Tensor) -> Tensor:
+        """Attention of the step's queries ``[B * beam, H, D]`` (pre-scaled) over each one's history."""
+        ind = self.indirection
+        steps = ind.step + 1
+        if self.kernels is not None:
+            return self.kernels.int8_cache_attention(
+                q.float().contiguous(), self.keys, self.values, self.key_scale, self.value_scale,
+                ind.table_int32(), steps,
+            ).to(q.dtype)
+        batch, heads, _, beam, dim = self.keys.shape
+        keys = self.keys[:, :, :steps].view(batch, heads, steps * beam, dim)
+        values = self.values[:, :, :steps].view(batch, heads, steps * beam, dim)
+        key_scale = value_scale = None
+        if self.key_scale is not None:
+            key_scale = self.key_scale[:, :, :steps].reshape(batch, heads, 1, steps * beam)
+            value_scale = self.value_scale[:, :, :steps].reshape(batch, heads, 1, steps * beam)
+        out = beam_attention(
+            _rows_to_beams(q, beam), keys, values, ind.history_mask(q.dtype), key_scale, value_scale
+        )
+        return _beams_to_rows(out)
+
+    def keep(self, sentences: Tensor) -> None:
+        steps = self.indirection.step + 1
+        self.keys = keep_rows(self.keys, sentences, 2, steps)
+        self.values = keep_rows(self.values, sentences, 2, steps)
+        if self.key_scale is not None:
+            self.key_scale = keep_rows(self.key_scale, sentences, 2, steps)
+            self.value_scale = keep_rows(self.value_scale, sentences, 2, steps)
+
+    kind = "self_attention"
+
+    def bytes_per_sentence(self, steps: int) -> int:
+        """Bytes a sentence's ``steps`` decoded steps occupy (all beams; keys, values and scales)."""
+        tensors = [self.keys, self.values, self.key_scale, self.value_scale]
+        return sum(t[0, :, 0].numel() * t.element_size() * steps for t in tensors if t is not None)
+
+
+class WindowCache:
+    """The inputs of a causal convolution / FSMN memory of width ``width``: every hypothesis writes its
+    step into its own slot of ``[B, width - 1 + T, beam, C]`` (the first ``width - 1`` steps are the zero
+    history a sentence starts from), and ``window()`` gathers its last ``width`` steps through the
+    indirection, which is all the state such a layer has."""
+
+    def __init__(self, indirection: BeamIndirection, width: int, channels: int, dtype: torch.dtype, device: torch.device):
+        self.indirection = indirection
+        self.width = width
+        shape = (indirection.batch, width - 1 + indirection.max_steps, indirection.beam, channels)
+        self.inputs = torch.empty(shape, dtype=dtype, device=device)
+        self.inputs[:, : width - 1].zero_()
+
+    def write(self, x: Tensor) -> None:
+        """Store the step's inputs ``[B * beam, C]``."""
+        ind = self.indirection
+        self.inputs[:, self.width - 1 + ind.step].copy_(x.view(ind.batch, ind.beam, -1))
+
+    def window(self) -> Tensor:
+        """``[B * beam, width, C]``: each hypothesis' inputs at steps ``step - width + 1 .. step``."""
+        ind = self.indirection
+        batch, time_stride, beam, channels = self.inputs.shape
+        index = ind.window_index(self.width, time_stride, self.width - 1)
+        return self.inputs.view(-1, channels).index_select(0, index).view(batch * beam, self.width, channels)
+
+    def keep(self, sentences: Tensor) -> None:
+        self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step)
+
+    kind = "window"
+
+    def bytes_per_sentence(self, steps: int) -> int:
+        """The state proper: the last ``width`` inputs of every beam."""
+        return self.width * self.inputs[0, 0].numel() * self.inputs.element_size()
+
+
+class CrossAttentionMemory:
+    """One cross-attention layer's encoder keys/values ``[B, H, S, D]``, computed once per sentence and
+    shared by its beams; int8 optionally (values per token, keys per token or per channel)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor], beam: int, dtype: str, key_scale_axis: str = "token"):
+        self.beam = beam
+        self.compute_dtype = keys.dtype
+        self.mask = None
+        if padding_mask is not None and padding_mask.any():
+            self.mask = torch.zeros(padding_mask.shape, dtype=keys.dtype, device=keys.device)
+            self.mask.masked_fill_(padding_mask, -math.inf)
+            self.mask = self.mask[:, None, None, :]
+        self.key_scale = self.value_scale = self.query_scale = None
+        if dtype == "int8":
+            if padding_mask is not None:  # padded positions are masked out; keep them out of the scales too
+                keep = ~padding_mask[:, None, :, None]
+                keys, values = keys * keep, values * keep
+            key_dim = -1 if key_scale_axis == "token" else -2
+            keys, key_scale = quantize_int8(keys, dim=key_dim)
+            values, value_scale = quantize_int8(values, dim=-1)
+            if key_scale_axis == "token":
+                self.key_scale = key_scale.unsqueeze(-2)  # B x H x 1 x S
+            else:
+                self.query_scale = key_scale.unsqueeze(-2)  # B x H x 1 x D, folded into the query
+            self.value_scale = value_scale.unsqueeze(-2)
+        elif dtype == "fp16":
+            keys, values = keys.half(), values.half()
+        self.keys, self.values = keys, values
+
+    def attend(self, q: Tensor) -> Tensor:
+        q = _rows_to_beams(q, self.beam)
+        if self.query_scale is not None:
+            q = q * self.query_scale
+        out = beam_attention(q, self.keys, self.values, self.mask, self.key_scale, self.value_scale)
+        return _beams_to_rows(out)
+
+    def keep(self, sentences: Tensor) -> None:
+        for name in ("keys", "values", "mask", "key_scale", "value_scale", "query_scale"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, sentences))
+
+    kind = "cross_attention"
+
+    def bytes_per_sentence(self, steps: int) -> int:
+        tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.query_scale]
+        return sum(t[0].numel() * t.element_size() for t in tensors if t is not None)
+
+
+class BeamState:
+    """Everything a fast decoder keeps for one batch: the indirection and every layer's caches."""
+
+    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device):
+        self.indirection = BeamIndirection(batch, beam, max_steps, device)
+        self.caches: List = []
+
+    @property
+    def beam(self) -> int:
+        return self.indirection.beam
+
+    def add(self, cache):
+        self.caches.append(cache)
+        return cache
+
+    def keep(self, sentences: Tensor) -> None:
+        """Drop finished sentences: ``sentences`` are the indices of the ones that go on."""
+        self.indirection.keep(sentences)
+        for cache in self.caches:
+            cache.keep(sentences)
+
+    def advance(self, parents: Tensor) -> None:
+        self.indirection.advance(parents)
+
+    def bytes_per_sentence(self, steps: int) -> Dict[str, int]:
+        """Bytes one sentence decoded for ``steps`` steps holds (all beams), by kind of cache:
+        ``self_attention`` and ``cross_attention`` keys/values, convolution/FSMN ``window``s."""
+        totals = {"self_attention": 0, "cross_attention": 0, "window": 0}
+        for cache in self.caches:
+            totals[cache.kind] += cache.bytes_per_sentence(steps)
+        return totals

@@ -1,0 +1,125 @@
+"""The interface a decoder implements to run under the fast generator, and the registry of those that do.
+
+A fairseq incremental decoder opts in either with a method ``build_fast_decoder(options) -> FastDecoder``
+or by registering a builder for its exact class with ``@register_fast_decoder(DecoderClass)``. Exact
+classes, not subclasses: a subclass may change the maths, and a wrong fast step must not run silently.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES, BeamState
+
+KERNEL_CHOICES = ("auto", "torch", "cuda")
+
+
+class FastDecodingUnsupported(Exception):
+    """The model cannot run under the fast generator; the message says why (it ends the notice)."""
+
+
+@dataclass
+class FastDecodingOptions:
+    kv_cache_dtype: str = "fp32"  # self-attention K/V cache: fp32, fp16 or int8
+    quantize_cross_kv: bool = False  # store cross-attention K/V in kv_cache_dtype too
+    cross_key_scale: str = "token"  # int8 cross-attention keys: one scale per token or per channel
+    kernels: str = "auto"  # auto: CUDA kernels when on CUDA and cupy is installed; torch; cuda (required)
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"--accel-kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+
+    @property
+    def cross_kv_dtype(self) -> str:
+        return self.kv_cache_dtype if self.quantize_cross_kv else "fp32"
+
+
+class FastDecoder:
+    """One decoder's incremental step over beam caches.
+
+    ``start`` allocates the caches for a batch; then, once per step, ``step`` gives the logits of every
+    hypothesis' next token, and the generator calls ``keep`` (finished sentences leave) and ``advance``
+    (which hypothesis each new one continues).
+    """
+
+    state: BeamState
+
+    def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
+        """``tokens``: the ``[B * beam]`` tokens chosen at the previous step. Updates every hypothesis'
+        state and returns fp32 logits ``[B * beam, V]``, or only those of ``output_rows``."""
+        raise NotImplementedError
+
+    def keep(self, sentences: Tensor) -> None:
+        self.state.keep(sentences)
+
+    def advance(self, parents: Tensor) -> None:
+        self.state.advance(parents)
+
+    def has_self_attention_cache(self) -> bool:
+        """Whether the decoder keeps self-attention keys/values (what ``--kv-cache-dtype`` stores)."""
+        return True
+
+
+FastDecoderBuilder = Callable[[nn.Module, FastDecodingOptions], FastDecoder]
+_BUILDERS: Dict[type, FastDecoderBuilder] = {}
+
+
+def register_fast_decoder(decoder_class: type) -> Callable[[FastDecoderBuilder], FastDecoderBuilder]:
+    """Register a fast-decoder builder for instances of exactly ``decoder_class``."""
+
+    def register(builder: FastDecoderBuilder) -> FastDecoderBuilder:
+        _BUILDERS[decoder_class] = builder
+        return builder
+
+    return register
+
+
+def build_fast_decoder(decoder: nn.Module, options: FastDecodingOptions) -> FastDecoder:
+    """The fast decoder of ``decoder``, or ``FastDecodingUnsupported`` saying why there is none."""
+    if hasattr(decoder, "build_fast_decoder"):
+        return decoder.build_fast_decoder(options)
+    builder = _BUILDERS.get(type(decoder))
+    if builder is None:
+        raise FastDecodingUnsupported(f"decoder {type(decoder).__name__} has no fast decoding step")
+    return builder(decoder, options)
+
+
+class VocabularyProjection:
+    """The decoder's output projection with its weight transposed once: ``x @ W^T`` from a contiguous
+    ``W^T`` is up to 1.7x faster than ``F.linear`` for the few rows of a beam (MKL, 2 threads, 256 x 8000)."""
+
+    def __init__(self, projection: nn.Linear):
+        self.weight_t = projection.weight.detach().t().contiguous()
+        self.bias = projection.bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = torch.mm(x, self.weight_t)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def layer_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """A LayerNorm module's computation without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def resolve_kernels(options: FastDecodingOptions, device: torch.device):
+    """The CUDA kernels module to use on ``device``, or None for the torch path.
+
+    ``--accel-kernels cuda`` without cupy or a CUDA device is an error; ``auto`` uses the kernels when the
+    decoder runs on CUDA and cupy is installed.
+    """
+    if options.kernels == "torch":
+        return None
+    from fairseq_accel.inference import cuda_kernels
+
+    if options.kernels == "cuda":
+        cuda_kernels.require_cuda_kernels(device)
+        return cuda_kernels
+    return cuda_kernels if cuda_kernels.cuda_kernels_available(device) else None

@@ -1,0 +1,124 @@
+"""Fast step of the SAN-M FSMN decoder (``s2t_sanm`` with ``--decoder-type fsmn``).
+
+Its only state is each layer's causal FSMN window (the last K inputs, a ``WindowCache`` read through the
+beam indirection) and the cross-attention keys/values, computed once per sentence. It has no
+self-attention, so there is no K/V cache for ``--kv-cache-dtype`` to store.
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fairseq_accel.inference.beam_cache import BeamState, CrossAttentionMemory, WindowCache
+from fairseq_accel.inference.fast_decoder import (
+    FastDecoder,
+    FastDecodingOptions,
+    VocabularyProjection,
+    layer_norm,
+    register_fast_decoder,
+)
+from fairseq_accel.models.s2t_sanm import SANMDecoder, SANMDecoderLayer
+from fairseq_accel.modules.sanm_attention import CausalFSMN, DecoderFeedForward, MultiHeadedCrossAttention
+
+
+def _feed_forward(ffn: DecoderFeedForward, x: Tensor) -> Tensor:
+    hidden = torch.relu(F.linear(x, ffn.w_1.weight, ffn.w_1.bias))
+    return F.linear(layer_norm(hidden, ffn.norm), ffn.w_2.weight)
+
+
+class FSMNStep:
+    """``CausalFSMN``: depthwise causal convolution over the last K inputs, plus the input."""
+
+    def __init__(self, fsmn: CausalFSMN):
+        self.kernel_size = fsmn.kernel_size
+        self.weight = fsmn.fsmn_block.weight.squeeze(1).t()  # K x C
+        self.window: Optional[WindowCache] = None
+
+    def start(self, state: BeamState) -> None:
+        self.window = state.add(
+            WindowCache(state.indirection, self.kernel_size, self.weight.size(1), self.weight.dtype, self.weight.device)
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.window.write(x)
+        return (self.window.window() * self.weight).sum(dim=1) + x
+
+
+class SANMCrossAttentionStep:
+    """``MultiHeadedCrossAttention``: fused K/V projection of the encoder output once per sentence."""
+
+    def __init__(self, attention: MultiHeadedCrossAttention):
+        self.attention = attention
+        self.heads, self.head_dim = attention.h, attention.d_k
+        scale = self.head_dim**-0.5  # scaled_dot_product_attention's default scale
+        self.q_weight, self.q_bias = attention.linear_q.weight * scale, attention.linear_q.bias * scale
+        self.memory: Optional[CrossAttentionMemory] = None
+
+    def start(self, state: BeamState, options: FastDecodingOptions, memory: Tensor, padding_mask: Optional[Tensor]) -> None:
+        """``memory``: encoder output ``[B, S, C]``."""
+        k, v = self.attention._keys_values(memory)
+        self.memory = state.add(
+            CrossAttentionMemory(k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.cross_key_scale)
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.size(0)
+        q = F.linear(x, self.q_weight, self.q_bias).view(rows, self.heads, self.head_dim)
+        out = self.memory.attend(q).reshape(rows, self.heads * self.head_dim)
+        return F.linear(out, self.attention.linear_out.weight, self.attention.linear_out.bias)
+
+
+class SANMLayerStep:
+    """``SANMDecoderLayer``: ``x + FSMN(norm2(FFN(norm1 x)))``, then ``+ cross-attention(norm3 x)``; the
+    FFN-only last layer returns ``FFN(norm1 x)``."""
+
+    def __init__(self, layer: SANMDecoderLayer):
+        self.layer = layer
+        self.fsmn = None if layer.self_attn is None else FSMNStep(layer.self_attn)
+        self.cross_attn = None if layer.src_attn is None else SANMCrossAttentionStep(layer.src_attn)
+
+    def start(self, state: BeamState, options: FastDecodingOptions, memory: Tensor, padding_mask: Optional[Tensor]) -> None:
+        if self.fsmn is not None:
+            self.fsmn.start(state)
+            self.cross_attn.start(state, options, memory, padding_mask)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        hidden = _feed_forward(layer.feed_forward, layer_norm(x, layer.norm1))
+        if self.fsmn is None:
+            return hidden
+        x = x + self.fsmn(layer_norm(hidden, layer.norm2))
+        return x + self.cross_attn(layer_norm(x, layer.norm3))
+
+
+class FastSANMDecoder(FastDecoder):
+    """``SANMDecoder.extract_features`` + output projection for one token per hypothesis."""
+
+    def __init__(self, decoder: SANMDecoder, options: FastDecodingOptions):
+        self.decoder = decoder
+        self.options = options
+        self.layers = [SANMLayerStep(layer) for layer in [*decoder.decoders, *decoder.decoders3]]
+        self.output_projection = VocabularyProjection(decoder.output_projection)
+
+    def has_self_attention_cache(self) -> bool:
+        return False
+
+    def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
+        memory = encoder_out["encoder_out"][0].transpose(0, 1)
+        padding = encoder_out["encoder_padding_mask"][0] if encoder_out.get("encoder_padding_mask") else None
+        self.state = BeamState(memory.size(0), beam, max_steps, memory.device)
+        for layer in self.layers:
+            layer.start(self.state, self.options, memory, padding)
+
+    def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
+        decoder = self.decoder
+        x = F.embedding(tokens, decoder.embed_tokens.weight) * decoder.embed_scale
+        for layer in self.layers:
+            x = layer(x)
+        if output_rows is not None:
+            x = x.index_select(0, output_rows)
+        return self.output_projection(layer_norm(x, decoder.after_norm)).float()
+
+
+register_fast_decoder(SANMDecoder)(FastSANMDecoder)

@@ -1,0 +1,261 @@
+"""Fast step of fairseq's transformer decoder (``transformer``, ``s2t_transformer``, the transformer decoder
+of ``s2t_sanm``) and of the LSRA decoder of ``lite_transformer``.
+
+The step reads the fairseq modules' weights (nothing is converted or copied, except that the query, key
+and value projections of self-attention are concatenated once into one matmul with the query scaling
+folded in) and runs one token per hypothesis through the same computation as
+``TransformerDecoderLayerBase.forward`` in incremental mode.
+"""
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.models.speech_to_text.s2t_transformer import TransformerDecoderScriptable
+from fairseq.models.transformer import TransformerDecoder, TransformerDecoderBase
+from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
+
+from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamState, CrossAttentionMemory, WindowCache
+from fairseq_accel.inference.fast_decoder import (
+    FastDecoder,
+    FastDecodingOptions,
+    FastDecodingUnsupported,
+    VocabularyProjection,
+    layer_norm,
+    register_fast_decoder,
+    resolve_kernels,
+)
+from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
+from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
+from fairseq_accel.modules.multibranch import MultiBranch
+
+
+def _check_plain_attention(attention: MultiheadAttention, where: str) -> None:
+    if attention.bias_k is not None or attention.add_zero_attn:
+        raise FastDecodingUnsupported(f"{where} uses add_bias_kv/add_zero_attn")
+
+
+class SelfAttentionStep:
+    """fairseq ``MultiheadAttention`` as decoder self-attention, over an ``AttentionKVCache``."""
+
+    def __init__(self, attention: MultiheadAttention):
+        _check_plain_attention(attention, "decoder self-attention")
+        self.heads, self.head_dim = attention.num_heads, attention.head_dim
+        scale = attention.scaling
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv_weight = torch.cat([attention.q_proj.weight * scale, attention.k_proj.weight, attention.v_proj.weight])
+        if all(p.bias is not None for p in projections):
+            self.qkv_bias = torch.cat([attention.q_proj.bias * scale, attention.k_proj.bias, attention.v_proj.bias])
+        elif any(p.bias is not None for p in projections):
+            raise FastDecodingUnsupported("decoder self-attention has biases on some projections only")
+        else:
+            self.qkv_bias = None
+        self.out_weight, self.out_bias = attention.out_proj.weight, attention.out_proj.bias
+        self.cache: Optional[AttentionKVCache] = None
+
+    def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
+        kernels = resolve_kernels(options, device)
+        self.cache = state.add(
+            AttentionKVCache(state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, kernels)
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.size(0)
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).view(rows, 3, self.heads, self.head_dim).unbind(1)
+        self.cache.write(k, v)
+        out = self.cache.attend(q).reshape(rows, self.heads * self.head_dim)
+        return F.linear(out, self.out_weight, self.out_bias)
+
+
+class ConvBranchStep:
+    """An LSRA convolution branch (lightweight or dynamic) over a ``WindowCache`` of its inputs."""
+
+    def __init__(self, branch: ConvBranch):
+        if not branch.causal:
+            raise FastDecodingUnsupported("a decoder convolution branch is not causal")
+        self.branch = branch
+        self.heads = branch.num_heads
+        self.linear_in = (branch.linear_in.weight, branch.linear_in.bias)
+        self.linear_out = (branch.linear_out.weight, branch.linear_out.bias)
+        self.window: Optional[WindowCache] = None
+        if isinstance(branch, LightweightConvBranch):
+            weight = branch.weight.squeeze(1)  # heads x K
+            weight = torch.softmax(weight, dim=-1) if branch.weight_softmax else weight
+            # K x dim: tap k of channel c is its head's weight (a head spans dim/heads channels)
+            self.static_weight = weight.t().repeat_interleave(branch.dim // self.heads, dim=1)
+        elif isinstance(branch, DynamicConvBranch):
+            self.static_weight = None
+        else:
+            raise FastDecodingUnsupported(f"convolution branch {type(branch).__name__} has no fast step")
+
+    def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
+        self.window = state.add(WindowCache(state.indirection, self.branch.kernel_size, self.branch.dim, dtype, device))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        branch = self.branch
+        x = F.linear(x, *self.linear_in)
+        if branch.glu:
+            x = F.glu(x, dim=-1)
+        self.window.write(x)
+        rows, width = x.size(0), branch.kernel_size
+        window = self.window.window()  # rows x K x dim
+        if self.static_weight is not None:
+            out = (window * self.static_weight).sum(dim=1)
+        else:
+            window = window.view(rows, width, self.heads, -1)
+            weight = F.linear(x, branch.weight_linear.weight).view(rows, self.heads, width)
+            if branch.weight_softmax:
+                weight = torch.softmax(weight, dim=-1)
+            out = torch.einsum("nkhr,nhk->nhr", window, weight)
+        return F.linear(out.reshape(rows, -1), *self.linear_out)
+
+
+class MultiBranchStep:
+    """LSRA self-attention: each branch on its slice of the channels, outputs concatenated."""
+
+    def __init__(self, multibranch: MultiBranch):
+        self.dims = multibranch.dims
+        self.branches = [
+            SelfAttentionStep(b) if isinstance(b, MultiheadAttention) else ConvBranchStep(b) for b in multibranch.branches
+        ]
+
+    def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
+        for branch in self.branches:
+            branch.start(state, options, dtype, device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.cat([branch(chunk) for branch, chunk in zip(self.branches, x.split(self.dims, dim=-1))], dim=-1)
+
+
+class CrossAttentionStep:
+    """fairseq ``MultiheadAttention`` over the encoder output: K/V once per sentence, shared by its beams."""
+
+    def __init__(self, attention: MultiheadAttention):
+        _check_plain_attention(attention, "decoder cross-attention")
+        self.attention = attention
+        self.heads, self.head_dim = attention.num_heads, attention.head_dim
+        q_proj = attention.q_proj
+        self.q_weight = q_proj.weight * attention.scaling
+        self.q_bias = None if q_proj.bias is None else q_proj.bias * attention.scaling
+        self.out_weight, self.out_bias = attention.out_proj.weight, attention.out_proj.bias
+        self.memory: Optional[CrossAttentionMemory] = None
+
+    def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor]) -> None:
+        """``encoder_out``: ``[S, B, C]`` (fairseq's layout); ``padding_mask``: ``[B, S]``."""
+        source_len, batch, _ = encoder_out.shape
+        attention = self.attention
+
+        def heads(projection: nn.Linear) -> Tensor:
+            x = F.linear(encoder_out, projection.weight, projection.bias)
+            return x.view(source_len, batch, self.heads, self.head_dim).permute(1, 2, 0, 3).contiguous()
+
+        self.memory = state.add(
+            CrossAttentionMemory(
+                heads(attention.k_proj), heads(attention.v_proj), padding_mask, state.beam,
+                options.cross_kv_dtype, options.cross_key_scale,
+            )
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.size(0)
+        q = F.linear(x, self.q_weight, self.q_bias).view(rows, self.heads, self.head_dim)
+        out = self.memory.attend(q).reshape(rows, self.heads * self.head_dim)
+        return F.linear(out, self.out_weight, self.out_bias)
+
+
+class TransformerLayerStep:
+    """``TransformerDecoderLayerBase`` (pre- or post-norm) for one token per hypothesis."""
+
+    def __init__(self, layer: nn.Module):
+        for extra in ("c_attn", "attn_ln", "ffn_layernorm", "w_resid"):
+            if getattr(layer, extra, None) is not None:
+                raise FastDecodingUnsupported(f"decoder layers use {extra} (NormFormer options)")
+        if layer.cross_self_attention:
+            raise FastDecodingUnsupported("decoder layers use --cross-self-attention")
+        self.pre_norm = layer.normalize_before
+        if isinstance(layer.self_attn, MultiBranch):
+            self.self_attn = MultiBranchStep(layer.self_attn)
+        elif isinstance(layer.self_attn, MultiheadAttention):
+            self.self_attn = SelfAttentionStep(layer.self_attn)
+        else:
+            raise FastDecodingUnsupported(f"decoder self-attention {type(layer.self_attn).__name__} has no fast step")
+        self.cross_attn = None if layer.encoder_attn is None else CrossAttentionStep(layer.encoder_attn)
+        self.activation: Callable[[Tensor], Tensor] = layer.activation_fn
+        self.self_attn_norm, self.final_norm = layer.self_attn_layer_norm, layer.final_layer_norm
+        self.cross_attn_norm = layer.encoder_attn_layer_norm
+        self.fc1 = (layer.fc1.weight, layer.fc1.bias)
+        self.fc2 = (layer.fc2.weight, layer.fc2.bias)
+
+    def start(self, state, options, encoder_out, padding_mask, dtype, device) -> None:
+        self.self_attn.start(state, options, dtype, device)
+        if self.cross_attn is not None:
+            self.cross_attn.start(state, options, encoder_out, padding_mask)
+
+    def _block(self, x: Tensor, norm: nn.Module, body: Callable[[Tensor], Tensor]) -> Tensor:
+        """Residual block: ``x + body(norm(x))`` (pre-norm) or ``norm(x + body(x))`` (post-norm)."""
+        if self.pre_norm:
+            return x + body(layer_norm(x, norm))
+        return layer_norm(x + body(x), norm)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.activation(F.linear(x, *self.fc1)), *self.fc2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = self._block(x, self.self_attn_norm, self.self_attn)
+        if self.cross_attn is not None:
+            x = self._block(x, self.cross_attn_norm, self.cross_attn)
+        return self._block(x, self.final_norm, self._feed_forward)
+
+
+class FastTransformerDecoder(FastDecoder):
+    """``TransformerDecoderBase.extract_features`` + ``output_layer`` for one token per hypothesis."""
+
+    def __init__(self, decoder: TransformerDecoderBase, options: FastDecodingOptions):
+        if decoder.adaptive_softmax is not None:
+            raise FastDecodingUnsupported("the decoder uses an adaptive softmax")
+        if decoder.quant_noise is not None:
+            raise FastDecodingUnsupported("the decoder uses quant-noise")
+        self.decoder = decoder
+        self.options = options
+        self.layers = [TransformerLayerStep(layer) for layer in decoder.layers]
+        self.output_projection = VocabularyProjection(decoder.output_projection)
+        self.positions: Optional[Tensor] = None
+
+    def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:
+        """Positional embeddings of steps ``0..steps-1`` (``[steps, C]``) from the decoder's own module."""
+        if self.decoder.embed_positions is None:
+            return None
+        tokens = torch.full((1, steps), self.decoder.dictionary.eos(), dtype=torch.long, device=device)
+        return self.decoder.embed_positions(tokens)[0]
+
+    def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
+        memory = encoder_out["encoder_out"][0]
+        padding = encoder_out["encoder_padding_mask"][0] if encoder_out.get("encoder_padding_mask") else None
+        weight = self.decoder.embed_tokens.weight
+        self.state = BeamState(memory.size(1), beam, max_steps, weight.device)
+        self.positions = self._position_table(max_steps, weight.device)
+        for layer in self.layers:
+            layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device)
+
+    def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
+        decoder = self.decoder
+        x = decoder.embed_scale * F.embedding(tokens, decoder.embed_tokens.weight)
+        if decoder.project_in_dim is not None:
+            x = decoder.project_in_dim(x)
+        if self.positions is not None:
+            x = x + self.positions[self.state.indirection.step]
+        if decoder.layernorm_embedding is not None:
+            x = layer_norm(x, decoder.layernorm_embedding)
+        for layer in self.layers:
+            x = layer(x)
+        if decoder.layer_norm is not None:
+            x = layer_norm(x, decoder.layer_norm)
+        if output_rows is not None:
+            x = x.index_select(0, output_rows)
+        if decoder.project_out_dim is not None:
+            x = decoder.project_out_dim(x)
+        return self.output_projection(x).float()
+
+
+for _decoder_class in (TransformerDecoderBase, TransformerDecoder, TransformerDecoderScriptable, LiteTransformerDecoder):
+    register_fast_decoder(_decoder_class)(FastTransformerDecoder)

@@ -1,0 +1,127 @@
+"""What the accel tasks add to ``fairseq-generate``: ``--accel-generator fast`` and its cache options.
+
+``build_generator`` first builds fairseq's own generator from the same options (so every stock option keeps
+its meaning), then swaps in ``FastSequenceGenerator`` when the model and options allow it. Otherwise it
+falls back to the stock generator with a one-line notice saying why, or stops with that reason under
+``--no-accel-fallback``.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.search import BeamSearch
+from fairseq.sequence_generator import SequenceGenerator
+
+from fairseq_accel.inference import sanm_step, transformer_step  # noqa: F401  (register the fast decoders)
+from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES
+from fairseq_accel.inference.fast_decoder import (
+    KERNEL_CHOICES,
+    FastDecodingOptions,
+    FastDecodingUnsupported,
+    build_fast_decoder,
+    resolve_kernels,
+)
+from fairseq_accel.inference.fast_generator import FastSequenceGenerator
+
+logger = logging.getLogger(__name__)
+
+
+class AccelGenerationError(ValueError):
+    """Options that contradict each other or the model; the message names the option and the fix."""
+
+
+@dataclass
+class AccelGenerationConfig(FairseqDataclass):
+    accel_generator: ChoiceEnum(["stock", "fast"]) = field(
+        default="stock",
+        metadata={"help": "fast: fairseq_accel's generator (preallocated caches reordered by index, cross-attention "
+                          "K/V once per sentence); same search and results as stock, falls back to stock with a notice "
+                          "where a model or option is not supported"},
+    )
+    kv_cache_dtype: ChoiceEnum(list(KV_CACHE_DTYPES)) = field(
+        default="fp32",
+        metadata={"help": "storage of the fast generator's self-attention key/value cache; int8: symmetric, one "
+                          "scale per head and token, dequantized inside the attention (about 4x smaller)"},
+    )
+    quantize_cross_kv: bool = field(
+        default=False, metadata={"help": "store the cross-attention keys/values in --kv-cache-dtype too"}
+    )
+    cross_key_scale: ChoiceEnum(["token", "channel"]) = field(
+        default="token", metadata={"help": "int8 cross-attention keys: one scale per token, or per channel"}
+    )
+    accel_kernels: ChoiceEnum(list(KERNEL_CHOICES)) = field(
+        default="auto",
+        metadata={"help": "auto: CUDA kernels (int8 cache attention, fused log-softmax + top-k) when decoding on "
+                          "CUDA with cupy installed (pip install 'fairseq_accel[gpu]'), torch otherwise; cuda: "
+                          "require them; torch: never"},
+    )
+    no_accel_fallback: bool = field(
+        default=False, metadata={"help": "stop with the reason instead of falling back to the stock generator"}
+    )
+
+
+def _stock_only_reason(stock, models: List) -> Optional[str]:
+    """Why the fast generator cannot stand in for ``stock`` (None if it can)."""
+    if len(models) != 1:
+        return f"an ensemble of {len(models)} models"
+    if type(stock) is not SequenceGenerator:
+        return f"{type(stock).__name__} (--print-alignment, --score-reference or another generator)"
+    if type(stock.search) is not BeamSearch:
+        return f"search strategy {type(stock.search).__name__} (--sampling, --diverse-beam-groups, --constraints, ...)"
+    if stock.lm_model is not None:
+        return "language model fusion (--lm-path)"
+    if stock.match_source_len:
+        return "--match-source-len"
+    if stock.token_indices_to_suppress is not None:
+        return "tokens to suppress"
+    if getattr(models[0], "encoder", None) is None:
+        return "a decoder-only model"
+    if any(getattr(module, "apply_during_inference", False) for module in models[0].modules()):
+        return "--retain-dropout"
+    return None
+
+
+def build_accel_generator(stock, models: List, cfg) -> object:
+    """``stock`` itself, or the fast generator built from its settings, as ``cfg`` (the task config) asks."""
+    options = FastDecodingOptions(
+        kv_cache_dtype=cfg.kv_cache_dtype, quantize_cross_kv=cfg.quantize_cross_kv,
+        cross_key_scale=cfg.cross_key_scale, kernels=cfg.accel_kernels,
+    )
+    if cfg.accel_generator != "fast":
+        if options.kv_cache_dtype != "fp32" or options.quantize_cross_kv or options.kernels == "cuda":
+            raise AccelGenerationError(
+                "--kv-cache-dtype, --quantize-cross-kv and --accel-kernels cuda apply to the fast generator: "
+                "add --accel-generator fast"
+            )
+        return stock
+    try:
+        reason = _stock_only_reason(stock, models)
+        if reason is not None:
+            raise FastDecodingUnsupported(reason)
+        model = models[0]
+        decoder = build_fast_decoder(model.decoder, options)
+    except FastDecodingUnsupported as unsupported:
+        if cfg.no_accel_fallback:
+            raise AccelGenerationError(f"--accel-generator fast cannot decode this: {unsupported} (--no-accel-fallback)")
+        logger.warning(f"--accel-generator fast: using fairseq's SequenceGenerator instead, because of {unsupported}")
+        return stock
+    if options.kv_cache_dtype != "fp32" and not decoder.has_self_attention_cache() and not options.quantize_cross_kv:
+        raise AccelGenerationError(
+            f"--kv-cache-dtype {options.kv_cache_dtype}: {type(model.decoder).__name__} keeps no self-attention "
+            "key/value cache, so there is nothing to store in it; add --quantize-cross-kv to store its "
+            "cross-attention keys/values that way"
+        )
+    kernels = resolve_kernels(options, next(model.parameters()).device)
+    return FastSequenceGenerator(stock, model, decoder, kernels=kernels)
+
+
+class AccelGenerationMixin:
+    """Put before the stock task class: ``class TranslationAccelTask(AccelGenerationMixin, TranslationTask)``."""
+
+    def accel_config(self):
+        return self.cfg if getattr(self, "cfg", None) is not None else self.args
+
+    def build_generator(self, models, args, *rest, **kwargs):
+        stock = super().build_generator(models, args, *rest, **kwargs)
+        return build_accel_generator(stock, models, self.accel_config())
