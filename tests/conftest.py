@@ -21,6 +21,26 @@ USER_DIR = REPO_ROOT / "user_dir"
 # holds fairseq-train/-generate/-preprocess, and its python sees the same packages as the tests.
 VENV_BIN = Path(sys.executable).parent
 
+# fairseq-train options that learn the toy language in a few hundred updates on a CPU (add --max-update).
+TINY_TRAIN = [
+    "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "2000",
+    "--dropout", "0.0", "--seed", "1", "--cpu", "--num-workers", "0", "--no-progress-bar",
+    "--no-epoch-checkpoints", "--disable-validation",
+]
+
+
+def tiny_lsra(decoder_conv: str = "lightweight") -> list:
+    """A 2+2-layer, 32-dim lite_transformer: attention beside a dynamic (encoder) / ``decoder_conv``
+    (decoder) convolution branch."""
+    return [
+        "--arch", "lite_transformer_mini", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+        "--encoder-branch-type", "attn:1:16:2", "dynamic:default:16:2", "--encoder-glu", "True",
+        "--decoder-branch-type", "attn:1:16:2", f"{decoder_conv}:default:16:2",
+        "--encoder-layers", "2", "--decoder-layers", "2", "--share-all-embeddings",
+    ]
+
+
 TOY_VOCAB_SIZE = 24
 TOY_SPLITS = {"train": 300, "valid": 40, "test": 40}
 TOY_LENGTHS = (3, 8)

@@ -17,7 +17,7 @@ from fairseq import checkpoint_utils
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.sequence_generator import SequenceGenerator
 
-from conftest import USER_DIR, cli_output, run_cli
+from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator
@@ -29,19 +29,9 @@ TINY_MODELS = {
         "--decoder-layers", "2", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
         "--share-all-embeddings",
     ],
-    "lite_transformer": [
-        "--arch", "lite_transformer_mini", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-        "--encoder-branch-type", "attn:1:16:2", "dynamic:default:16:2", "--encoder-glu", "True",
-        "--decoder-branch-type", "attn:1:16:2", "dynamic:default:16:2",
-        "--encoder-layers", "2", "--decoder-layers", "2", "--share-all-embeddings",
-    ],
+    "lite_transformer": tiny_lsra(decoder_conv="dynamic"),
 }
-TRAIN = [
-    "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
-    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "2000",
-    "--dropout", "0.0", "--seed", "1", "--cpu", "--num-workers", "0", "--no-progress-bar",
-    "--no-epoch-checkpoints", "--disable-validation", "--max-update", "250",
-]
+TRAIN = [*TINY_TRAIN, "--max-update", "250"]
 # (beam, extra generation options): plain beam search, greedy, length penalty with n-gram blocking,
 # and min/max length with an unknown-word penalty.
 SEARCHES = [
@@ -153,7 +143,7 @@ def test_fairseq_generate_fast_matches_stock(trained: Path, tiny_translation_dat
     stock = outputs(generate(tiny_translation_data, trained, *options))
     fast = outputs(generate(tiny_translation_data, trained, *options, "--accel-generator", "fast"))
     int8 = outputs(generate(tiny_translation_data, trained, *options, "--accel-generator", "fast",
-                            "--kv-cache-dtype", "int8", "--quantize-cross-kv", "--cross-key-scale", "channel"))
+                            "--kv-cache-dtype", "int8", "--quantize-cross-kv", "--key-scale", "channel"))
     assert len(stock["lines"]) == 80  # 40 sentences x nbest 2
     same = sum(a == b for a, b in zip(stock["lines"], fast["lines"]))
     assert same >= 0.99 * len(stock["lines"])

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, USER_DIR, cli_output, run_cli
+from conftest import REPO_ROOT, TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 
-TINY_LSRA = [
-    "--arch", "lite_transformer_mini", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-    "--encoder-branch-type", "attn:1:16:2", "dynamic:default:16:2", "--encoder-glu", "True",
-    "--decoder-branch-type", "attn:1:16:2", "lightweight:default:16:2",
-    "--encoder-layers", "2", "--decoder-layers", "2", "--share-all-embeddings",
-]
-TRAIN = [
-    "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
-    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "2000",
-    "--dropout", "0.0", "--seed", "1", "--cpu", "--num-workers", "0", "--no-progress-bar",
-    "--no-epoch-checkpoints", "--disable-validation",
-]
+TINY_LSRA = tiny_lsra()
+TRAIN = TINY_TRAIN
 
 
 def test_fairseq_train_and_generate_a_lite_transformer(tiny_translation_data, tmp_path):
@@ -56,6 +46,7 @@ def test_mini_recipe_end_to_end(tmp_path):
         "bash", recipe, "--data_dir", tmp_path / "data", "--exp_dir", tmp_path / "exp", "--bpe_vocab_size", "2000",
         "--train_args", "--max-update 2 --max-tokens 2048", "--gen_subset", "valid",
         "--decode_args", "--beam 2 --max-len-a 0 --max-len-b 6 --batch-size 128",
+        "--bench_sentences", "8", "--bench_args", "--threads 1 --repeats 1 --max-len-b 6 --systems stock fast ct2-int8",
     ]
     result = run_cli(command, timeout=900)
     assert result.returncode == 0, cli_output(result)[-5000:]
@@ -70,6 +61,9 @@ def test_mini_recipe_end_to_end(tmp_path):
     lsra, baseline = (row["mult_adds"] for row in results)
     assert abs(lsra - baseline) / lsra < 0.05
     assert "| lite_transformer_mini | lite_transformer_mini |" in result.stdout
+    bench = json.loads((tmp_path / "exp" / "transformer_mini" / "benchmark.json").read_text())  # stage 7
+    assert [(row["system"], row["batch"]) for row in bench] == [(s, b) for b in (1, 32) for s in ("stock", "fast", "ct2-int8")]
+    assert all(row["sentences"] == 8 for row in bench)
     rerun = run_cli(command, timeout=600)
     assert rerun.returncode == 0, cli_output(rerun)[-3000:]
-    assert rerun.stderr.count("already done") == 7  # stages 1, 2, 3 and train + decode of both configs
+    assert rerun.stderr.count("already done") == 8  # stages 1, 2, 3, train + decode of both configs, benchmark

@@ -6,7 +6,7 @@
 #   2  80-dim fbank, global CMVN, speed perturbation of the training set, sentencepiece units and
 #      fairseq speech_to_text manifests + config.yaml (fairseq-accel-prepare s2t)
 #   3  train each experiment config with fairseq-train --task speech_to_text (its train: section)
-#   4  decode --test_set with fairseq-generate (its generate: section)
+#   4  decode --test_set with fairseq-generate --task speech_to_text_accel (its generate: section)
 #   5  score (jiwer WER and CER) and print one results table for all configs
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
@@ -66,7 +66,7 @@ if in_stage 4; then
   utterances=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))  # the manifest has a header line
   for config in "${config_list[@]}"; do
     decode_experiment "${config}" "$(exp_of "${config}")" "${s2t_dir}" "${test_set}" D "${utterances}" \
-      --task speech_to_text --config-yaml config.yaml
+      --task speech_to_text_accel --config-yaml config.yaml
   done
 fi
 

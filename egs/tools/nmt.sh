@@ -5,7 +5,7 @@
 #   2  joint sentencepiece model on train.src + train.tgt; encode every split
 #   3  binarize with fairseq-preprocess
 #   4  train each experiment config with fairseq-train (its train: section)
-#   5  decode --gen_subset with fairseq-generate (its generate: section); profile the checkpoint
+#   5  decode --gen_subset with fairseq-generate --task translation_accel (its generate: section); profile
 #   6  score (sacrebleu BLEU, chrF) and print one results table for all configs
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
@@ -76,7 +76,7 @@ if in_stage 5; then
   for config in "${config_list[@]}"; do
     exp=$(exp_of "${config}")
     decode_experiment "${config}" "${exp}" "${bin_dir}" "${gen_subset}" H "$(wc -l < "${text_dir}/${gen_subset}.${tgt}")" \
-      --source-lang "${src}" --target-lang "${tgt}"
+      --task translation_accel --source-lang "${src}" --target-lang "${tgt}"
     if [ ! -f "${exp}/profile.json" ]; then
       fairseq-accel-profile --path "${exp}/checkpoints/checkpoint_best.pt" --no-baseline --format json > "${exp}/profile.json.part"
       mv "${exp}/profile.json.part" "${exp}/profile.json"

@@ -36,6 +36,7 @@ FAIRSEQ_SYSTEMS = {
     "fast": {"kv_cache_dtype": "fp32"},
     "fast-fp16": {"kv_cache_dtype": "fp16"},
     "fast-int8": {"kv_cache_dtype": "int8"},
+    "fast-int8-channel": {"kv_cache_dtype": "int8", "key_scale": "channel"},
     "fast-int8-cross": {"kv_cache_dtype": "int8", "quantize_cross_kv": True},
 }
 CT2_SYSTEMS = {"ct2-float32": "float32", "ct2-int8": "int8"}
@@ -78,6 +79,8 @@ class Workload:
     score_name: str
     beam: int
     batch_size: int
+    max_len_a: float
+    max_len_b: int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=[*FAIRSEQ_SYSTEMS, *CT2_SYSTEMS], help="systems to compare (stock always runs: ratios need it)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32], help="sentences per batch (default: 1 32)")
     parser.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    parser.add_argument("--max-len-a", type=float, default=0, help="as fairseq-generate's (default: 0)")
+    parser.add_argument("--max-len-b", type=int, default=200,
+                        help="as fairseq-generate's: outputs stop at a * source length + b tokens (default: 200)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="thread counts to try for the fairseq systems; the best is reported (default: 1 2)")
     parser.add_argument("--ct2-threads", nargs="+", type=int, default=[1],
@@ -140,7 +146,8 @@ def _workload(args, batch_size: int, task, models) -> Workload:
         for sample_id, target in zip(batch["id"].tolist(), batch["target"]):
             references[sample_id] = to_text(target[target.ne(tgt_dict.pad())])
     score_name = "WER" if hasattr(task, "data_cfg") else "BLEU"
-    return Workload(task, models, batches, references, to_text, score_name, args.beam, batch_size)
+    return Workload(task, models, batches, references, to_text, score_name, args.beam, batch_size,
+                    args.max_len_a, args.max_len_b)
 
 
 def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
@@ -156,7 +163,7 @@ def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
 
 
 def _fairseq_generator(work: Workload, system: str):
-    gen_cfg = GenerationConfig(beam=work.beam)
+    gen_cfg = GenerationConfig(beam=work.beam, max_len_a=work.max_len_a, max_len_b=work.max_len_b)
     stock = work.task.build_generator(work.models, gen_cfg)
     options = FAIRSEQ_SYSTEMS[system]
     if options is None:
@@ -238,6 +245,8 @@ def _ct2_runner(args, work: Workload, model_dir: Path):
 
     sources = _ct2_sources(work)
     translators = {}
+    # fairseq's limit is per batch (a * its source length + b); CTranslate2 takes one for the whole call
+    max_length = int(work.max_len_a * max(len(tokens) + 1 for _, tokens in sources) + work.max_len_b)
 
     def run(batches: Sequence[dict]) -> Tuple[float, int, Dict[int, str]]:
         threads = torch.get_num_threads()
@@ -246,7 +255,8 @@ def _ct2_runner(args, work: Workload, model_dir: Path):
         chosen = sources[: sum(len(batch["id"]) for batch in batches)]
         start = time.perf_counter()
         results = translators[threads].translate_batch(
-            [tokens for _, tokens in chosen], beam_size=work.beam, max_batch_size=work.batch_size, max_decoding_length=200
+            [tokens for _, tokens in chosen], beam_size=work.beam, max_batch_size=work.batch_size,
+            max_decoding_length=max_length,
         )
         seconds = time.perf_counter() - start
         hypotheses, tokens = {}, 0

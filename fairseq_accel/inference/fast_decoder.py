@@ -24,7 +24,7 @@ class FastDecodingUnsupported(Exception):
 class FastDecodingOptions:
     kv_cache_dtype: str = "fp32"  # self-attention K/V cache: fp32, fp16 or int8
     quantize_cross_kv: bool = False  # store cross-attention K/V in kv_cache_dtype too
-    cross_key_scale: str = "token"  # int8 cross-attention keys: one scale per token or per channel
+    key_scale: str = "token"  # int8 keys: per token, or per channel too (see AccelGenerationConfig.key_scale)
     kernels: str = "auto"  # auto: CUDA kernels when on CUDA and cupy is installed; torch; cuda (required)
 
     def __post_init__(self):

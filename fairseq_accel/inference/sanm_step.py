@@ -59,7 +59,7 @@ class SANMCrossAttentionStep:
         """``memory``: encoder output ``[B, S, C]``."""
         k, v = self.attention._keys_values(memory)
         self.memory = state.add(
-            CrossAttentionMemory(k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.cross_key_scale)
+            CrossAttentionMemory(k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.key_scale)
         )
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -35,21 +35,35 @@ def _check_plain_attention(attention: MultiheadAttention, where: str) -> None:
         raise FastDecodingUnsupported(f"{where} uses add_bias_kv/add_zero_attn")
 
 
+def key_channel_balance(k_proj: nn.Linear) -> Tensor:
+    """Per-channel divisors that even out the key channels' ranges before per-token int8 scales (the
+    SmoothQuant idea, Xiao et al. 2023, applied to keys): ``|k_c| <~ ||W_c|| + |b_c|`` for layer-normed
+    inputs. Dividing key channel ``c`` and multiplying query channel ``c`` by it leaves every q.k unchanged."""
+    balance = k_proj.weight.norm(dim=1)
+    if k_proj.bias is not None:
+        balance = balance + k_proj.bias.abs()
+    return balance / balance.mean()
+
+
 class SelfAttentionStep:
     """fairseq ``MultiheadAttention`` as decoder self-attention, over an ``AttentionKVCache``."""
 
-    def __init__(self, attention: MultiheadAttention):
+    def __init__(self, attention: MultiheadAttention, balance_keys: bool = False):
         _check_plain_attention(attention, "decoder self-attention")
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
-        scale = attention.scaling
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        self.qkv_weight = torch.cat([attention.q_proj.weight * scale, attention.k_proj.weight, attention.v_proj.weight])
-        if all(p.bias is not None for p in projections):
-            self.qkv_bias = torch.cat([attention.q_proj.bias * scale, attention.k_proj.bias, attention.v_proj.bias])
-        elif any(p.bias is not None for p in projections):
+        if any(p.bias is None for p in projections) and any(p.bias is not None for p in projections):
             raise FastDecodingUnsupported("decoder self-attention has biases on some projections only")
-        else:
-            self.qkv_bias = None
+        q_scale = torch.full_like(attention.q_proj.weight[:, 0], attention.scaling)
+        k_scale = torch.ones_like(q_scale)
+        if balance_keys:
+            balance = key_channel_balance(attention.k_proj)
+            q_scale, k_scale = q_scale * balance, 1.0 / balance
+        scales = (q_scale, k_scale, torch.ones_like(q_scale))
+        self.qkv_weight = torch.cat([p.weight * s[:, None] for p, s in zip(projections, scales)])
+        self.qkv_bias = None
+        if attention.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias * s for p, s in zip(projections, scales)])
         self.out_weight, self.out_bias = attention.out_proj.weight, attention.out_proj.bias
         self.cache: Optional[AttentionKVCache] = None
 
@@ -113,10 +127,11 @@ class ConvBranchStep:
 class MultiBranchStep:
     """LSRA self-attention: each branch on its slice of the channels, outputs concatenated."""
 
-    def __init__(self, multibranch: MultiBranch):
+    def __init__(self, multibranch: MultiBranch, balance_keys: bool = False):
         self.dims = multibranch.dims
         self.branches = [
-            SelfAttentionStep(b) if isinstance(b, MultiheadAttention) else ConvBranchStep(b) for b in multibranch.branches
+            SelfAttentionStep(b, balance_keys) if isinstance(b, MultiheadAttention) else ConvBranchStep(b)
+            for b in multibranch.branches
         ]
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
@@ -152,7 +167,7 @@ class CrossAttentionStep:
         self.memory = state.add(
             CrossAttentionMemory(
                 heads(attention.k_proj), heads(attention.v_proj), padding_mask, state.beam,
-                options.cross_kv_dtype, options.cross_key_scale,
+                options.cross_kv_dtype, options.key_scale,
             )
         )
 
@@ -166,7 +181,7 @@ class CrossAttentionStep:
 class TransformerLayerStep:
     """``TransformerDecoderLayerBase`` (pre- or post-norm) for one token per hypothesis."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, balance_keys: bool = False):
         for extra in ("c_attn", "attn_ln", "ffn_layernorm", "w_resid"):
             if getattr(layer, extra, None) is not None:
                 raise FastDecodingUnsupported(f"decoder layers use {extra} (NormFormer options)")
@@ -174,9 +189,9 @@ class TransformerLayerStep:
             raise FastDecodingUnsupported("decoder layers use --cross-self-attention")
         self.pre_norm = layer.normalize_before
         if isinstance(layer.self_attn, MultiBranch):
-            self.self_attn = MultiBranchStep(layer.self_attn)
+            self.self_attn = MultiBranchStep(layer.self_attn, balance_keys)
         elif isinstance(layer.self_attn, MultiheadAttention):
-            self.self_attn = SelfAttentionStep(layer.self_attn)
+            self.self_attn = SelfAttentionStep(layer.self_attn, balance_keys)
         else:
             raise FastDecodingUnsupported(f"decoder self-attention {type(layer.self_attn).__name__} has no fast step")
         self.cross_attn = None if layer.encoder_attn is None else CrossAttentionStep(layer.encoder_attn)
@@ -217,7 +232,8 @@ class FastTransformerDecoder(FastDecoder):
             raise FastDecodingUnsupported("the decoder uses quant-noise")
         self.decoder = decoder
         self.options = options
-        self.layers = [TransformerLayerStep(layer) for layer in decoder.layers]
+        balance_keys = options.key_scale == "channel" and options.kv_cache_dtype == "int8"
+        self.layers = [TransformerLayerStep(layer, balance_keys) for layer in decoder.layers]
         self.output_projection = VocabularyProjection(decoder.output_projection)
         self.positions: Optional[Tensor] = None
 

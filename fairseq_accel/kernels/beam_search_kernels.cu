@@ -19,36 +19,31 @@
 
 // ---- reductions -----------------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = FA_WARP_SIZE / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FA_FULL_MASK, v, offset));
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+    for (int offset = FA_WARP_SIZE / 2; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(FA_FULL_MASK, v, offset));
     return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = FA_WARP_SIZE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(FA_FULL_MASK, v, offset);
-    return v;
-}
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
 
-// Block-wide max / sum; every thread of the block must call it, and every thread gets the result.
+// Block-wide reduction; every thread of the block must call it, and every thread gets the result.
 // `scratch` holds one float per warp and is free again when the function returns.
-template <int WARPS>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    v = warp_max(v);
+template <int WARPS, typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
+    v = warp_reduce(v, op);
     if (threadIdx.x % FA_WARP_SIZE == 0) scratch[threadIdx.x / FA_WARP_SIZE] = v;
     __syncthreads();
     float result = scratch[0];
-    for (int w = 1; w < WARPS; ++w) result = fmaxf(result, scratch[w]);
-    __syncthreads();
-    return result;
-}
-
-template <int WARPS>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    v = warp_sum(v);
-    if (threadIdx.x % FA_WARP_SIZE == 0) scratch[threadIdx.x / FA_WARP_SIZE] = v;
-    __syncthreads();
-    float result = scratch[0];
-    for (int w = 1; w < WARPS; ++w) result += scratch[w];
+    for (int w = 1; w < WARPS; ++w) result = op(result, scratch[w]);
     __syncthreads();
     return result;
 }
@@ -178,14 +173,14 @@ extern "C" __global__ void __launch_bounds__(FA_ATTN_THREADS)
     // 2. softmax over time (each thread rewrites only the entries it read), folded with the V scale
     float local_max = -fa::pos_inf();
     for (int t = threadIdx.x; t < n_steps; t += FA_ATTN_THREADS) local_max = fmaxf(local_max, weight_s[t]);
-    const float score_max = block_max<FA_ATTN_WARPS>(local_max, scratch_s);
+    const float score_max = block_reduce<FA_ATTN_WARPS>(local_max, scratch_s, MaxOp());
     float local_sum = 0.f;
     for (int t = threadIdx.x; t < n_steps; t += FA_ATTN_THREADS) {
         const float e = expf(weight_s[t] - score_max);  // NaN for an invalid slot, which poisons the sum
         weight_s[t] = e;
         local_sum += e;
     }
-    const float inv_sum = 1.f / block_sum<FA_ATTN_WARPS>(local_sum, scratch_s);
+    const float inv_sum = 1.f / block_reduce<FA_ATTN_WARPS>(local_sum, scratch_s, SumOp());
     for (int t = threadIdx.x; t < n_steps; t += FA_ATTN_THREADS) {
         const int slot = slot_s[t];
         const float scale = slot >= 0 ? v_scale[fa::kv_scale_offset(b, head, t, slot, num_heads, max_steps, beam)] : nan;

@@ -47,8 +47,11 @@ class AccelGenerationConfig(FairseqDataclass):
     quantize_cross_kv: bool = field(
         default=False, metadata={"help": "store the cross-attention keys/values in --kv-cache-dtype too"}
     )
-    cross_key_scale: ChoiceEnum(["token", "channel"]) = field(
-        default="token", metadata={"help": "int8 cross-attention keys: one scale per token, or per channel"}
+    key_scale: ChoiceEnum(["token", "channel"]) = field(
+        default="token",
+        metadata={"help": "int8 keys: one scale per head and token, or per channel too: self-attention key channels "
+                          "are balanced by their projection's norms first (q.k unchanged), cross-attention keys get "
+                          "one scale per channel over the source"},
     )
     accel_kernels: ChoiceEnum(list(KERNEL_CHOICES)) = field(
         default="auto",
@@ -86,7 +89,7 @@ def build_accel_generator(stock, models: List, cfg) -> object:
     """``stock`` itself, or the fast generator built from its settings, as ``cfg`` (the task config) asks."""
     options = FastDecodingOptions(
         kv_cache_dtype=cfg.kv_cache_dtype, quantize_cross_kv=cfg.quantize_cross_kv,
-        cross_key_scale=cfg.cross_key_scale, kernels=cfg.accel_kernels,
+        key_scale=cfg.key_scale, kernels=cfg.accel_kernels,
     )
     if cfg.accel_generator != "fast":
         if options.kv_cache_dtype != "fp32" or options.quantize_cross_kv or options.kernels == "cuda":

@@ -9,9 +9,9 @@
 #   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece unigram model,
 #      fairseq-preprocess (joined dictionary), fairseq-train per config, fairseq-generate (beam 5),
 #      sacrebleu BLEU/chrF and one results table (exp/RESULTS.md)
-#   7  decoding speed: fairseq-accel-benchmark of each experiment's checkpoint on the test set (stock
-#      SequenceGenerator, the fast generator with fp32 and int8 caches, CTranslate2 for the stock
-#      transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md)
+#   7  decoding speed: fairseq-accel-benchmark of the --bench_configs checkpoints on the first
+#      --bench_sentences test sentences (stock SequenceGenerator, the fast generator with fp32 and int8
+#      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md)
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
 # longer and score higher:
@@ -30,7 +30,8 @@ nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
 gen_subset=test         # split decoded (test or valid)
-bench_sentences=200     # test sentences the stage-7 benchmark decodes (0: all)
+bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed stage 7 measures
+bench_sentences=100     # test sentences the stage-7 benchmark decodes (0: all)
 bench_args="--threads 2 --ct2-threads 1 --repeats 3"  # thread counts measured best here (see the README)
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,8 +57,8 @@ fi
 
 if in_stage 7; then
   log "Stage 7: decoding speed of each experiment on ${gen_subset} (fairseq-accel-benchmark)"
-  read -r -a config_list <<< "${configs}"
-  for config in "${config_list[@]}"; do
+  read -r -a bench_list <<< "${bench_configs}"
+  for config in "${bench_list[@]}"; do
     exp="${exp_dir}/$(basename "${config}" .yaml)"
     stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; continue; }
     # shellcheck disable=SC2086  # ${bench_args} holds several arguments
