@@ -44,7 +44,6 @@ $(VENV)/.installed: setup.py Makefile
 DEMO_NMT := egs/mini_l10n/nmt
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(DEMO_NMT)/run.sh
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(DEMO_NMT)/run.sh --stage 7
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash egs/mini_espeak/asr/run.sh
 
 test: venv
