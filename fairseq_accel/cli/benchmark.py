@@ -127,7 +127,6 @@ def _load(args) -> Tuple[object, List[torch.nn.Module]]:
 
 
 def _workload(args, batch_size: int, task, models) -> Workload:
-    task.load_dataset(args.gen_subset)
     dataset = task.dataset(args.gen_subset)
     limit = min(len(dataset), args.max_sentences or len(dataset))
     indices = list(range(limit))
@@ -316,6 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if min(args.beam, args.repeats, *args.batch_sizes, *args.threads, *args.ct2_threads) < 1:
             raise BenchmarkError("--beam, --repeats, --batch-sizes, --threads and --ct2-threads must be positive")
         task, models = _load(args)
+        task.load_dataset(args.gen_subset)  # once: every batch size batches the same sentences
         rows: List[Row] = []
         with tempfile.TemporaryDirectory() as tmp:
             for batch_size in args.batch_sizes:

@@ -305,8 +305,9 @@ class CrossAttentionMemory:
 class BeamState:
     """Everything a fast decoder keeps for one batch: the indirection and every layer's caches."""
 
-    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device):
+    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device, kernels=None):
         self.indirection = BeamIndirection(batch, beam, max_steps, device)
+        self.kernels = kernels  # the CUDA kernels module for the int8 caches, or None (torch)
         self.caches: List = []
 
     @property

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fairseq_accel.inference.beam_cache import BeamState, CrossAttentionMemory, WindowCache
 from fairseq_accel.inference.fast_decoder import (

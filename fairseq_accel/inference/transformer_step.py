@@ -68,9 +68,8 @@ class SelfAttentionStep:
         self.cache: Optional[AttentionKVCache] = None
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
-        kernels = resolve_kernels(options, device)
         self.cache = state.add(
-            AttentionKVCache(state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, kernels)
+            AttentionKVCache(state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, state.kernels)
         )
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -235,6 +234,7 @@ class FastTransformerDecoder(FastDecoder):
         balance_keys = options.key_scale == "channel" and options.kv_cache_dtype == "int8"
         self.layers = [TransformerLayerStep(layer, balance_keys) for layer in decoder.layers]
         self.output_projection = VocabularyProjection(decoder.output_projection)
+        self.kernels = resolve_kernels(options, decoder.embed_tokens.weight.device)  # once, not per batch and layer
         self.positions: Optional[Tensor] = None
 
     def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:
@@ -248,7 +248,7 @@ class FastTransformerDecoder(FastDecoder):
         memory = encoder_out["encoder_out"][0]
         padding = encoder_out["encoder_padding_mask"][0] if encoder_out.get("encoder_padding_mask") else None
         weight = self.decoder.embed_tokens.weight
-        self.state = BeamState(memory.size(1), beam, max_steps, weight.device)
+        self.state = BeamState(memory.size(1), beam, max_steps, weight.device, self.kernels)
         self.positions = self._position_table(max_steps, weight.device)
         for layer in self.layers:
             layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device)
