@@ -3,6 +3,10 @@
 The corpus is a deterministic toy "translation": each source word ``s<i>`` maps to a target word
 ``t<j>`` through a fixed permutation, and the target sentence is the mapped words in reverse
 order. A small transformer learns it, so tests can train, decode and score in seconds on a CPU.
+
+Under ``CI=true`` (``.ci/run`` sets it) a skipped test fails instead, unless it is marked ``gpu``: a
+missing tool (espeak-ng, g++, cupy/NVRTC, sacremoses, the gettext catalogs) must break CI, not hide
+the tests that need it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER_DIR = REPO_ROOT / "user_dir"
@@ -66,6 +72,17 @@ def write_toy_corpus(folder: Path, seed: int = TOY_SEED) -> Path:
         (folder / f"{split}.src").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
         (folder / f"{split}.tgt").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
     return folder
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI=true, turn the skip of a test not marked ``gpu`` into a failure that says why."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and item.get_closest_marker("gpu") is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where only GPU tests may skip: {reason}"
 
 
 def cli_env(env: Optional[Mapping[str, Optional[str]]] = None) -> Dict[str, str]:
