@@ -4,8 +4,9 @@
 Python runs its one line (import this module, if it can be found) at every interpreter start. So
 this module is stdlib-only and at start does nothing but put a finder on ``sys.meta_path`` (~2 ms).
 Only when a process imports ``fairseq.checkpoint_utils`` does it load
-``fairseq_accel/checkpoint_compat.py`` (the weights-only allowlist and the one-line load errors),
-without importing the rest of the plugin: models are still registered only by ``--user-dir``.
+``fairseq_accel/compat/checkpoint_loading.py`` and the compat modules it imports, by path, and call
+its ``install()`` (the per-load weights-only allowlist, trust and the one-line load errors), without
+importing the rest of the plugin: models are still registered only by ``--user-dir``.
 Any failure here becomes a warning; fairseq then behaves as stock.
 """
 import importlib.util
@@ -13,28 +14,56 @@ import os
 import sys
 
 _TRIGGER = "fairseq.checkpoint_utils"
-_COMPAT = "fairseq_accel.checkpoint_compat"
+_PACKAGE = "fairseq_accel"
+_COMPAT_PACKAGE = "fairseq_accel.compat"
+#: The compat modules checkpoint loading needs, each after the ones it imports (they import each
+#: other only as ``from fairseq_accel.compat.<module> import <name>``, which finds a module already
+#: in ``sys.modules`` without running the packages' ``__init__``).
+_COMPAT_MODULES = ("pickle_globals", "checkpoint_files", "checkpoint_trust", "checkpoint_loading")
+_CHECKPOINT_LOADING = f"{_COMPAT_PACKAGE}.checkpoint_loading"
 
 
-def _load_checkpoint_compat() -> None:
-    """Execute fairseq_accel/checkpoint_compat.py as ``fairseq_accel.checkpoint_compat``.
+def _compat_folder() -> str:
+    """The folder of ``fairseq_accel.compat``, found without importing ``fairseq_accel``."""
+    package = importlib.util.find_spec(_PACKAGE)
+    folders = list(package.submodule_search_locations or []) if package else []
+    for folder in folders:
+        compat = os.path.join(folder, "compat")
+        if all(os.path.isfile(os.path.join(compat, f"{name}.py")) for name in _COMPAT_MODULES):
+            return compat
+    raise ImportError(f"no {_PACKAGE}/compat folder with {', '.join(_COMPAT_MODULES)} in {folders}")
 
-    The package's ``__init__`` is skipped on purpose (it imports all of fairseq and registers the
-    plugin's models); a later ``import fairseq_accel`` reuses this module from ``sys.modules``.
-    """
-    if _COMPAT in sys.modules:
-        return
-    try:
-        package = importlib.util.find_spec("fairseq_accel")
-        folders = list(package.submodule_search_locations or []) if package else []
-        paths = [os.path.join(f, "checkpoint_compat.py") for f in folders]
-        path = next(p for p in paths if os.path.isfile(p))
-        spec = importlib.util.spec_from_file_location(_COMPAT, path)
+
+def _load_compat_modules(loaded: list[str]) -> None:
+    """Execute the compat modules in dependency order, each registered in ``sys.modules`` under its
+    real name first; a module already there is reused. Appends the names it registers to ``loaded``."""
+    folder = _compat_folder()
+    for name in _COMPAT_MODULES:
+        fullname = f"{_COMPAT_PACKAGE}.{name}"
+        if fullname in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(fullname, os.path.join(folder, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[_COMPAT] = module
+        sys.modules[fullname] = module
+        loaded.append(fullname)
         spec.loader.exec_module(module)
+
+
+def _install_checkpoint_loading() -> None:
+    """Load ``fairseq_accel.compat.checkpoint_loading`` (and what it imports) and call its ``install()``.
+
+    The packages' ``__init__`` files are skipped on purpose (the plugin's imports all of fairseq and
+    registers its models); a later ``import fairseq_accel`` reuses these modules from ``sys.modules``.
+    On failure the modules registered here are removed again, so that import starts afresh.
+    """
+    loaded: list[str] = []
+    try:
+        if _CHECKPOINT_LOADING not in sys.modules:
+            _load_compat_modules(loaded)
+        sys.modules[_CHECKPOINT_LOADING].install()
     except Exception as error:  # never break `import fairseq` because of the hook
-        sys.modules.pop(_COMPAT, None)
+        for fullname in loaded:
+            sys.modules.pop(fullname, None)
         import warnings
 
         warnings.warn(
@@ -65,7 +94,7 @@ class _CheckpointUtilsFinder:
 
         def exec_module_then_patch(module):
             exec_module(module)
-            _load_checkpoint_compat()
+            _install_checkpoint_loading()
 
         try:
             spec.loader.exec_module = exec_module_then_patch
@@ -77,7 +106,7 @@ class _CheckpointUtilsFinder:
 def install() -> None:
     """Put the finder first on ``sys.meta_path`` (once, and only while fairseq is not loaded)."""
     if _TRIGGER in sys.modules:
-        _load_checkpoint_compat()
+        _install_checkpoint_loading()
     elif _CheckpointUtilsFinder not in sys.meta_path:
         sys.meta_path.insert(0, _CheckpointUtilsFinder)
 

@@ -12,7 +12,7 @@ from setuptools.command.editable_wheel import editable_wheel
 CONSOLE_SCRIPTS = [
     "fairseq-accel-prepare=fairseq_accel.cli.prepare:main",
     "fairseq-accel-profile=fairseq_accel.cli.profile:main",
-    "fairseq-accel-trust-checkpoint=fairseq_accel.checkpoint_compat:main",
+    "fairseq-accel-trust-checkpoint=fairseq_accel.compat.checkpoint_trust:main",
     "fairseq-accel-benchmark=fairseq_accel.cli.benchmark:main",
 ]
 

@@ -4,6 +4,13 @@ Importing this package registers every model, architecture, criterion and task o
 fairseq (``--user-dir user_dir`` does it from a checkout) and makes fairseq checkpoints load under
 torch >= 2.6.
 """
+import logging
+
+# fairseq's text_to_speech task (imported by `import fairseq`) logs "Please install tensorboardX" at
+# INFO on import; it says nothing about this plugin's work and would stand before every one-line error
+# of our CLIs. Only that logger is quietened.
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+
 try:
     import fairseq  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without fairseq installed
@@ -17,9 +24,17 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq 
 
 __version__ = "0.1.0"
 
-from fairseq_accel import checkpoint_compat  # noqa: E402,F401  (torch>=2.6 checkpoint loading)
+from fairseq_accel.compat import batch_tail, checkpoint_loading, s2t_config_check  # noqa: E402
+
+#: The fairseq 0.12 patches the plugin installs (fairseq_accel/compat/; importing them patches nothing).
+COMPAT_PATCHES = (
+    checkpoint_loading,  # torch>=2.6 checkpoint loading: per-load allowlist, trust, one-line errors
+    batch_tail,  # fairseq 0.12 drops a last batch that is not a multiple of --required-batch-size-multiple
+    s2t_config_check,  # clear errors for files a speech_to_text config.yaml names but that are missing
+)
+for _patch in COMPAT_PATCHES:
+    _patch.install()
+
 from fairseq_accel import models  # noqa: E402,F401  (registers models and architectures)
-from fairseq_accel.data import batch_tail_fix  # noqa: E402,F401  (fairseq 0.12 drops a last batch)
 from fairseq_accel import criterions  # noqa: E402,F401
-from fairseq_accel.data import s2t_config_check  # noqa: E402,F401  (clear errors for missing S2T data files)
 from fairseq_accel import tasks  # noqa: E402,F401  (translation_accel, speech_to_text_accel)

@@ -10,10 +10,12 @@ without ``--user-dir``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import pickle
 import pickletools
+import re
 import shutil
 import site
 import subprocess
@@ -28,8 +30,8 @@ import torch
 from conftest import REPO_ROOT, USER_DIR, cli_env, cli_output, run_cli
 
 from fairseq import checkpoint_utils
-from fairseq_accel import checkpoint_compat
-from fairseq_accel.checkpoint_compat import CheckpointLoadError
+from fairseq_accel.compat import checkpoint_loading, checkpoint_trust, pickle_globals
+from fairseq_accel.compat.checkpoint_files import CheckpointLoadError
 
 TINY_TRANSFORMER = [
     "--arch", "transformer",
@@ -73,7 +75,7 @@ def expect_load_error(result: subprocess.CompletedProcess, *fragments: str) -> s
     """The command failed and its last stderr line is our error containing every fragment."""
     assert result.returncode != 0, cli_output(result)
     line = last_line(result.stderr)
-    assert line.startswith("fairseq_accel.checkpoint_compat.CheckpointLoadError: "), cli_output(result)
+    assert re.match(r"fairseq_accel\.compat\.checkpoint_files\.Checkpoint\w*Error: ", line), cli_output(result)
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in:\n{line}"
     return line
@@ -135,7 +137,7 @@ def test_checkpoint_needs_exactly_the_allowlisted_globals(trained: Path) -> None
     assert "argparse.Namespace" in used  # cfg['model'] of the add_args-configured transformer
     assert any(name.endswith("multiarray._reconstruct") for name in used)  # --eval-bleu meters
     allowed = set(torch.serialization._weights_only_unpickler._get_allowed_globals())
-    ours = {entry.name for entry in checkpoint_compat.SAFE_GLOBALS}
+    ours = {entry.name for entry in pickle_globals.SAFE_GLOBALS}
     assert used <= allowed | ours, used - allowed - ours
 
 
@@ -222,19 +224,58 @@ def test_startup_hook_loads_without_user_dir(
     expect_load_error(refused, "model architecture 'plugin_only_arch'", f"pass --user-dir {USER_DIR}")
 
 
+COMPAT_MODULES = ("pickle_globals", "checkpoint_files", "checkpoint_trust", "checkpoint_loading")
+
+
 def test_startup_hook_is_lazy_and_registers_no_models() -> None:
-    """At start the hook only adds a finder; fairseq, torch and the plugin load when used."""
+    """At start the hook only adds a finder; fairseq, torch and the plugin load when used, and the
+    compat modules it loads by path are the very ones the plugin uses once imported."""
     code = (
         f"{HOOK}\nimport sys\n"
         "assert not {'torch', 'fairseq', 'fairseq_accel'} & set(sys.modules), sorted(sys.modules)\n"
         "import fairseq.checkpoint_utils as cu\n"
         "assert cu.load_checkpoint_to_cpu.__fairseq_accel_wrapped__\n"
         "assert 'fairseq_accel.models' not in sys.modules and 'fairseq_accel' not in sys.modules\n"
-        "import fairseq_accel, fairseq_accel.checkpoint_compat as compat\n"
-        "assert fairseq_accel.checkpoint_compat is compat is sys.modules['fairseq_accel.checkpoint_compat']\n"
+        "assert 'fairseq_accel.compat' not in sys.modules\n"
+        f"hooked = {{name: sys.modules['fairseq_accel.compat.' + name] for name in {COMPAT_MODULES!r}}}\n"
+        "import fairseq_accel, fairseq_accel.compat.checkpoint_loading as loading\n"
+        "from fairseq_accel.compat import checkpoint_files, checkpoint_trust, pickle_globals\n"
+        "assert loading is hooked['checkpoint_loading'] and fairseq_accel.COMPAT_PATCHES[0] is loading\n"
+        "assert checkpoint_trust is hooked['checkpoint_trust'] and pickle_globals is hooked['pickle_globals']\n"
+        "assert checkpoint_files is hooked['checkpoint_files']\n"
         "print('ok')\n"
     )
     result = run_cli([sys.executable, "-c", code], env={"PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), cli_output(result)
+
+
+def test_startup_hook_failure_is_one_warning_and_leaves_no_modules(tmp_path: Path) -> None:
+    """A compat module that fails to execute (here the third of four) gives one warning, fairseq stays
+    stock, and none of the modules the hook registered stays in sys.modules (not even the two
+    that executed), so a later ``import fairseq_accel`` starts afresh. The packages' ``__init__``
+    files raise if run: the hook must load the modules by path alone."""
+    package = tmp_path / "fairseq_accel"
+    (package / "compat").mkdir(parents=True)
+    for init in (package / "__init__.py", package / "compat" / "__init__.py"):
+        init.write_text("raise AssertionError('the startup hook must not run package __init__ files')\n")
+    for name in COMPAT_MODULES:
+        shutil.copy(REPO_ROOT / "fairseq_accel" / "compat" / f"{name}.py", package / "compat")
+    (package / "compat" / "checkpoint_trust.py").write_text("raise RuntimeError('broken compat module')\n")
+    code = (
+        "import sys, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    {HOOK}\n"
+        "    import fairseq.checkpoint_utils as cu\n"
+        "hook_warnings = [str(w.message) for w in caught if 'startup hook' in str(w.message)]\n"
+        "assert len(hook_warnings) == 1 and 'broken compat module' in hook_warnings[0], hook_warnings\n"
+        "assert not getattr(cu.load_checkpoint_to_cpu, '__fairseq_accel_wrapped__', False)\n"
+        "left = [name for name in sys.modules if name.startswith('fairseq_accel.')]\n"
+        "assert not left, left\n"
+        "print('ok')\n"
+    )
+    path = os.pathsep.join([str(tmp_path), str(REPO_ROOT)])  # the broken copy shadows the real package
+    result = run_cli([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": path})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), cli_output(result)
 
 
@@ -340,7 +381,7 @@ def test_unlisted_global_refused_then_loaded_once_trusted(
 
     trust = run_cli(
         [sys.executable, "-c",
-         "import sys; from fairseq_accel.checkpoint_compat import main; sys.exit(main(sys.argv[1:]))",
+         "import sys; from fairseq_accel.compat.checkpoint_trust import main; sys.exit(main(sys.argv[1:]))",
          odd],
         env={**trust_env, "PYTHONPATH": str(REPO_ROOT)},
     )
@@ -353,17 +394,21 @@ def test_unlisted_global_refused_then_loaded_once_trusted(
 
 
 def test_trust_is_bound_to_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint_compat, "_trusted_in_process", set())
+    monkeypatch.setattr(checkpoint_trust, "_trusted_in_process", {})
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     path = tmp_path / "odd.pt"
     torch.save({"model": {}, "corpus": pathlib.PurePosixPath("/data/corpus")}, path)
-    assert not checkpoint_compat.is_trusted(str(path))
-    checkpoint_compat.trust_checkpoint(str(path), persist=True)
-    monkeypatch.setattr(checkpoint_compat, "_trusted_in_process", set())  # a new process
-    assert checkpoint_compat.is_trusted(str(path))
-    assert checkpoint_compat.trust_store_path().is_file()
+
+    def recorded() -> Optional[checkpoint_trust.TrustEntry]:
+        return checkpoint_trust.trust_entry(hashlib.sha256(path.read_bytes()).hexdigest())
+
+    assert recorded() is None
+    checkpoint_trust.trust_checkpoint(str(path), persist=True)
+    monkeypatch.setattr(checkpoint_trust, "_trusted_in_process", {})  # a new process
+    assert recorded().allowed == {"pathlib.PurePosixPath"}
+    assert checkpoint_trust.trust_store_path().is_file()
     torch.save({"model": {}, "corpus": pathlib.PurePosixPath("/data/other")}, path)
-    assert not checkpoint_compat.is_trusted(str(path))  # changed content: trust is void
+    assert recorded() is None  # changed content: trust is void
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,9 +425,8 @@ def test_weights_only_still_refuses_arbitrary_globals(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The plugin is imported (module level) and torch.load keeps refusing code-running pickles."""
-    monkeypatch.setattr(checkpoint_compat, "_trusted_in_process", set())
+    monkeypatch.setattr(checkpoint_trust, "_trusted_in_process", {})
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    assert checkpoint_compat.SAFE_GLOBALS  # imported and registered
     calls_os = tmp_path / "os_system.pt"
     torch.save({"model": {}, "hook": os.system}, calls_os)
     runs_code = tmp_path / "runs_code.pt"
@@ -398,46 +442,51 @@ def test_weights_only_still_refuses_arbitrary_globals(
 
     with pytest.raises(CheckpointLoadError, match=r"references posix\.system|references nt\.system"):
         checkpoint_utils.load_checkpoint_to_cpu(str(calls_os))
-    checkpoint_compat.trust_checkpoint(str(calls_os))  # trust never unblocks os/sys
+    with pytest.raises(CheckpointLoadError, match="torch never unpickles"):  # trust never unblocks os/sys
+        checkpoint_trust.trust_checkpoint(str(calls_os), allow_code_execution=True)
     with pytest.raises(CheckpointLoadError, match="torch never unpickles"):
         checkpoint_utils.load_checkpoint_to_cpu(str(calls_os))
-    with pytest.raises(CheckpointLoadError, match=r"builtins\.print.*fairseq-accel-trust-checkpoint"):
+    with pytest.raises(CheckpointLoadError, match=r"CAN EXECUTE CODE.*builtins\.print"):
         checkpoint_utils.load_checkpoint_to_cpu(str(runs_code))
     assert "unpickling ran code" not in capsys.readouterr().out
 
 
 def test_fairseq_loaders_are_wrapped() -> None:
     """Fails loudly if a fairseq release renames the functions we wrap."""
-    for name in ("load_checkpoint_to_cpu", "load_model_ensemble_and_task", "_upgrade_state_dict"):
+    for name in ("load_checkpoint_to_cpu", "load_model_ensemble_and_task", "_upgrade_state_dict", "load_checkpoint"):
         assert getattr(getattr(checkpoint_utils, name), "__fairseq_accel_wrapped__", False), name
-    checkpoint_compat.install()  # idempotent: no double wrapping
+    checkpoint_loading.install()  # idempotent: no double wrapping
     wrapped = checkpoint_utils.load_checkpoint_to_cpu
     assert not getattr(wrapped.__wrapped__, "__fairseq_accel_wrapped__", False)
 
 
 def test_allowlist_is_explicit_and_documented() -> None:
-    names = [entry.name for entry in checkpoint_compat.SAFE_GLOBALS]
+    names = [entry.name for entry in pickle_globals.SAFE_GLOBALS]
     assert len(names) == len(set(names))
     assert {"argparse.Namespace", "numpy.ndarray", "numpy.dtype",
             "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
             "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"} <= set(names)
-    assert all(entry.reason for entry in checkpoint_compat.SAFE_GLOBALS)
+    assert all(entry.reason for entry in pickle_globals.SAFE_GLOBALS)
     assert not any(name.split(".")[0] in {"builtins", "os", "sys", "subprocess"} for name in names)
-    assert all(isinstance(entry.obj, type) or callable(entry.obj) for entry in checkpoint_compat.SAFE_GLOBALS)
+    assert all(isinstance(entry.obj, type) or callable(entry.obj) for entry in pickle_globals.SAFE_GLOBALS)
 
 
 def test_numpy_values_load_weights_only(tmp_path: Path) -> None:
+    """The numpy values fairseq meters hold load through the plugin's loader (torch.load alone
+    refuses them: the allowlist is applied per fairseq load, not globally)."""
     import numpy as np
 
     path = tmp_path / "numpy.pt"
     values = {"counts": np.array([9, 0, 0, 0]), "score": np.float64(0.5), "n": np.int32(3),
               "half": np.zeros(2, dtype=np.float16), "flag": np.bool_(True)}
     torch.save(values, path)
-    loaded = torch.load(path, weights_only=True)
+    loaded = checkpoint_loading.read_checkpoint(str(path))
     assert loaded["counts"].tolist() == [9, 0, 0, 0] and loaded["score"] == 0.5
-    torch.save({"objects": np.array([1, "x"], dtype=object)}, path)
-    with pytest.raises(pickle.UnpicklingError):  # object arrays are not allowlisted
+    with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
+    torch.save({"objects": np.array([1, "x"], dtype=object)}, path)
+    with pytest.raises(CheckpointLoadError, match="not loaded"):  # object arrays are not allowlisted
+        checkpoint_loading.read_checkpoint(str(path))
 
 
 def test_legacy_args_checkpoint_with_unregistered_arch(tmp_path: Path) -> None:
@@ -459,3 +508,44 @@ def test_folder_and_garbage_paths(trained: Path, tmp_path: Path) -> None:
         checkpoint_utils.load_checkpoint_to_cpu(str(garbage))
     with pytest.raises(CheckpointLoadError, match="the folder .*missing_dir does not exist"):
         checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "missing_dir" / "x.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 9: corrupt data.pkl, an explicit --restore-file that is not a file, a dictionary size mismatch.
+# ----------------------------------------------------------------------------------------------
+def test_zeroed_region_in_data_pkl_is_corrupt(trained: Path, tmp_path: Path) -> None:
+    data = bytearray((trained / "checkpoint_last.pt").read_bytes())
+    with zipfile.ZipFile(trained / "checkpoint_last.pt") as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # local header size
+    data[start + 40: start + 90] = bytes(50)
+    zeroed = tmp_path / "zeroed.pt"
+    zeroed.write_bytes(bytes(data))
+    with pytest.raises(CheckpointLoadError, match=r"is truncated or corrupt: its pickle data is damaged"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(zeroed))
+
+
+@pytest.mark.parametrize("kind", ["mistyped", "folder"])
+def test_explicit_restore_file_must_exist(kind: str, trained: Path, tiny_translation_data: Path,
+                                          tmp_path: Path) -> None:
+    restore = trained / "checkpoint_lats.pt" if kind == "mistyped" else trained
+    result = run_cli(
+        ["fairseq-train", tiny_translation_data, *TINY_TRANSFORMER, *FAST_TRAIN, "--max-update", "1",
+         "--save-dir", tmp_path / "save", "--user-dir", USER_DIR, "--restore-file", restore],
+        env=NO_UNSAFE_ENV,
+    )
+    what = "does not exist" if kind == "mistyped" else "is a folder"
+    expect_load_error(result, f"--restore-file {restore} {what}", "checkpoint_last.pt")
+    assert not (tmp_path / "save" / "checkpoint_last.pt").exists()  # nothing was trained
+
+
+def test_dictionary_size_mismatch_is_one_line(trained: Path, tiny_translation_data: Path, tmp_path: Path) -> None:
+    bigger = tmp_path / "data-bin"
+    shutil.copytree(tiny_translation_data, bigger)
+    for name in ("dict.src.txt", "dict.tgt.txt"):  # joined dictionary: both grow the same way
+        with open(bigger / name, "a", encoding="utf-8") as f:
+            f.write("".join(f"extra{i} 1\n" for i in range(8)))
+    result = generate(bigger, trained / "checkpoint_last.pt")
+    line = expect_load_error(result, str(trained / "checkpoint_last.pt"), "embed_tokens.weight",
+                             "in the checkpoint but", "likely cause: the dictionary used now has")
+    assert "size mismatch" not in result.stderr.replace(line, ""), cli_output(result)  # no raw torch error

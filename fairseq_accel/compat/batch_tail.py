@@ -3,7 +3,7 @@
 ``fairseq.data.data_utils.batch_by_size`` ends with ``if bsz_mult > 1 and len(b[-1]) % bsz_mult != 0:
 b = b[:-1]``: with the default ``--required-batch-size-multiple 8`` the final batch of every epoch, of
 validation and of ``fairseq-generate`` is silently thrown away when its size is not a multiple of 8, so a
-test set is scored on up to 7 sentences fewer than it has (fairseq issue #5036). The plugin wraps the
+test set is scored on up to 7 sentences fewer than it has (fairseq issue #5036). :func:`install` wraps the
 function to append the dropped tail as one more batch; all other batches are left exactly as fairseq
 makes them.
 """
@@ -31,5 +31,7 @@ def keep_last_batch(batch_by_size: Callable[..., List[np.ndarray]]) -> Callable[
     return wrapper
 
 
-if not getattr(data_utils.batch_by_size, "keeps_last_batch", False):
-    data_utils.batch_by_size = keep_last_batch(data_utils.batch_by_size)
+def install() -> None:
+    """Wrap ``data_utils.batch_by_size`` once (a second call leaves it as it is)."""
+    if not getattr(data_utils.batch_by_size, "keeps_last_batch", False):
+        data_utils.batch_by_size = keep_last_batch(data_utils.batch_by_size)

@@ -2,7 +2,7 @@
 
 Stock fairseq 0.12.3 finds out late and obscurely: a missing ``global_cmvn.stats_npz_path`` fails inside
 ``numpy.load`` while the first dataset is built, a missing sentencepiece model inside sentencepiece.
-Importing this module (``fairseq_accel`` does, so ``--user-dir user_dir`` is enough) wraps
+:func:`install` (``fairseq_accel`` calls it, so ``--user-dir user_dir`` is enough) wraps
 ``SpeechToTextTask.setup_task`` -- which every command building the stock task or a subclass goes
 through, before any data is read -- so that it first runs :func:`check_s2t_data_config`. That raises
 one ``FileNotFoundError`` naming ``config.yaml``, each field with a missing file, and the path.
@@ -54,8 +54,8 @@ def check_s2t_data_config(config_path: Path, data_root: Path) -> None:
         raise FileNotFoundError(f"{config_path} names missing files: {listed}")
 
 
-def _install() -> None:
-    """Wrap ``SpeechToTextTask.setup_task`` once (a second import or a reload leaves it as it is)."""
+def install() -> None:
+    """Wrap ``SpeechToTextTask.setup_task`` once (a second call leaves it as it is)."""
     stock = SpeechToTextTask.setup_task.__func__
     if getattr(stock, "checks_data_files", False):
         return
@@ -68,6 +68,3 @@ def _install() -> None:
 
     setup_task.checks_data_files = True
     SpeechToTextTask.setup_task = classmethod(setup_task)
-
-
-_install()
