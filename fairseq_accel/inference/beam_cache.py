@@ -16,12 +16,30 @@ keys/values once per *beam*. Here (the cache-indirection scheme of FasterTransfo
 Row order is fairseq's: row ``b * beam + i`` is hypothesis ``i`` of sentence ``b``.
 """
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 KV_CACHE_DTYPES = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class CacheBytes:
+    """Bytes of decoder state by kind: self-attention keys/values, cross-attention keys/values, and the
+    input windows of causal convolutions / FSMN memories."""
+
+    self_attention: float = 0
+    cross_attention: float = 0
+    window: float = 0
+
+    def __add__(self, other: "CacheBytes") -> "CacheBytes":
+        return CacheBytes(self.self_attention + other.self_attention, self.cross_attention + other.cross_attention,
+                          self.window + other.window)
+
+    def __mul__(self, factor: float) -> "CacheBytes":
+        return CacheBytes(self.self_attention * factor, self.cross_attention * factor, self.window * factor)
 
 
 def quantize_int8(x: Tensor, dim: int = -1) -> Tuple[Tensor, Tensor]:
@@ -146,13 +164,13 @@ class AttentionKVCache:
 
     def __init__(
         self, indirection: BeamIndirection, heads: int, head_dim: int, dtype: str, compute_dtype: torch.dtype,
-        device: torch.device, cuda_kernels=None,
+        device: torch.device, kernels=None,
     ):
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
         self.indirection = indirection
         self.dtype = dtype
-        self.kernels = cuda_kernels if dtype == "int8" else None
+        self.kernels = kernels if dtype == "int8" else None  # the CUDA kernels serve the int8 cache only
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
         # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
@@ -210,12 +228,10 @@ class AttentionKVCache:
             self.key_scale = keep_rows(self.key_scale, sentences, 2, steps)
             self.value_scale = keep_rows(self.value_scale, sentences, 2, steps)
 
-    kind = "self_attention"
-
-    def bytes_per_sentence(self, steps: int) -> int:
+    def bytes_per_sentence(self, steps: int) -> CacheBytes:
         """Bytes a sentence's ``steps`` decoded steps occupy (all beams; keys, values and scales)."""
         tensors = [self.keys, self.values, self.key_scale, self.value_scale]
-        return sum(t[0, :, 0].numel() * t.element_size() * steps for t in tensors if t is not None)
+        return CacheBytes(self_attention=sum(t[0, :, 0].numel() * t.element_size() * steps for t in tensors if t is not None))
 
 
 class WindowCache:
@@ -246,11 +262,9 @@ class WindowCache:
     def keep(self, sentences: Tensor) -> None:
         self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step)
 
-    kind = "window"
-
-    def bytes_per_sentence(self, steps: int) -> int:
+    def bytes_per_sentence(self, steps: int) -> CacheBytes:
         """The state proper: the last ``width`` inputs of every beam."""
-        return self.width * self.inputs[0, 0].numel() * self.inputs.element_size()
+        return CacheBytes(window=self.width * self.inputs[0, 0].numel() * self.inputs.element_size())
 
 
 class CrossAttentionMemory:
@@ -295,11 +309,9 @@ class CrossAttentionMemory:
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, sentences))
 
-    kind = "cross_attention"
-
-    def bytes_per_sentence(self, steps: int) -> int:
+    def bytes_per_sentence(self, steps: int) -> CacheBytes:
         tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.query_scale]
-        return sum(t[0].numel() * t.element_size() for t in tensors if t is not None)
+        return CacheBytes(cross_attention=sum(t[0].numel() * t.element_size() for t in tensors if t is not None))
 
 
 class BeamState:
@@ -327,10 +339,6 @@ class BeamState:
     def advance(self, parents: Tensor) -> None:
         self.indirection.advance(parents)
 
-    def bytes_per_sentence(self, steps: int) -> Dict[str, int]:
-        """Bytes one sentence decoded for ``steps`` steps holds (all beams), by kind of cache:
-        ``self_attention`` and ``cross_attention`` keys/values, convolution/FSMN ``window``s."""
-        totals = {"self_attention": 0, "cross_attention": 0, "window": 0}
-        for cache in self.caches:
-            totals[cache.kind] += cache.bytes_per_sentence(steps)
-        return totals
+    def bytes_per_sentence(self, steps: int) -> CacheBytes:
+        """Bytes one sentence decoded for ``steps`` steps holds (all beams), by kind of cache."""
+        return sum((cache.bytes_per_sentence(steps) for cache in self.caches), CacheBytes())

@@ -1,10 +1,13 @@
 """The interface a decoder implements to run under the fast generator, and the registry of those that do.
 
-A fairseq incremental decoder opts in either with a method ``build_fast_decoder(options) -> FastDecoder``
-or by registering a builder for its exact class with ``@register_fast_decoder(DecoderClass)``. Exact
-classes, not subclasses: a subclass may change the maths, and a wrong fast step must not run silently.
+A fairseq incremental decoder opts in either with a method ``build_fast_decoder(options, kernels) ->
+FastDecoder`` or by registering a builder for its exact class with ``@register_fast_decoder(DecoderClass)``.
+Exact classes, not subclasses: a subclass may change the maths, and a wrong fast step must not run silently.
+``kernels`` is the kernel backend, resolved once by the generator builder (:func:`resolve_kernels`): the
+CUDA kernels module, or None for the torch path.
 """
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -25,13 +28,13 @@ class FastDecodingOptions:
     kv_cache_dtype: str = "fp32"  # self-attention K/V cache: fp32, fp16 or int8
     quantize_cross_kv: bool = False  # store cross-attention K/V in kv_cache_dtype too
     key_scale: str = "token"  # int8 keys: per token, or per channel too (see AccelGenerationConfig.key_scale)
-    kernels: str = "auto"  # auto: CUDA kernels when on CUDA and cupy is installed; torch; cuda (required)
+    kernel_choice: str = "auto"  # auto: CUDA kernels when on CUDA and cupy is installed; torch; cuda (required)
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"--accel-kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.kernel_choice not in KERNEL_CHOICES:
+            raise ValueError(f"--accel-kernels must be one of {KERNEL_CHOICES}, got {self.kernel_choice!r}")
 
     @property
     def cross_kv_dtype(self) -> str:
@@ -67,7 +70,7 @@ class FastDecoder:
         return True
 
 
-FastDecoderBuilder = Callable[[nn.Module, FastDecodingOptions], FastDecoder]
+FastDecoderBuilder = Callable[[nn.Module, FastDecodingOptions, Optional[ModuleType]], FastDecoder]
 _BUILDERS: Dict[type, FastDecoderBuilder] = {}
 
 
@@ -81,14 +84,15 @@ def register_fast_decoder(decoder_class: type) -> Callable[[FastDecoderBuilder],
     return register
 
 
-def build_fast_decoder(decoder: nn.Module, options: FastDecodingOptions) -> FastDecoder:
-    """The fast decoder of ``decoder``, or ``FastDecodingUnsupported`` saying why there is none."""
+def build_fast_decoder(decoder: nn.Module, options: FastDecodingOptions, kernels: Optional[ModuleType] = None) -> FastDecoder:
+    """The fast decoder of ``decoder`` on the ``kernels`` backend, or ``FastDecodingUnsupported`` saying why
+    there is none."""
     if hasattr(decoder, "build_fast_decoder"):
-        return decoder.build_fast_decoder(options)
+        return decoder.build_fast_decoder(options, kernels)
     builder = _BUILDERS.get(type(decoder))
     if builder is None:
         raise FastDecodingUnsupported(f"decoder {type(decoder).__name__} has no fast decoding step")
-    return builder(decoder, options)
+    return builder(decoder, options, kernels)
 
 
 class VocabularyProjection:
@@ -109,17 +113,17 @@ def layer_norm(x: Tensor, norm: nn.Module) -> Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def resolve_kernels(options: FastDecodingOptions, device: torch.device):
+def resolve_kernels(kernel_choice: str, device: torch.device) -> Optional[ModuleType]:
     """The CUDA kernels module to use on ``device``, or None for the torch path.
 
     ``--accel-kernels cuda`` without cupy or a CUDA device is an error; ``auto`` uses the kernels when the
     decoder runs on CUDA and cupy is installed.
     """
-    if options.kernels == "torch":
+    if kernel_choice == "torch":
         return None
     from fairseq_accel.inference import cuda_kernels
 
-    if options.kernels == "cuda":
+    if kernel_choice == "cuda":
         cuda_kernels.require_cuda_kernels(device)
         return cuda_kernels
     return cuda_kernels if cuda_kernels.cuda_kernels_available(device) else None

@@ -9,15 +9,34 @@ per-step reordering of the encoder output. The generator is built from a stock `
 (``from_stock``) and takes every search setting from it.
 """
 import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 from torch import Tensor, nn
 
+from fairseq_accel.inference.beam_cache import CacheBytes
 from fairseq_accel.inference.fast_decoder import FastDecoder
 
 Hypothesis = Dict[str, Tensor]
+
+
+@dataclass
+class CacheStats:
+    """Decoder cache bytes of every decoded sentence (each for its own length), summed, and how many
+    sentences that covers: what ``fairseq-accel-benchmark`` reports per sentence."""
+
+    sentences: int = 0
+    total: CacheBytes = field(default_factory=CacheBytes)
+
+    def record(self, sentences: int, per_sentence: CacheBytes) -> None:
+        self.sentences += sentences
+        self.total = self.total + per_sentence * sentences
+
+    def per_sentence(self) -> Optional[CacheBytes]:
+        """Mean bytes per decoded sentence, or None before any sentence was decoded."""
+        return self.total * (1 / self.sentences) if self.sentences else None
 
 
 class FastSequenceGenerator(nn.Module):
@@ -25,10 +44,12 @@ class FastSequenceGenerator(nn.Module):
     ``generate``); one model, beam search."""
 
     def __init__(self, stock: SequenceGenerator, model: nn.Module, decoder: FastDecoder, kernels=None):
+        """``kernels``: the CUDA kernels module (fused log-softmax + top-k) the decoder was built with, or
+        None for the torch path."""
         super().__init__()
         self.model = model
         self.fast_decoder = decoder
-        self.kernels = kernels  # CUDA kernels module for the fused log-softmax + top-k, or None
+        self.kernels = kernels
         self.tgt_dict = stock.tgt_dict
         self.pad, self.unk, self.eos = stock.pad, stock.unk, stock.eos
         self.symbols_to_strip_from_output = stock.symbols_to_strip_from_output
@@ -39,8 +60,7 @@ class FastSequenceGenerator(nn.Module):
         self.normalize_scores, self.len_penalty = stock.normalize_scores, stock.len_penalty
         self.unk_penalty, self.temperature = stock.unk_penalty, stock.temperature
         self.repeat_ngram_blocker = stock.repeat_ngram_blocker
-        # decoder cache bytes of every decoded sentence (for its own length), summed, by kind
-        self.cache_stats = {"sentences": 0, "self_attention_bytes": 0, "cross_attention_bytes": 0, "window_bytes": 0}
+        self.cache_stats = CacheStats()
         self.model.eval()
 
     @torch.no_grad()  # not inference_mode: fairseq-generate edits the returned tensors in place
@@ -144,14 +164,8 @@ class _BeamSearch:
             sentence for sentence in sorted(set(sentences))
             if len(self.finalized[self.sentence_ids[sentence]]) == beam or step == self.max_len
         ]
-        self._count_cache_bytes(len(finished), step + 1)
+        self.gen.cache_stats.record(len(finished), self.gen.fast_decoder.state.bytes_per_sentence(step + 1))
         return finished
-
-    def _count_cache_bytes(self, sentences: int, steps: int) -> None:
-        stats = self.gen.cache_stats
-        stats["sentences"] += sentences
-        for kind, size in self.gen.fast_decoder.state.bytes_per_sentence(steps).items():
-            stats[f"{kind}_bytes"] += sentences * size
 
     def _keep_sentences(self, keep: Tensor) -> None:
         """Finished sentences leave the batch (and the decoder's caches)."""

@@ -4,6 +4,7 @@ Its only state is each layer's causal FSMN window (the last K inputs, a ``Window
 beam indirection) and the cross-attention keys/values, computed once per sentence. It has no
 self-attention, so there is no K/V cache for ``--kv-cache-dtype`` to store.
 """
+from types import ModuleType
 from typing import Dict, List, Optional
 
 import torch
@@ -23,7 +24,7 @@ from fairseq_accel.modules.sanm_attention import CausalFSMN, DecoderFeedForward,
 
 
 def _feed_forward(ffn: DecoderFeedForward, x: Tensor) -> Tensor:
-    hidden = torch.relu(F.linear(x, ffn.w_1.weight, ffn.w_1.bias))
+    hidden = ffn.activation_fn(F.linear(x, ffn.w_1.weight, ffn.w_1.bias))
     return F.linear(layer_norm(hidden, ffn.norm), ffn.w_2.weight)
 
 
@@ -95,10 +96,11 @@ class SANMLayerStep:
 class FastSANMDecoder(FastDecoder):
     """``SANMDecoder.extract_features`` + output projection for one token per hypothesis."""
 
-    def __init__(self, decoder: SANMDecoder, options: FastDecodingOptions):
+    def __init__(self, decoder: SANMDecoder, options: FastDecodingOptions, kernels: Optional[ModuleType] = None):
+        """``kernels`` is accepted for the builder interface; this decoder has no cache the kernels serve."""
         self.decoder = decoder
         self.options = options
-        self.layers = [SANMLayerStep(layer) for layer in [*decoder.decoders, *decoder.decoders3]]
+        self.layers = [SANMLayerStep(layer) for layer in [*decoder.decoders, decoder.final_ffn]]
         self.output_projection = VocabularyProjection(decoder.output_projection)
 
     def has_self_attention_cache(self) -> bool:

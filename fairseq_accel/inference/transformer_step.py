@@ -6,6 +6,7 @@ and value projections of self-attention are concatenated once into one matmul wi
 folded in) and runs one token per hypothesis through the same computation as
 ``TransformerDecoderLayerBase.forward`` in incremental mode.
 """
+from types import ModuleType
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -23,7 +24,6 @@ from fairseq_accel.inference.fast_decoder import (
     VocabularyProjection,
     layer_norm,
     register_fast_decoder,
-    resolve_kernels,
 )
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
 from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
@@ -224,7 +224,7 @@ class TransformerLayerStep:
 class FastTransformerDecoder(FastDecoder):
     """``TransformerDecoderBase.extract_features`` + ``output_layer`` for one token per hypothesis."""
 
-    def __init__(self, decoder: TransformerDecoderBase, options: FastDecodingOptions):
+    def __init__(self, decoder: TransformerDecoderBase, options: FastDecodingOptions, kernels: Optional[ModuleType] = None):
         if decoder.adaptive_softmax is not None:
             raise FastDecodingUnsupported("the decoder uses an adaptive softmax")
         if decoder.quant_noise is not None:
@@ -234,7 +234,7 @@ class FastTransformerDecoder(FastDecoder):
         balance_keys = options.key_scale == "channel" and options.kv_cache_dtype == "int8"
         self.layers = [TransformerLayerStep(layer, balance_keys) for layer in decoder.layers]
         self.output_projection = VocabularyProjection(decoder.output_projection)
-        self.kernels = resolve_kernels(options, decoder.embed_tokens.weight.device)  # once, not per batch and layer
+        self.kernels = kernels  # for the int8 self-attention cache
         self.positions: Optional[Tensor] = None
 
     def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:

@@ -13,7 +13,6 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.search import BeamSearch
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_accel.inference import sanm_step, transformer_step  # noqa: F401  (register the fast decoders)
 from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES
 from fairseq_accel.inference.fast_decoder import (
     KERNEL_CHOICES,
@@ -85,25 +84,47 @@ def _stock_only_reason(stock, models: List) -> Optional[str]:
     return None
 
 
+def _check_fast_only_options(cfg) -> None:
+    """Options that only mean something to the fast generator, or only with a quantized cache, are
+    rejected where they would be ignored (one line naming each such option and the fix)."""
+    if cfg.accel_generator != "fast":
+        given = [name for name, value in (
+            ("--kv-cache-dtype", cfg.kv_cache_dtype != "fp32"), ("--quantize-cross-kv", cfg.quantize_cross_kv),
+            ("--key-scale", cfg.key_scale != "token"), ("--accel-kernels", cfg.accel_kernels != "auto"),
+            ("--no-accel-fallback", cfg.no_accel_fallback),
+        ) if value]
+        if given:
+            raise AccelGenerationError(f"{', '.join(given)} apply to the fast generator: add --accel-generator fast")
+    elif cfg.kv_cache_dtype == "fp32":
+        given = [name for name, value in (
+            ("--quantize-cross-kv", cfg.quantize_cross_kv), ("--key-scale channel", cfg.key_scale != "token"),
+        ) if value]
+        if given:
+            raise AccelGenerationError(
+                f"{', '.join(given)} apply to a quantized cache: add --kv-cache-dtype int8 (or fp16 for --quantize-cross-kv)"
+            )
+    elif cfg.kv_cache_dtype == "fp16" and cfg.key_scale != "token":
+        raise AccelGenerationError("--key-scale channel sets int8 key scales: use --kv-cache-dtype int8")
+
+
 def build_accel_generator(stock, models: List, cfg) -> object:
-    """``stock`` itself, or the fast generator built from its settings, as ``cfg`` (the task config) asks."""
+    """``stock`` itself, or the fast generator built from its settings, as ``cfg`` (the task config) asks.
+
+    The kernel backend is resolved here, once, and handed to the fast decoder and the generator."""
+    _check_fast_only_options(cfg)
+    if cfg.accel_generator != "fast":
+        return stock
     options = FastDecodingOptions(
         kv_cache_dtype=cfg.kv_cache_dtype, quantize_cross_kv=cfg.quantize_cross_kv,
-        key_scale=cfg.key_scale, kernels=cfg.accel_kernels,
+        key_scale=cfg.key_scale, kernel_choice=cfg.accel_kernels,
     )
-    if cfg.accel_generator != "fast":
-        if options.kv_cache_dtype != "fp32" or options.quantize_cross_kv or options.kernels == "cuda":
-            raise AccelGenerationError(
-                "--kv-cache-dtype, --quantize-cross-kv and --accel-kernels cuda apply to the fast generator: "
-                "add --accel-generator fast"
-            )
-        return stock
     try:
         reason = _stock_only_reason(stock, models)
         if reason is not None:
             raise FastDecodingUnsupported(reason)
         model = models[0]
-        decoder = build_fast_decoder(model.decoder, options)
+        kernels = resolve_kernels(options.kernel_choice, next(model.parameters()).device)
+        decoder = build_fast_decoder(model.decoder, options, kernels)
     except FastDecodingUnsupported as unsupported:
         if cfg.no_accel_fallback:
             raise AccelGenerationError(f"--accel-generator fast cannot decode this: {unsupported} (--no-accel-fallback)")
@@ -115,8 +136,7 @@ def build_accel_generator(stock, models: List, cfg) -> object:
             "key/value cache, so there is nothing to store in it; add --quantize-cross-kv to store its "
             "cross-attention keys/values that way"
         )
-    kernels = resolve_kernels(options, next(model.parameters()).device)
-    return FastSequenceGenerator(stock, model, decoder, kernels=kernels)
+    return FastSequenceGenerator(stock, model, decoder, kernels)
 
 
 class AccelGenerationMixin:
