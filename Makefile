@@ -27,6 +27,15 @@ system-deps:
 	else \
 		echo "espeak-ng is missing (needed by fairseq-accel-prepare espeak): sudo apt-get install espeak-ng"; \
 	fi
+	@# German gettext catalogs for the mini NMT corpus (the tests need >= 20); each package ships some
+	@if [ "$$(ls /usr/share/locale/de/LC_MESSAGES/*.mo 2>/dev/null | wc -l)" -lt 20 ]; then \
+		packages="iso-codes libc-l10n postgresql-client git make wget binutils man-db procps"; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update && apt-get install -y $$packages; \
+		else \
+			echo "fewer than 20 German gettext catalogs in /usr/share/locale/de/LC_MESSAGES: sudo apt-get install $$packages"; \
+		fi; \
+	fi
 
 venv: system-deps $(VENV)/.installed
 

@@ -3,6 +3,7 @@ mini recipe on freshly synthesized speech, and the AISHELL-1 recipe on a fixture
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import yaml
@@ -14,7 +15,51 @@ TINY_TRAIN = "--max-update 2 --max-tokens 4000 --cpu --num-workers 0"
 TINY_DECODE = "--beam 2 --max-len-a 0 --max-len-b 5 --cpu"
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def levenshtein(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Substitutions + deletions + insertions turning ``reference`` into ``hypothesis`` (own DP, so the
+    check does not share code with the recipe's scorer)."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref_item in enumerate(reference, 1):
+        current = [i]
+        for j, hyp_item in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_item != hyp_item)))
+        previous = current
+    return previous[-1]
+
+
+def error_rate(references: List[str], hypotheses: List[str], units: Callable[[str], Sequence[str]]) -> float:
+    """Corpus-level error rate in percent: all edits over all reference units."""
+    edits = sum(levenshtein(units(ref), units(hyp)) for ref, hyp in zip(references, hypotheses))
+    return 100 * edits / sum(len(units(ref)) for ref in references)
+
+
+def words(text: str) -> List[str]:
+    return text.split()
+
+
+def characters(text: str) -> List[str]:
+    return list(text.replace(" ", ""))
+
+
+def check_results(exp_dir: Path, subset: str, experiments: List[str]) -> List[Dict[str, object]]:
+    """RESULTS.json and RESULTS.md hold one row per experiment, in order, whose WER and CER equal the
+    rates recomputed here from the hypotheses and references the decoding stage wrote."""
+    rows = json.loads((exp_dir / "RESULTS.json").read_text())
+    assert [row["experiment"] for row in rows] == experiments
+    table = [line for line in (exp_dir / "RESULTS.md").read_text().splitlines()[2:] if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table] == experiments
+    for row, line in zip(rows, table):
+        decode_dir = exp_dir / str(row["experiment"]) / f"decode_{subset}"
+        hypotheses = (decode_dir / "hyp.txt").read_text(encoding="utf-8").splitlines()
+        references = (decode_dir / "ref.txt").read_text(encoding="utf-8").splitlines()
+        assert len(hypotheses) == len(references) == row["sentences"]
+        wer, cer = error_rate(references, hypotheses, words), error_rate(references, hypotheses, characters)
+        assert row["wer"] == pytest.approx(wer, abs=1e-9) and row["cer"] == pytest.approx(cer, abs=1e-9)
+        assert line.split(" | ")[3:5] == [f"{wer:.2f}", f"{cer:.2f}"], line
+    return rows
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed: apt-get install espeak-ng")
 def test_mini_espeak_recipe_end_to_end(tmp_path):
     """Synthesis, features, fairseq-train of s2t_sanm_mini and the stock baseline with joint CTC,
     fairseq-generate, WER/CER table; a rerun skips every finished step."""
@@ -25,12 +70,12 @@ def test_mini_espeak_recipe_end_to_end(tmp_path):
     ]
     result = run_cli(command, timeout=900)
     assert result.returncode == 0, cli_output(result)[-5000:]
-    rows = json.loads((tmp_path / "exp" / "RESULTS.json").read_text())
-    assert [row["experiment"] for row in rows] == ["s2t_sanm_mini", "s2t_transformer_mini"]
+    rows = check_results(tmp_path / "exp", "test", ["s2t_sanm_mini", "s2t_transformer_mini"])
     assert [row["arch"] for row in rows] == ["s2t_sanm_mini", "s2t_transformer"]
-    test_size = len((tmp_path / "data" / "test" / "text").read_text().splitlines())
-    assert [row["sentences"] for row in rows] == [test_size, test_size]
-    assert all(0 <= row["cer"] and 0 <= row["wer"] for row in rows)
+    transcripts = sorted(line.split(" ", 1)[1] for line in (tmp_path / "data" / "test" / "text").read_text().splitlines())
+    for row in rows:  # scored against the real test transcripts, all of them
+        references = (tmp_path / "exp" / str(row["experiment"]) / "decode_test" / "ref.txt").read_text().splitlines()
+        assert sorted(references) == transcripts
     assert "| s2t_sanm_mini | s2t_sanm_mini |" in result.stdout
     transforms = yaml.safe_load((tmp_path / "data" / "s2t" / "config.yaml").read_text())["feature_transforms"]
     assert transforms == {"*": ["global_cmvn"]}  # the recipe's --specaugment false
@@ -56,6 +101,6 @@ def test_aishell_recipe_on_a_fixture(tmp_path):
     train_tsv = (s2t / "train.tsv").read_text(encoding="utf-8").splitlines()
     assert train_tsv[0].split("\t") == ["id", "audio", "n_frames", "tgt_text", "speaker"]
     assert any("而对楼市成交抑制作用最大的限购" in line for line in train_tsv)  # characters, no spaces
-    rows = json.loads((tmp_path / "exp" / "RESULTS.json").read_text())
+    rows = check_results(tmp_path / "exp", "test", ["s2t_sanm_s"])
     assert [row["arch"] for row in rows] == ["s2t_sanm_s"]
     assert rows[0]["sentences"] == 2  # the two test utterances of the fixture

@@ -12,6 +12,7 @@ import soundfile as sf
 
 from conftest import cli_output, run_cli
 from fairseq_accel.cli.prepare import main
+from fairseq_accel.data.errors import CorpusError
 from fairseq_accel.data.espeak_corpus import (
     ACCENTS,
     INSTALL_HINT,
@@ -20,7 +21,6 @@ from fairseq_accel.data.espeak_corpus import (
     SNR_RANGE_DB,
     SPLITS,
     VARIANTS,
-    CorpusError,
     Noise,
     Sentence,
     Speaker,

@@ -8,8 +8,8 @@ from typing import List, Sequence, Tuple, Union
 import pytest
 
 from fairseq_accel.cli.prepare import main
+from fairseq_accel.data.errors import CorpusError
 from fairseq_accel.data.gettext_corpus import (
-    CorpusError,
     FilterConfig,
     Pair,
     build_corpus,
@@ -367,7 +367,7 @@ SYSTEM_LOCALE = Path("/usr/share/locale")
 
 @pytest.mark.skipif(
     len(list((SYSTEM_LOCALE / "de" / "LC_MESSAGES").glob("*.mo"))) < 20,
-    reason="needs the system's German catalogs",
+    reason="needs >= 20 German gettext catalogs in /usr/share/locale/de/LC_MESSAGES: make system-deps",
 )
 def test_real_german_catalogs(tmp_path):
     counts = build_corpus(SYSTEM_LOCALE, tmp_path, log=lambda message: None)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sacremoses")
+pytest.importorskip("sacremoses", reason="sacremoses is not installed: pip install sacremoses (make venv)")
 
 from fairseq_accel.cli.prepare import main  # noqa: E402
+from fairseq_accel.data.errors import CorpusError  # noqa: E402
 from fairseq_accel.data.iwslt14 import (  # noqa: E402
-    CorpusError,
     TEST_SETS,
     check_orig_dir,
     clean_corpus,
@@ -204,7 +204,7 @@ def test_cli_error_exit_status(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 # the recipe, stages 0-3 (no download: a local de-en.tgz)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed: apt-get install bash")
 def test_recipe_stages_0_to_3(tmp_path):
     tgz = tmp_path / "de-en.tgz"
     with tarfile.open(tgz, "w:gz") as archive:

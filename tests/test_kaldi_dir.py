@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_accel.data.kaldi_dir import CorpusError, Utterance, write_kaldi_dir
+from fairseq_accel.data.errors import CorpusError
+from fairseq_accel.data.kaldi_dir import Utterance, write_kaldi_dir
 
 
 def test_files_are_sorted_and_paths_absolute(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ def test_checkpoint_arch_flags_are_validated_at_train_time(tiny_translation_data
     assert "--decoder-branch-type: branch dims 16+8=24 do not sum to --decoder-embed-dim 32" in last_line
 
 
-@pytest.mark.skipif(not list(Path("/usr/share/locale/de/LC_MESSAGES").glob("*.mo")), reason="no de catalogs")
+@pytest.mark.skipif(not list(Path("/usr/share/locale/de/LC_MESSAGES").glob("*.mo")),
+                    reason="no German gettext catalogs in /usr/share/locale/de/LC_MESSAGES: make system-deps")
 def test_mini_recipe_end_to_end(tmp_path):
     """Every stage of egs/mini_l10n/nmt/run.sh on the real catalogs, with a tiny training budget."""
     recipe = REPO_ROOT / "egs" / "mini_l10n" / "nmt" / "run.sh"

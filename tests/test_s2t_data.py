@@ -17,8 +17,11 @@ from conftest import USER_DIR, cli_output, run_cli
 from fairseq_accel.cli.prepare import main
 from fairseq_accel.data.audio import resampling_ratio
 from fairseq_accel.data.features import CmvnStats
-from fairseq_accel.data.s2t_config_check import check_s2t_data_config
-from fairseq_accel.data.s2t_manifest import spm_prefix, train_sentencepiece, write_fairseq_vocab
+from fairseq_accel.data.kaldi_dir import INPUT_FILES as KALDI_INPUT_FILES
+from fairseq_accel.data.kaldi_dir import read_data_dir
+from fairseq_accel.compat.s2t_config_check import check_s2t_data_config
+from fairseq_accel.data.s2t_manifest import S2TOptions, spm_prefix
+from fairseq_accel.data.sentencepiece_model import train_sentencepiece, write_fairseq_vocab
 
 RNG_SEED = 7
 SENTENCES = [
@@ -228,6 +231,10 @@ def test_rerun_in_a_moved_folder_reuses_features_and_recomputes_bad_ones(prepare
 # ------------------------------------------------------------------------------------------------------
 # bad input: one clear error (exit status 2) naming the file
 # ------------------------------------------------------------------------------------------------------
+# float WAVs with one bad sample (at index 1234) among speech-like samples
+FLOAT_WAVS = {"nan": np.nan, "inf": -np.inf, "int_pcm_as_float": 3276.0}
+
+
 def bad_audio(folder: Path, kind: str) -> Path:
     path = folder / f"{kind}.wav"
     if kind == "stereo":
@@ -238,6 +245,11 @@ def bad_audio(folder: Path, kind: str) -> Path:
         return write_wav(path, tone(0.01, 16000, 300, 1), 16000)
     if kind == "corrupt":
         path.write_bytes(b"RIFF this is not a wav file" * 20)
+        return path
+    if kind in FLOAT_WAVS:
+        samples = tone(0.5, 16000, 300, 1)
+        samples[1234] = FLOAT_WAVS[kind]
+        sf.write(str(path), samples, 16000, subtype="FLOAT")
         return path
     assert kind == "missing"
     return path
@@ -251,6 +263,9 @@ def bad_audio(folder: Path, kind: str) -> Path:
         ("too_short", "is too short: 160 samples at 16000 Hz"),
         ("corrupt", "cannot read audio file"),
         ("missing", "does not exist"),
+        ("nan", "holds 1 NaN or infinite samples (first at sample 1234, value nan)"),
+        ("inf", "holds 1 NaN or infinite samples (first at sample 1234, value -inf)"),
+        ("int_pcm_as_float", "has samples far outside [-1, 1]: 3276 at sample 1234"),
     ],
 )
 def test_bad_audio_gives_one_clear_error(kind, message, tmp_path, capsys):
@@ -261,6 +276,39 @@ def test_bad_audio_gives_one_clear_error(kind, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fairseq-accel-prepare: error: "), err
     assert str(bad) in err[0] and message in err[0] and "[utterance s-2]" in err[0]
+
+
+def test_float_audio_slightly_over_full_scale_is_accepted(tmp_path):
+    samples = tone(0.5, 16000, 300, 4)
+    samples[100] = 1.3  # a resampling overshoot, not garbage
+    sf.write(str(tmp_path / "loud.wav"), samples, 16000, subtype="FLOAT")
+    data = write_data_dir(tmp_path / "train", {"s-1": tmp_path / "loud.wav"}, {"s-1": "loud"})
+    assert main(["s2t", "--data-dirs", f"train={data}", "--out-dir", str(tmp_path / "out"), "--unit", "char"]) == 0
+    assert np.isfinite(np.load(tmp_path / "out" / "fbank80" / "train" / "s-1.npy")).all()
+
+
+@pytest.mark.parametrize("name, line", [("text", 2), ("wav.scp", 1)])
+def test_latin1_kaldi_file_names_file_line_and_byte(name, line, tmp_path, capsys):
+    wav = write_wav(tmp_path / "a.wav", tone(0.5, 16000, 300, 3), 16000)
+    data = write_data_dir(tmp_path / "train", {"s-1": wav, "s-2": wav}, {"s-1": "one", "s-2": "two"})
+    latin1 = {"text": "s-1 one\ns-2 gr\u00fc\u00dfe\n", "wav.scp": f"s-1 {tmp_path}/\u00e4.wav\ns-2 {wav}\n"}
+    (data / name).write_bytes(latin1[name].encode("latin-1"))
+    offset = latin1[name].encode("latin-1").index(b"\xfc" if name == "text" else b"\xe4")
+    assert main(["s2t", "--data-dirs", f"train={data}", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{data / name}, line {line}: not UTF-8 text: byte 0x{'fc' if name == 'text' else 'e4'} at byte " \
+        f"offset {offset} " in err[0]
+
+
+def test_utf8_bom_is_not_part_of_the_first_utterance_id(tmp_path):
+    wav = write_wav(tmp_path / "a.wav", tone(0.5, 16000, 300, 3), 16000)
+    data = write_data_dir(tmp_path / "train", {"s-1": wav}, {"s-1": "one"})
+    for name in KALDI_INPUT_FILES:
+        (data / name).write_bytes(b"\xef\xbb\xbf" + (data / name).read_bytes())
+    assert [utt.utt_id for utt in read_data_dir(data)] == ["s-1"]
+    assert main(["s2t", "--data-dirs", f"train={data}", "--out-dir", str(tmp_path / "out"), "--unit", "char"]) == 0
+    assert [row["id"] for row in read_tsv(tmp_path / "out" / "train.tsv")] == ["s-1"]
 
 
 def test_ids_without_audio_or_transcript_are_listed(tmp_path, capsys):
@@ -374,7 +422,8 @@ def test_fairseq_train_with_user_dir_reports_missing_cmvn_stats(prepared):
 
 def test_char_units_cover_every_character_of_the_transcripts(tmp_path):
     texts = ["今天 天气 很好", "我们 去 公园", "abc"]
-    model = train_sentencepiece(texts, tmp_path / spm_prefix("char", 500), "char", 500, threads=1)
+    settings = S2TOptions(unit="char", vocab_size=500).sentencepiece_settings()
+    model = train_sentencepiece(tmp_path / spm_prefix("char", 500), settings, sentences=texts)
     assert model.name == "spm_char.model"
     write_fairseq_vocab(model, tmp_path / "spm_char.txt")
     pieces = {line.split(" ")[0] for line in (tmp_path / "spm_char.txt").read_text(encoding="utf-8").splitlines()}

@@ -2,7 +2,7 @@
 # Shared NMT pipeline (stages 2-6) that the corpus recipes egs/<corpus>/nmt/run.sh call once their
 # stage 1 has written plain text {train,valid,test}.{src,tgt} to --text_dir.
 #
-#   2  joint sentencepiece model on train.src + train.tgt; encode every split
+#   2  joint sentencepiece model on train.src + train.tgt; encode every split (fairseq-accel-prepare spm)
 #   3  binarize with fairseq-preprocess
 #   4  train each experiment config with fairseq-train (its train: section)
 #   5  decode --gen_subset with fairseq-generate --task translation_accel (its generate: section); profile
@@ -38,11 +38,12 @@ bin_dir="${data_dir}/bin_${bpe_type}${bpe_vocab_size}"
 if in_stage 2; then
   log "Stage 2: joint sentencepiece ${bpe_type} (${bpe_vocab_size} pieces) in ${spm_dir}"
   if ! stage_done "${spm_dir}/.done" "Stage 2"; then
-    python3 "${tools_dir}/spm.py" train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
+    require fairseq-accel-prepare
+    fairseq-accel-prepare spm train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
       --model-prefix "${spm_dir}/spm" --vocab-size "${bpe_vocab_size}" --model-type "${bpe_type}" --threads "${nj}"
     for split in train valid test; do
       for lang in ${src} ${tgt}; do
-        python3 "${tools_dir}/spm.py" encode --model "${spm_dir}/spm.model" \
+        fairseq-accel-prepare spm encode --model "${spm_dir}/spm.model" \
           --input "${text_dir}/${split}.${lang}" --output "${spm_dir}/${split}.${lang}"
       done
     done

@@ -25,8 +25,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from fairseq_accel.data.gettext_corpus import CorpusError
-from fairseq_accel.data.kaldi_dir import Utterance, write_kaldi_dir
+from fairseq_accel.data.errors import CorpusError
+from fairseq_accel.data.kaldi_dir import Utterance, read_utf8_lines, write_kaldi_dir
 
 SPLITS = ("train", "dev", "test")
 TRANSCRIPT = Path("transcript") / "aishell_transcript_v0.8.txt"
@@ -75,12 +75,8 @@ def read_transcripts(path: Path) -> Dict[str, str]:
     Raises :class:`CorpusError` for a file that is not UTF-8, a line with an id but no text, and an id
     with two different transcripts.
     """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 text: {err}") from err
     transcripts: Dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_utf8_lines(path), 1):
         fields = line.split()
         if not fields:
             continue

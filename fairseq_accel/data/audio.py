@@ -1,7 +1,8 @@
 """Reading speech audio for feature extraction: mono, 16 kHz, optionally speed-perturbed.
 
 Every problem with an audio file is one :class:`AudioError` that names the file and says what was
-expected and what was found (multi-channel, empty, too short, unreadable), instead of a libsndfile or
+expected and what was found (multi-channel, empty, too short, unreadable, NaN/inf samples, float
+samples far outside [-1, 1]), instead of a libsndfile or
 numpy error deep inside a feature-extraction run.
 
 Resampling to 16 kHz and Kaldi/sox-style speed perturbation are one polyphase resampling
@@ -20,9 +21,13 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from fairseq_accel.data.gettext_corpus import CorpusError
+from fairseq_accel.data.errors import CorpusError
 
 TARGET_SAMPLE_RATE = 16000
+# Largest |sample| accepted in a float file. Resampled or mixed float audio may overshoot full scale a
+# little (a few dB); anything beyond +6 dBFS is not a level problem but garbage or integer PCM in a
+# float container, whose features would be meaningless.
+MAX_AMPLITUDE = 2.0
 
 
 class AudioError(CorpusError):
@@ -94,14 +99,37 @@ def resample(samples: np.ndarray, ratio: Fraction) -> np.ndarray:
     return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
+def check_samples(path: Path, samples: np.ndarray) -> None:
+    """Raise :class:`AudioError` for NaN/inf samples and for amplitudes beyond :data:`MAX_AMPLITUDE`.
+
+    Integer PCM always decodes into [-1, 1); only float files can hold such values, and they mean a
+    broken file or integer PCM written as float (amplitudes in the thousands), not speech.
+    """
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise AudioError(
+            f"audio file {path} holds {bad.size} NaN or infinite samples (first at sample {bad[0]}, "
+            f"value {samples[bad[0]]}); expected finite float samples in [-1, 1]"
+        )
+    peak = int(np.argmax(np.abs(samples)))
+    if abs(samples[peak]) > MAX_AMPLITUDE:
+        raise AudioError(
+            f"audio file {path} has samples far outside [-1, 1]: {samples[peak]:g} at sample {peak}; "
+            f"expected float samples in [-1, 1] (|x| <= {MAX_AMPLITUDE:g} tolerated): integer PCM stored "
+            "as float? rescale it (e.g. divide by 32768) or write it as integer PCM"
+        )
+
+
 def read_audio(info: AudioInfo) -> np.ndarray:
-    """All samples of the (checked) file as float32 in [-1, 1]."""
+    """All samples of the (checked) file as float32 in [-1, 1] (see :func:`check_samples`)."""
     try:
         samples, _ = sf.read(str(info.path), dtype="float32", always_2d=False)
     except (sf.SoundFileError, RuntimeError) as err:
         raise AudioError(
             f"cannot decode audio file {info.path}: its header is readable, its samples are not ({err})"
         ) from None
+    check_samples(info.path, samples)
     return samples
 
 

@@ -41,8 +41,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from fairseq_accel.data.errors import CorpusError
 from fairseq_accel.data.gettext_corpus import (
-    CorpusError,
     FilterConfig,
     clean_pair,
     dedup_by_source,

@@ -28,16 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
+from fairseq_accel.data.errors import CorpusError
+
 # gettext msgids are the programs' original (English) messages.
 MSGID_LANG = "en"
 SPLITS = ("train", "valid", "test")
 # About 1,000 valid and 1,200 test sentences from the ~39k German pairs of a Debian system.
 DEFAULT_VALID_FRACTION = 0.026
 DEFAULT_TEST_FRACTION = 0.032
-
-
-class CorpusError(ValueError):
-    """A problem with the user's input data or options; the CLI prints it as one line and exits 2."""
 
 
 class Pair(NamedTuple):

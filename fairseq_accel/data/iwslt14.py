@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from fairseq_accel.data.gettext_corpus import CorpusError
+from fairseq_accel.data.errors import CorpusError
 
 SRC_LANG, TGT_LANG = "de", "en"
 LANG_PAIR = f"{SRC_LANG}-{TGT_LANG}"

@@ -1,13 +1,8 @@
 """Kaldi-style data directories -> the data that fairseq's stock ``--task speech_to_text`` trains on.
 
-Input, one directory per split (the interface with the corpus preparers):
-
-* ``wav.scp``: ``<utt-id> <path>`` -- a plain path to a WAV/FLAC/OGG file, mono, any sample rate
-  (resampled to 16 kHz). Relative paths are taken from the current directory, as in Kaldi recipes.
-  Kaldi's piped commands (``<utt-id> sox ... - |``) and ``segments`` files are not supported: write each
-  utterance to its own file first;
-* ``text``: ``<utt-id> <transcript>``;
-* ``utt2spk``: ``<utt-id> <speaker>``.
+Input: one Kaldi data directory per split (``wav.scp``, ``text``, ``utt2spk``), read by
+:func:`fairseq_accel.data.kaldi_dir.read_data_dir` (see there for what is accepted). Audio files may have
+any sample rate (resampled to 16 kHz).
 
 Output under ``out_dir`` (:func:`prepare_s2t`):
 
@@ -50,32 +45,29 @@ from typing import (
 )
 
 import numpy as np
-import sentencepiece as spm
 import yaml
 
 from fairseq_accel.data.audio import (
     TARGET_SAMPLE_RATE,
     AudioError,
+    AudioInfo,
     audio_info,
     load_audio,
     output_length,
     resampling_ratio,
 )
 from fairseq_accel.data.features import NUM_MEL_BINS, CmvnStats, compute_fbank, num_frames
-from fairseq_accel.data.gettext_corpus import CorpusError
-from fairseq_accel.data.kaldi_dir import Utterance
+from fairseq_accel.data.errors import CorpusError
+from fairseq_accel.data.kaldi_dir import Utterance, first_ids, read_data_dir
+from fairseq_accel.data.sentencepiece_model import SentencePieceSettings, train_sentencepiece, write_fairseq_vocab
 
 FEATURE_DIR = "fbank80"
 CMVN_FILENAME = "global_cmvn.npz"
 CONFIG_FILENAME = "config.yaml"
-KALDI_FILES = ("wav.scp", "text", "utt2spk")
 TSV_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
 UNITS = ("unigram", "bpe", "char")
 DEFAULT_MAX_FRAMES = 3000  # 30 s
 DEFAULT_LOG_EVERY = 1000
-# fairseq's Dictionary numbers <s>, <pad>, </s>, <unk> 0-3 and adds them itself; sentencepiece is trained
-# with the same ids so that its piece ids and the dictionary's agree, and they are left out of the .txt.
-SPECIAL_PIECE_IDS = {"bos_id": 0, "pad_id": 1, "eos_id": 2, "unk_id": 3}
 # LibriSpeech "basic" policy of SpecAugment (Park et al. 2019; fairseq's `lb`): one frequency mask of up
 # to 27 bins and one time mask of up to 100 frames, no time warping. One mask of each keeps enough of the
 # short utterances of small corpora. Keys as fairseq's specaugment transform reads them.
@@ -87,84 +79,6 @@ SPECAUGMENT = {
     "time_mask_p": 1.0,
     "time_warp_W": 0,
 }
-LISTED_IDS = 10  # how many offending utterance ids an error message shows
-
-
-# --------------------------------------------------------------------------------------------------
-# Kaldi data directories
-# --------------------------------------------------------------------------------------------------
-def _first_ids(ids: Collection[str]) -> str:
-    """``a, b, c``: the first :data:`LISTED_IDS` ids in sorted order, and how many more there are."""
-    ids = sorted(ids)
-    more = f", ... ({len(ids) - LISTED_IDS} more)" if len(ids) > LISTED_IDS else ""
-    return ", ".join(ids[:LISTED_IDS]) + more
-
-
-def read_table(path: Path) -> Dict[str, str]:
-    """``<utt-id> <value>`` lines of a Kaldi table: id -> value (the rest of the line, stripped).
-
-    Raises :class:`CorpusError` for a missing file, a line without a value, an id used twice and an id
-    that cannot be a file name (it names the feature file).
-    """
-    if not path.is_file():
-        raise CorpusError(f"{path} does not exist: a Kaldi data directory needs {', '.join(KALDI_FILES)}")
-    table: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.strip().split(maxsplit=1)
-            if not fields:
-                continue
-            if len(fields) < 2:
-                raise CorpusError(f"{path}, line {number}: expected '<utt-id> <value>', got '{line.strip()}'")
-            utt_id, value = fields
-            if utt_id in table:
-                raise CorpusError(f"{path}, line {number}: utterance id '{utt_id}' occurs twice")
-            if "/" in utt_id or utt_id in (".", ".."):
-                raise CorpusError(f"{path}, line {number}: utterance id '{utt_id}' cannot be a file name")
-            table[utt_id] = value
-    return table
-
-
-def read_data_dir(data_dir: Path) -> List[Utterance]:
-    """The utterances of a Kaldi data directory, sorted by id; see the module docstring for the format.
-
-    Raises :class:`CorpusError` naming the file for unsupported input (piped ``wav.scp`` entries, a
-    ``segments`` file) and malformed lines (e.g. an empty transcript), and one error listing the ids of
-    transcripts without audio, audio without transcript and utterances without speaker.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise CorpusError(f"data directory {data_dir} does not exist")
-    if (data_dir / "segments").exists():
-        raise CorpusError(
-            f"{data_dir / 'segments'}: segments files are not supported; cut each utterance into its own "
-            "audio file and list those in wav.scp"
-        )
-    wav_scp = data_dir / "wav.scp"
-    wavs, texts, speakers = (read_table(data_dir / name) for name in KALDI_FILES)
-    for utt_id, path in wavs.items():
-        if path.endswith("|") or path.startswith("|") or " | " in path:
-            raise CorpusError(
-                f"{wav_scp}: utterance '{utt_id}' is a piped command ('{path}'); piped commands are not "
-                "supported: write the audio to files (e.g. with sox) and list their paths in wav.scp"
-            )
-    text, utt2spk = data_dir / "text", data_dir / "utt2spk"
-    problems = []
-    for ids, what in (
-        (texts.keys() - wavs.keys(), f"transcripts in {text} have no audio in {wav_scp}"),
-        (wavs.keys() - texts.keys(), f"audio files in {wav_scp} have no transcript in {text}"),
-        (wavs.keys() - speakers.keys(), f"utterances of {wav_scp} have no speaker in {utt2spk}"),
-    ):
-        if ids:
-            problems.append(f"{len(ids)} {what}: {_first_ids(ids)}")
-    if problems:
-        raise CorpusError("; ".join(problems))
-    if not wavs:
-        raise CorpusError(f"data directory {data_dir} has no utterances ({wav_scp} is empty)")
-    return [
-        Utterance(utt_id, Path(wavs[utt_id]), " ".join(texts[utt_id].split()), speakers[utt_id])
-        for utt_id in sorted(wavs)
-    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,27 +140,36 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(temporary, path)
 
 
+def _frames_of(job: FeatureJob, info: AudioInfo) -> int:
+    """Frames of ``job``'s features, from the header alone; :class:`AudioError` if there are none."""
+    frames = num_frames(output_length(info.num_samples, resampling_ratio(info.sample_rate, job.speed)))
+    if frames == 0:
+        raise AudioError(
+            f"audio file {info.path} is too short: {info.num_samples} samples at {info.sample_rate} Hz"
+            f"{'' if job.speed == 1 else f' (speed {format_speed(job.speed)})'}; expected at least one "
+            "25 ms frame"
+        )
+    return frames
+
+
 def extract_features(job: FeatureJob) -> FeatureResult:
     """Compute (or reuse) the features of ``job``. The frame count comes from the audio header first, so
-    over-long copies are dropped, and existing features checked, without decoding the audio."""
+    over-long copies are dropped, and existing features checked, without decoding the audio.
+
+    Every :class:`AudioError` names the utterance as well as the file.
+    """
     try:
         info = audio_info(job.utt.wav)
-        ratio = resampling_ratio(info.sample_rate, job.speed)
-        frames = num_frames(output_length(info.num_samples, ratio))
-        if frames == 0:
-            raise AudioError(
-                f"audio file {info.path} is too short: {info.num_samples} samples at {info.sample_rate} Hz"
-                f"{'' if job.speed == 1 else f' (speed {format_speed(job.speed)})'}; expected at least one "
-                "25 ms frame"
-            )
+        frames = _frames_of(job, info)
+        if job.max_frames is not None and frames > job.max_frames:
+            return FeatureResult(job.utt_id, frames, dropped=True)
+        reused, features = _existing_features(job.out_path, frames, job.with_stats)
+        if not reused:
+            features = compute_fbank(load_audio(info, job.speed))
     except AudioError as err:
         raise AudioError(f"{err} [utterance {job.utt.utt_id}]") from None
-    if job.max_frames is not None and frames > job.max_frames:
-        return FeatureResult(job.utt_id, frames, dropped=True)
-    reused, features = _existing_features(job.out_path, frames, job.with_stats)
     resampled_from = None
     if not reused:
-        features = compute_fbank(load_audio(info, job.speed))
         assert features.shape == (frames, NUM_MEL_BINS), (job, features.shape)
         _save_npy(job.out_path, features)
         resampled_from = info.sample_rate if info.sample_rate != TARGET_SAMPLE_RATE else None
@@ -281,46 +204,6 @@ def _run_jobs(
 def spm_prefix(unit: str, vocab_size: int) -> str:
     """File name stem of the sentencepiece model and vocabulary: ``spm_unigram500``, ``spm_char``."""
     return "spm_char" if unit == "char" else f"spm_{unit}{vocab_size}"
-
-
-def train_sentencepiece(texts: Sequence[str], prefix: Path, unit: str, vocab_size: int, threads: int) -> Path:
-    """Train a sentencepiece model on ``texts``; return ``<prefix>.model``.
-
-    Every character of the texts is covered (``character_coverage`` 1.0, right for Chinese too).
-    ``char`` makes one piece per character and ignores ``vocab_size``; for ``unigram`` the size is an
-    upper limit on small corpora (sentencepiece's ``hard_vocab_limit`` off).
-    """
-    if unit == "char":
-        vocab_size = len(set("".join(texts).replace(" ", "\u2581"))) + len(SPECIAL_PIECE_IDS)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_prefix=str(prefix),
-            model_type=unit,
-            vocab_size=vocab_size,
-            character_coverage=1.0,
-            hard_vocab_limit=False,
-            num_threads=threads,
-            minloglevel=2,
-            **SPECIAL_PIECE_IDS,
-        )
-    except RuntimeError as err:
-        raise CorpusError(
-            f"sentencepiece cannot train a {unit} model of {vocab_size} pieces on the {len(texts)} training "
-            f"transcripts: {str(err).split('] ')[-1]}"
-        ) from None
-    return prefix.with_suffix(".model")
-
-
-def write_fairseq_vocab(model_path: Path, vocab_path: Path) -> int:
-    """Write the pieces of a sentencepiece model as a fairseq dictionary (``<piece> 1`` lines in id order,
-    without the four special symbols fairseq adds itself); return the number of lines."""
-    model = spm.SentencePieceProcessor(model_file=str(model_path))
-    special = {model.id_to_piece(i) for i in SPECIAL_PIECE_IDS.values()}
-    pieces = [model.id_to_piece(i) for i in range(model.get_piece_size())]
-    lines = [f"{piece} 1\n" for piece in pieces if piece not in special]
-    vocab_path.write_text("".join(lines), encoding="utf-8")
-    return len(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,6 +250,17 @@ class S2TOptions:
     specaugment: bool = True  # in config.yaml, for the training split
     jobs: int = 1
     log_every: int = DEFAULT_LOG_EVERY
+
+    def sentencepiece_settings(self) -> SentencePieceSettings:
+        """The transcripts' units: every character covered, sentencepiece's default normalisation, ids
+        that agree with fairseq's dictionary, and ``vocab_size`` an upper limit on small corpora."""
+        return SentencePieceSettings(
+            model_type=self.unit,
+            vocab_size=self.vocab_size,
+            fairseq_special_ids=True,
+            hard_vocab_limit=False,
+            threads=self.jobs,
+        )
 
     def validate(self, splits: Collection[str]) -> None:
         """Raise :class:`CorpusError` for settings that cannot work with data dirs named ``splits``."""
@@ -465,7 +359,7 @@ def _prepare_split(
     if dropped:
         log(
             f"warning: {split}: dropped {len(dropped)} utterances longer than --max-frames "
-            f"{options.max_frames}: {_first_ids(dropped)}"
+            f"{options.max_frames}: {first_ids(dropped)}"
         )
     if not data.rows:
         raise CorpusError(
@@ -506,7 +400,7 @@ def prepare_s2t(
     splits[options.train_split].stats.save(cmvn_path)
     prefix = out_dir / spm_prefix(options.unit, options.vocab_size)
     train_texts = [utt.text for utt in corpus[options.train_split]]
-    spm_model = train_sentencepiece(train_texts, prefix, options.unit, options.vocab_size, options.jobs)
+    spm_model = train_sentencepiece(prefix, options.sentencepiece_settings(), sentences=train_texts)
     vocab_path = prefix.with_suffix(".txt")
     pieces = write_fairseq_vocab(spm_model, vocab_path)
     log(f"sentencepiece {options.unit} model {spm_model.name}: {pieces} pieces + 4 special symbols")

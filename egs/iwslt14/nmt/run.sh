@@ -65,7 +65,8 @@ if in_stage 1; then
       log "extracting ${orig_tgz}"
       tar -xzf "${orig_tgz}" -C "$(dirname "${orig_dir}")" de-en
     fi
-    python3 -m fairseq_accel.cli.prepare iwslt14 --orig-dir "${orig_dir}" --out-dir "${tok_dir}" --jobs "${nj}"
+    require fairseq-accel-prepare
+    fairseq-accel-prepare iwslt14 --orig-dir "${orig_dir}" --out-dir "${tok_dir}" --jobs "${nj}"
     touch "${tok_dir}/.done"
   fi
 fi

@@ -44,7 +44,8 @@ text_dir="${data_dir}/text"
 if in_stage 1; then
   log "Stage 1: (de, en) pairs from ${locale_dir}/de/LC_MESSAGES into ${text_dir}"
   if ! stage_done "${text_dir}/.done" "Stage 1"; then
-    python3 -m fairseq_accel.cli.prepare gettext --locale-dir "${locale_dir}" --src-lang de --tgt-lang en \
+    require fairseq-accel-prepare
+    fairseq-accel-prepare gettext --locale-dir "${locale_dir}" --src-lang de --tgt-lang en \
       --out-dir "${text_dir}"
     touch "${text_dir}/.done"
   fi
@@ -61,8 +62,9 @@ if in_stage 7; then
   for config in "${bench_list[@]}"; do
     exp="${exp_dir}/$(basename "${config}" .yaml)"
     stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; continue; }
+    require fairseq-accel-benchmark
     # shellcheck disable=SC2086  # ${bench_args} holds several arguments
-    python3 -m fairseq_accel.cli.benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
+    fairseq-accel-benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
       --path "${exp}/checkpoints/checkpoint_best.pt" --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
       --batch-sizes 1 32 --beam 5 --max-sentences "${bench_sentences}" --json "${exp}/benchmark.json" \
       ${bench_args} | tee "${exp}/BENCHMARK.md"
