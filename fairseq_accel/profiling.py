@@ -12,6 +12,9 @@ translating a sentence of 30 tokens. Here that is counted exactly, by running th
   because it depends on the vocabulary, not on the architecture.
 * **Parameters without embeddings**: all parameters except the token embeddings, learned positional
   embeddings and the output projection when it is a separate (untied) vocabulary-size matrix.
+* **Speech models** (fairseq's ``S2TTransformerModel`` and its subclasses, e.g. ``s2t_sanm``): the source is
+  ``src_len`` frames of ``input_feat_per_channel x input_channels`` features (80 x 1, the recipes' filterbanks,
+  for a model built from an arch), and the front-end's products (convolutions, projections) count too.
 
 Counting uses ``torch.utils.flop_counter.FlopCounterMode`` (Mult-Adds = FLOPs / 2), which sees the
 matrix products that einsum, grouped convolutions and fused attention are lowered to.
@@ -29,12 +32,17 @@ from fairseq import checkpoint_utils
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, FairseqEncoderDecoderModel
 from fairseq.models import build_model as fairseq_build_model
+from fairseq.models.speech_to_text import S2TTransformerModel
 from fairseq.modules import LearnedPositionalEmbedding
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 SENTENCE_LENGTH = 30  # the paper's convention for Mult-Adds
 _SEARCH_VOCAB_SIZE = 16
+# What fairseq's speech_to_text task gives a speech model: 80-dim filterbanks (as the recipes) from its data
+# config, and its default --max-source-positions / --max-target-positions.
+SPEECH_TASK_ARGS = {"input_feat_per_channel": 80, "input_channels": 1, "max_source_positions": 6000,
+                    "max_target_positions": 1024}
 # The size options shown beside the counts (and given to the default baseline), where a model has them.
 SIZE_OPTIONS = (
     "encoder_embed_dim", "decoder_embed_dim",
@@ -84,7 +92,7 @@ class ModelProfile:
 
     arch: str
     sizes: Dict[str, int]
-    src_vocab_size: int
+    src_vocab_size: Optional[int]  # None for a speech model (its source is feature frames)
     tgt_vocab_size: int
     parameters: ParameterCounts
     mult_adds: MultAdds
@@ -166,6 +174,22 @@ def count_parameters(model: FairseqEncoderDecoderModel) -> ParameterCounts:
     )
 
 
+def source_features(model_cfg: Any) -> Optional[int]:
+    """Features per source frame of a speech model's options; None for a text model."""
+    if getattr(model_cfg, "input_feat_per_channel", None) is None:
+        return None
+    return model_cfg.input_feat_per_channel * model_cfg.input_channels
+
+
+def _source(model: FairseqEncoderDecoderModel, length: int, features: Optional[int]) -> torch.Tensor:
+    """The encoder input of one source: tokens, or ``length`` frames of ``features`` for a speech model."""
+    if features is None:
+        return _sentence(model.encoder.dictionary, length)
+    if length < 1:
+        raise ProfileError(f"source length must be >= 1 frame, got {length}")
+    return torch.zeros(1, length, features)
+
+
 def _sentence(dictionary: Dictionary, length: int) -> torch.Tensor:
     """One sentence of ``length`` ordinary (non-special) tokens, shape ``(1, length)``."""
     if length < 1:
@@ -190,15 +214,20 @@ def _eval_on_one_thread(model: nn.Module) -> Iterator[None]:
 
 
 def count_mult_adds(
-    model: FairseqEncoderDecoderModel, src_len: int = SENTENCE_LENGTH, tgt_len: int = SENTENCE_LENGTH
+    model: FairseqEncoderDecoderModel,
+    src_len: int = SENTENCE_LENGTH,
+    tgt_len: int = SENTENCE_LENGTH,
+    features: Optional[int] = None,
 ) -> MultAdds:
     """Mult-Adds of a teacher-forced forward pass of one ``src_len`` -> ``tgt_len`` sentence (eval mode).
 
-    The encoder and the decoder are run as fairseq's generator runs them; the output projection's share is
-    measured by re-running that module on the inputs it received, and subtracted from the decoder's.
+    ``features``: for a speech model, the features per source frame (:func:`source_features`); the source
+    is then ``src_len`` frames. The encoder and the decoder are run as fairseq's generator runs them; the
+    output projection's share is measured by re-running that module on the inputs it received, and
+    subtracted from the decoder's.
     """
     projection = output_projection(model.decoder)
-    src_tokens = _sentence(model.encoder.dictionary, src_len)
+    src_tokens = _source(model, src_len, features)
     prev_output_tokens = _sentence(model.decoder.dictionary, tgt_len)
     projection_inputs: List[Tuple[torch.Tensor, ...]] = []
     hook = projection.register_forward_hook(lambda module, inputs, output: projection_inputs.append(inputs))
@@ -237,6 +266,8 @@ def resolve_arch_args(arch: str, overrides: Mapping[str, Any]) -> argparse.Names
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     model_class(arch).add_args(parser)
     args = parser.parse_args([])
+    if issubclass(model_class(arch), S2TTransformerModel):
+        vars(args).update(SPEECH_TASK_ARGS)
     vars(args).update(overrides)
     args.arch = arch
     ARCH_CONFIG_REGISTRY[arch](args)
@@ -260,14 +291,14 @@ def _dictionary(size: int) -> Dictionary:
     return dictionary
 
 
-def build_model(model_cfg: Any, src_vocab_size: int, tgt_vocab_size: int) -> FairseqEncoderDecoderModel:
+def build_model(model_cfg: Any, src_vocab_size: Optional[int], tgt_vocab_size: int) -> FairseqEncoderDecoderModel:
     """Build an untrained model from resolved options (a Namespace or a checkpoint's ``cfg.model``).
 
-    Dictionaries are placeholders of the given sizes; equal sizes give one joined dictionary, which
-    ``--share-all-embeddings`` needs.
+    Dictionaries are placeholders of the given sizes; equal sizes (or no source vocabulary, for a speech
+    model) give one joined dictionary, which ``--share-all-embeddings`` needs.
     """
-    source = _dictionary(src_vocab_size)
-    target = source if tgt_vocab_size == src_vocab_size else _dictionary(tgt_vocab_size)
+    target = _dictionary(tgt_vocab_size)
+    source = target if src_vocab_size in (None, tgt_vocab_size) else _dictionary(src_vocab_size)
     model = fairseq_build_model(model_cfg, _DictionaryTask(source, target))
     if not isinstance(model, FairseqEncoderDecoderModel):
         raise ProfileError(f"{type(model).__name__} is not an encoder-decoder model")
@@ -285,8 +316,9 @@ def load_checkpoint_model(path: str) -> Tuple[FairseqEncoderDecoderModel, Any]:
     model_cfg = state["cfg"].model
     weights = state["model"]
     try:
-        src_vocab_size = weights["encoder.embed_tokens.weight"].size(0)
         tgt_vocab_size = weights["decoder.embed_tokens.weight"].size(0)
+        speech = source_features(model_cfg) is not None
+        src_vocab_size = None if speech else weights["encoder.embed_tokens.weight"].size(0)
     except KeyError as err:
         raise ProfileError(f"{path}: no {err} in the saved weights; is it an encoder-decoder checkpoint?") from err
     model = build_model(model_cfg, src_vocab_size, tgt_vocab_size)
@@ -307,20 +339,21 @@ def profile_model(
 ) -> ModelProfile:
     """Parameters and Mult-Adds of ``model`` built from ``model_cfg``."""
     arch = getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name")
+    features = source_features(model_cfg)
     return ModelProfile(
         arch=arch,
         sizes=size_options(model_cfg),
-        src_vocab_size=len(model.encoder.dictionary),
+        src_vocab_size=None if features is not None else len(model.encoder.dictionary),
         tgt_vocab_size=len(model.decoder.dictionary),
         parameters=count_parameters(model),
-        mult_adds=count_mult_adds(model, src_len, tgt_len),
+        mult_adds=count_mult_adds(model, src_len, tgt_len, features),
     )
 
 
 def profile_arch(
     arch: str,
     overrides: Optional[Mapping[str, Any]] = None,
-    vocab_size: int = 32000,
+    vocab_size: Optional[int] = 32000,
     src_len: int = SENTENCE_LENGTH,
     tgt_len: int = SENTENCE_LENGTH,
     tgt_vocab_size: Optional[int] = None,
@@ -328,7 +361,7 @@ def profile_arch(
     """Profile an untrained ``arch`` with option ``overrides``.
 
     The source vocabulary has ``vocab_size`` entries, the target one ``tgt_vocab_size`` (default: the same,
-    one joined dictionary).
+    one joined dictionary); a speech model has no source vocabulary.
     """
     model_cfg = resolve_arch_args(arch, overrides or {})
     model = build_model(model_cfg, vocab_size, tgt_vocab_size or vocab_size)
@@ -400,7 +433,8 @@ def match_width(
 
     def mult_adds_at(width: int) -> int:
         # The vocabulary does not change the counted Mult-Adds; a tiny one keeps each build fast.
-        model = build_model(resolve_arch_args(arch, scaled(width)), _SEARCH_VOCAB_SIZE, _SEARCH_VOCAB_SIZE)
-        return count_mult_adds(model, src_len, tgt_len).total
+        model_cfg = resolve_arch_args(arch, scaled(width))
+        model = build_model(model_cfg, _SEARCH_VOCAB_SIZE, _SEARCH_VOCAB_SIZE)
+        return count_mult_adds(model, src_len, tgt_len, source_features(model_cfg)).total
 
     return scaled(closest_width(mult_adds_at, target, step))

@@ -1,10 +1,12 @@
 """CUDA kernels of the fast beam-search generator (fairseq_accel/kernels/, inference/cuda_kernels.py).
 
-Without a GPU: every kernel file compiles with NVRTC, the index arithmetic and per-element rules of
-beam_search_common.cuh (built for the CPU with g++) agree with numpy, the numpy references obey the
-invariants of their specification, the wrappers reject bad arguments, and the kernels, run through the
-wrappers on a CPU emulation of CUDA threads, agree with the references. On a GPU (marker ``gpu``): each
-kernel against the numpy reference of kernel_reference.py.
+The numpy references of kernel_reference.py are checked once against plain Python loops; everything else
+is product code checked against them. Without a GPU: every kernel file compiles with NVRTC, the index
+arithmetic and per-element rules of beam_search_common.cuh (built for the CPU with g++) agree with numpy,
+the wrappers reject bad arguments, the kernels, run through the wrappers on a CPU emulation of CUDA
+threads, agree with the references, and so does the decoder's int8 cache (inference/beam_cache.py) on its
+torch path and on the emulated kernels. On a GPU (marker ``gpu``): each kernel against the references.
+Under CI=true a missing g++, CuPy or NVRTC fails these tests (tests/conftest.py); only ``gpu`` tests skip.
 
 This file imports neither fairseq nor the fairseq_accel package and uses no conftest fixture, so that
 it runs on a GPU machine without fairseq:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 import re
 import shutil
 import subprocess
@@ -32,17 +35,18 @@ KERNELS_DIR = REPO_ROOT / "fairseq_accel" / "kernels"
 HEADER = KERNELS_DIR / "beam_search_common.cuh"
 
 
-def load_cuda_kernels():
-    """fairseq_accel/inference/cuda_kernels.py loaded by file path (no package import, so no fairseq)."""
-    path = REPO_ROOT / "fairseq_accel" / "inference" / "cuda_kernels.py"
-    spec = importlib.util.spec_from_file_location("fairseq_accel_cuda_kernels", path)
+def load_inference_module(name: str):
+    """fairseq_accel/inference/<name>.py loaded by file path (no package import, so no fairseq)."""
+    path = REPO_ROOT / "fairseq_accel" / "inference" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fairseq_accel_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-ck = load_cuda_kernels()
+ck = load_inference_module("cuda_kernels")
+beam_cache = load_inference_module("beam_cache")  # the torch (CPU) path of the same cache and attention
 HAVE_CUPY = importlib.util.find_spec("cupy") is not None
 needs_cupy = pytest.mark.skipif(not HAVE_CUPY, reason="cupy is not installed (pip install 'fairseq_accel[gpu]')")
 
@@ -301,20 +305,38 @@ def test_header_radix_selection_finds_the_kth_largest_and_its_ties(host_lib):
             assert n_tied.value == k - np.count_nonzero(x > kth) >= 1
 
 
-# ---- the numpy references obey their specification ---------------------------------------------------
+# ---- kernel_reference.py against plain loops (once), so that the product code can be checked against it --
 
-def test_reference_quantization_error_is_at_most_half_a_step():
+def naive_quantize(vector):
+    """One vector, element by element in float32: level = rint(x * (127 / absmax)) clipped, scale = absmax / 127."""
+    absmax = np.float32(0)
+    for value in vector:
+        absmax = max(absmax, abs(np.float32(value)))
+    if absmax == 0:
+        return [0] * len(vector), np.float32(0)
+    inv_scale = np.float32(127) / absmax
+    levels = [int(min(127, max(-127, np.rint(np.float32(value) * inv_scale)))) for value in vector]
+    return levels, absmax / np.float32(127)
+
+
+def test_reference_quantize_write_equals_plain_loops():
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((40, 8, 64)) * rng.uniform(1e-4, 50, (40, 8, 1))).astype(np.float32)
-    x[0, 0] = 0.0
-    levels, scales = ref.quantize(x)
-    assert np.abs(levels).max() == 127 and levels.min() >= -127
-    assert (np.abs(levels).max(axis=-1)[scales > 0] == 127).all()
-    assert scales[0, 0] == 0 and not levels[0, 0].any()
-    error = np.abs(ref.dequantize(levels, scales) - x)
-    assert (error <= scales[..., None] * (0.5 + 1e-5)).all()
-    half = ref.quantize(np.float16(x))  # the float16 path quantizes the values float16 can hold
-    np.testing.assert_array_equal(half[0], ref.quantize(x.astype(np.float16).astype(np.float32))[0])
+    batch, num_heads, max_steps, beam, head_dim, step = 2, 3, 4, 2, 5, 2
+    x = (rng.standard_normal((batch * beam, num_heads, head_dim)) * rng.uniform(1e-3, 30, (1, num_heads, 1)))
+    x = x.astype(np.float32)
+    x[1, 2] = 0.0
+    x[0, 0] = [127.0, 0.5, 1.5, -2.5, 3.0]  # absmax 127: the halves round to even
+    cache = np.full((batch, num_heads, max_steps, beam, head_dim), 7, np.int8)
+    scales = np.full(cache.shape[:4], 9.0, np.float32)
+    ref.quantize_write(x, cache, scales, step)
+    for row in range(batch * beam):
+        b, i = divmod(row, beam)  # row b * beam + i is hypothesis i of sentence b
+        for h in range(num_heads):
+            levels, scale = naive_quantize(x[row, h])
+            assert cache[b, h, step, i].tolist() == levels and scales[b, h, step, i] == scale
+    assert cache[0, 0, step, 0].tolist() == [127, 0, 2, -2, 3]
+    untouched = [t for t in range(max_steps) if t != step]
+    assert (cache[:, :, untouched] == 7).all() and (scales[:, :, untouched] == 9.0).all()
 
 
 def random_cache(rng, batch, num_heads, max_steps, beam, head_dim):
@@ -327,71 +349,54 @@ def random_cache(rng, batch, num_heads, max_steps, beam, head_dim):
     return levels(), levels(), scales(), scales()
 
 
-def test_reference_attention_with_identity_indirection_is_softmax_attention():
-    rng = np.random.default_rng(4)
-    batch, num_heads, max_steps, beam, head_dim, n_steps = 2, 3, 9, 4, 36, 7
-    k_cache, v_cache, k_scale, v_scale = random_cache(rng, batch, num_heads, max_steps, beam, head_dim)
-    q = rng.standard_normal((batch * beam, num_heads, head_dim)).astype(np.float32)
-    indir = np.broadcast_to(np.arange(beam, dtype=np.int32)[None, :, None], (batch, beam, max_steps)).copy()
-    out = ref.int8_cache_attention(q, k_cache, v_cache, k_scale, v_scale, indir, n_steps)
-
-    def per_row(cache, scale):  # [B, H, T, beam, D] -> [B*beam, H, n, D], each row its own slot
-        return torch.from_numpy(ref.dequantize(cache, scale)[:, :, :n_steps].transpose(0, 3, 1, 2, 4).reshape(
-            batch * beam, num_heads, n_steps, head_dim))
-
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q).double()[:, :, None], per_row(k_cache, k_scale), per_row(v_cache, v_scale), scale=1.0)
-    np.testing.assert_allclose(out, expected[:, :, 0].numpy(), rtol=1e-10, atol=1e-12)
-
-
-def test_reference_attention_follows_the_indirection_table():
+def test_reference_int8_cache_attention_equals_plain_loops():
     rng = np.random.default_rng(5)
-    batch, num_heads, max_steps, beam, head_dim, n_steps = 2, 2, 6, 3, 8, 6
+    batch, num_heads, max_steps, beam, head_dim, n_steps = 2, 2, 6, 3, 4, 5
     k_cache, v_cache, k_scale, v_scale = random_cache(rng, batch, num_heads, max_steps, beam, head_dim)
-    q = rng.standard_normal((batch * beam, num_heads, head_dim)).astype(np.float32)
+    q = rng.standard_normal((batch * beam, num_heads, head_dim)).astype(np.float32) * 20
     indir = rng.integers(0, beam, (batch, beam, max_steps)).astype(np.int32)
     out = ref.int8_cache_attention(q, k_cache, v_cache, k_scale, v_scale, indir, n_steps)
-    # move every row's history into its own slot and attend with the identity table instead
-    b = np.arange(batch)[:, None, None]
-    t = np.arange(max_steps)[None, None, :]
-    gathered = [array.transpose(0, 3, 2, 1, *range(4, array.ndim))[b, indir, t]  # [B, beam, T, H(, D)]
-                .transpose(0, 3, 2, 1, *range(4, array.ndim)).copy() for array in (k_cache, v_cache, k_scale, v_scale)]
-    identity = np.broadcast_to(np.arange(beam, dtype=np.int32)[None, :, None], indir.shape).copy()
-    np.testing.assert_allclose(out, ref.int8_cache_attention(q, *gathered, identity, n_steps), rtol=1e-12)
+    for row in range(batch * beam):
+        b, i = divmod(row, beam)
+        for h in range(num_heads):
+            scores = []
+            for t in range(n_steps):
+                slot = indir[b, i, t]  # the beam slot holding step t of this hypothesis' history
+                key = [float(k_cache[b, h, t, slot, d]) * float(k_scale[b, h, t, slot]) for d in range(head_dim)]
+                scores.append(sum(float(q[row, h, d]) * key[d] for d in range(head_dim)))
+            weights = [math.exp(score - max(scores)) for score in scores]
+            for d in range(head_dim):
+                value = sum(weights[t] * float(v_cache[b, h, t, indir[b, i, t], d]) * float(v_scale[b, h, t, indir[b, i, t]])
+                            for t in range(n_steps))
+                assert math.isclose(out[row, h, d], value / sum(weights), rel_tol=1e-9, abs_tol=1e-12)
 
 
 @pytest.mark.parametrize("eos_mode", [ref.EOS_NORMAL, ref.EOS_FORBIDDEN, ref.EOS_ONLY])
-def test_reference_topk_is_argsort_of_the_masked_log_softmax(eos_mode):
+def test_reference_log_softmax_topk_equals_plain_loops(eos_mode):
     rng = np.random.default_rng(6 + eos_mode)
-    logits = (rng.standard_normal((5, 200)) * 3).astype(np.float32)
-    bias = rng.uniform(-20, 0, 5).astype(np.float32)
-    pad, unk, eos, k = 1, 3, 2, 10
-    values, indices, lse = ref.log_softmax_topk(logits, bias, k, pad, unk, eos, unk_penalty=0.5, eos_mode=eos_mode)
-    lp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
-    np.testing.assert_allclose(lse, torch.logsumexp(torch.from_numpy(logits).double(), -1).numpy(), rtol=1e-6)
-    lp[:, pad] = -np.inf
-    lp[:, unk] -= 0.5
-    if eos_mode == ref.EOS_FORBIDDEN:
-        lp[:, eos] = -np.inf
-    if eos_mode == ref.EOS_ONLY:
-        lp[:, np.arange(200) != eos] = -np.inf
-    scores = lp + bias[:, None]
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    np.testing.assert_array_equal(indices, order)
-    np.testing.assert_allclose(values, np.take_along_axis(scores, order, 1), rtol=1e-6)
-    if eos_mode == ref.EOS_ONLY:
-        assert (indices[:, 0] == eos).all() and (indices[:, 1:] == [0, 1] + list(range(3, 10))).all()
-        assert np.isneginf(values[:, 1:]).all()
-    if eos_mode == ref.EOS_FORBIDDEN:
-        assert not (indices == eos).any()
-    assert not (indices == pad).any() or eos_mode == ref.EOS_ONLY
-
-
-def test_reference_topk_breaks_ties_by_token_id():
-    logits = np.array([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0], [np.nan] * 6], np.float32)
-    values, indices, _ = ref.log_softmax_topk(logits, np.zeros(2, np.float32), 4, pad_idx=0, unk_idx=3, eos_idx=5)
-    assert indices[0].tolist() == [1, 2, 4, 5] and values[0, 0] == values[0, 2]
-    assert indices[1].tolist() == [0, 1, 2, 3] and np.isneginf(values[1]).all()
+    vocab, k, pad, unk, eos, penalty = 12, 5, 1, 3, 2, 0.5
+    logits = np.round(rng.standard_normal((4, vocab)) * 3).astype(np.float32)  # rounded: exact ties
+    logits[3, 6] = np.nan  # a NaN logit: every score of its row is -inf
+    bias = np.array([0.0, -2.0, -0.25, -1.0], np.float32)
+    values, indices, lse = ref.log_softmax_topk(logits, bias, k, pad, unk, eos, unk_penalty=penalty, eos_mode=eos_mode)
+    for row in range(3):
+        total = math.log(sum(math.exp(float(x)) for x in logits[row]))
+        assert math.isclose(lse[row], total, rel_tol=1e-6)
+        scores = []
+        for token in range(vocab):
+            score = float(logits[row, token]) - total
+            if token == pad or (eos_mode == ref.EOS_FORBIDDEN and token == eos):
+                score = -math.inf
+            if token == unk:
+                score -= penalty
+            if eos_mode == ref.EOS_ONLY and token != eos:
+                score = -math.inf
+            scores.append(score + float(bias[row]))
+        ranked = sorted(range(vocab), key=lambda token: (-scores[token], token))[:k]  # ties: smaller id first
+        assert indices[row].tolist() == ranked
+        for value, token in zip(values[row], ranked):
+            assert value == scores[token] or math.isclose(value, scores[token], rel_tol=1e-5, abs_tol=1e-5)
+    assert np.isneginf(values[3]).all() and indices[3].tolist() == list(range(k))
 
 
 # ---- argument checks (no GPU needed: shapes are checked before the device) ----------------------------
@@ -677,3 +682,50 @@ def test_emulated_int8_cache_attention_matches_the_reference(emulated, shape, n_
 @pytest.mark.timeout(120)  # a kernel bug can leave the emulated threads waiting at a barrier
 def test_emulated_log_softmax_topk_matches_the_reference(emulated, rows, vocab, k, eos_mode, ties, index_dtype):
     check_topk(emulated, rows, vocab, k, eos_mode, ties, index_dtype)
+
+
+# ---- the decoder's int8 cache (inference/beam_cache.py) against the reference: torch path and kernels ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_quantize_int8_matches_the_reference(dtype):
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((6, 4, 36)) * rng.uniform(1e-3, 30, (6, 1, 1))).to(dtype)
+    x[2, 1] = 0
+    levels, scales = beam_cache.quantize_int8(x)
+    expected_levels, expected_scales = ref.quantize(x.numpy())
+    np.testing.assert_array_equal(levels.numpy(), expected_levels)
+    np.testing.assert_array_equal(scales.numpy(), expected_scales)
+
+
+def check_int8_kv_cache(kernels):
+    """AttentionKVCache (int8) over 6 steps with beams reordered after each: what it stores and attends
+    equals the reference on the cache it built and the indirection table it keeps."""
+    rng = np.random.default_rng(9)
+    batch, num_heads, max_steps, beam, head_dim = 2, 3, 6, 3, 16
+    indirection = beam_cache.BeamIndirection(batch, beam, max_steps, torch.device("cpu"))
+    cache = beam_cache.AttentionKVCache(indirection, num_heads, head_dim, "int8", torch.float32, torch.device("cpu"),
+                                        kernels)
+    expected_keys = np.zeros((batch, num_heads, max_steps, beam, head_dim), np.int8)
+    expected_key_scales = np.zeros(expected_keys.shape[:4], np.float32)
+    for step in range(max_steps):
+        k, v, q = (rng.standard_normal((batch * beam, num_heads, head_dim)).astype(np.float32) for _ in range(3))
+        cache.write(torch.from_numpy(k), torch.from_numpy(v))
+        ref.quantize_write(k, expected_keys, expected_key_scales, step)
+        np.testing.assert_array_equal(cache.key_scale[:, :, step].numpy(), expected_key_scales[:, :, step])
+        written = cache.keys[:, :, step].numpy().astype(np.int32)
+        assert np.abs(written - expected_keys[:, :, step]).max() <= (0 if kernels is None else 1)
+        out = cache.attend(torch.from_numpy(q)).numpy()
+        written_steps = [t[:, :, : step + 1].numpy() for t in (cache.keys, cache.values, cache.key_scale, cache.value_scale)]
+        expected = ref.int8_cache_attention(q, *written_steps, indirection.table.numpy(), step + 1)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+        indirection.advance(torch.from_numpy(rng.integers(0, beam, (batch, beam))))
+    assert (indirection.table[:, :, :max_steps - 1] != torch.arange(beam)[None, :, None]).any(), "beams were reordered"
+
+
+def test_torch_int8_kv_cache_matches_the_reference():
+    check_int8_kv_cache(kernels=None)
+
+
+@pytest.mark.timeout(120)  # a kernel bug can leave the emulated threads waiting at a barrier
+def test_emulated_int8_kv_cache_matches_the_reference(emulated):
+    check_int8_kv_cache(kernels=ck)

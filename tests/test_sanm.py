@@ -1,6 +1,9 @@
 """SAN-M (and the LSRA speech encoder): FunASR semantics, batch invariance, causality, incremental decoding."""
+import argparse
+
 import pytest
 import torch
+from fairseq import options
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
@@ -145,5 +148,55 @@ def test_too_short_utterance_and_bad_shift_give_clear_errors():
     model = build_speech_model("s2t_sanm_mini")
     with pytest.raises(ValueError, match="an utterance of 5 frames is too short for the Conv2dSubsampling front-end"):
         model.encoder(torch.randn(1, 5, 80), torch.tensor([5]))
-    with pytest.raises(ValueError, match="sanm_shfit 6 is too large for FSMN kernel size 11"):
-        build_speech_model("s2t_sanm_mini", sanm_shfit=6)
+    for spelling in ("sanm_shift", "sanm_shfit"):
+        with pytest.raises(ValueError, match="--sanm-shift 6 is too large for FSMN kernel size 11"):
+            build_speech_model("s2t_sanm_mini", **{spelling: 6})
+
+
+def parse_training_args(*model_options: str):
+    """fairseq-train's own parser (task, arch and model options) on an s2t_sanm_mini command line."""
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(
+        parser, ["data-bin", "--task", "speech_to_text", "--arch", "s2t_sanm_mini", *model_options]
+    )
+
+
+@pytest.mark.parametrize("spelling", ["--sanm-shift", "--sanm-shfit"])
+def test_both_shift_spellings_parse_to_the_documented_option(spelling):
+    args = parse_training_args(spelling, "3")
+    assert args.sanm_shift == 3 and not hasattr(args, "sanm_shfit")
+    assert parse_training_args(spelling, "3", "--sanm-shift", "3").sanm_shift == 3  # agreeing spellings are fine
+    layer = build_speech_model("s2t_sanm_mini", **{spelling.lstrip("-").replace("-", "_"): 3}).encoder.layers[0]
+    assert layer.self_attn.padding == (5 + 3, 10 - 5 - 3)  # kernel 11: (K-1)//2 + shift on the left
+
+
+def test_only_the_documented_shift_spelling_is_in_the_help():
+    parser = argparse.ArgumentParser()
+    S2TSANMModel.add_args(parser)
+    help_text = parser.format_help()
+    assert "--sanm-shift S" in help_text and "--sanm-shfit" not in help_text
+
+
+def test_contradicting_shift_spellings_are_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_training_args("--sanm-shift", "1", "--sanm-shfit", "2")
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and "--sanm-shfit 2 contradicts --sanm-shift 1" in error[0]
+
+
+def test_checkpoint_with_funasr_names_loads_with_identical_output():
+    """Earlier checkpoints: the FFN-only decoder layer under ``decoder.decoders3.0`` and ``sanm_shfit`` as option."""
+    old_model = build_speech_model("s2t_sanm_mini", sanm_shfit=2, seed=1)
+    old_state = {key.replace("decoder.final_ffn.", "decoder.decoders3.0."): value
+                 for key, value in old_model.state_dict().items()}
+    assert any(key.startswith("decoder.decoders3.0.feed_forward.") for key in old_state)
+    new_model = build_speech_model("s2t_sanm_mini", sanm_shfit=2, seed=2)
+    assert not any("decoders3" in key for key in new_model.state_dict()), "the new name is final_ffn"
+    new_model.load_state_dict(old_state, strict=True)
+    features, batch, lengths = utterances()
+    tokens = random_tokens(new_model.decoder.dictionary, len(LENGTHS), 6, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = old_model(batch, lengths, tokens)
+        got, _ = new_model(batch, lengths, tokens)
+    assert torch.equal(got, expected)

@@ -23,10 +23,12 @@ from fairseq_accel.profiling import (
     profile_model,
     resolve_arch_args,
     size_options,
+    source_features,
 )
 
 PROG = "fairseq-accel-profile"
 DEFAULT_VOCAB_SIZE = 32000
+DEFAULT_BASELINES = {"text": "transformer", "speech": "s2t_transformer"}
 BASELINE_FFN_RATIO = 4  # Transformer-base: FFN = 4 x embedding dimension
 # Copied from the model to the default baseline (when both have them), so that totals compare like for like.
 SHARING_OPTIONS = ("share_all_embeddings", "share_decoder_input_output_embed")
@@ -38,7 +40,8 @@ COUNTING_NOTE = (
     "Excluded: the output projection to the vocabulary (shown on its own line) and embedding lookups; "
     "element-wise work (normalisation, softmax, activations) is not counted. "
     "Parameters without embeddings exclude token embeddings, learned positional embeddings and the output "
-    "projection when it is a separate (untied) vocabulary-size matrix; shared matrices are counted once."
+    "projection when it is a separate (untied) vocabulary-size matrix; shared matrices are counted once. "
+    "Speech models (s2t_*): the source is {src_len} frames of 80 filterbank features, front-end included."
 )
 
 
@@ -94,12 +97,14 @@ what is counted:
                           help=f"joined vocabulary size for total parameters and the output projection "
                                f"(default {DEFAULT_VOCAB_SIZE}; with --path the checkpoint's sizes)")
     counting.add_argument("--src-len", type=int, default=SENTENCE_LENGTH, metavar="N",
-                          help="source sentence length for Mult-Adds (the paper uses 30)")
+                          help="source sentence length for Mult-Adds (the paper uses 30): tokens, or feature "
+                               "frames for a speech model")
     counting.add_argument("--tgt-len", type=int, default=SENTENCE_LENGTH, metavar="N",
                           help="target sentence length for Mult-Adds")
     baseline = parser.add_argument_group("baseline shown beside the model")
-    baseline.add_argument("--baseline", default="transformer", metavar="ARCH",
-                          help="baseline architecture; unless --baseline-args says otherwise it gets the model's "
+    baseline.add_argument("--baseline", metavar="ARCH",
+                          help="baseline architecture (default: transformer, or s2t_transformer for a speech "
+                               "model); unless --baseline-args says otherwise it gets the model's "
                                "embedding dims, layers, heads and embedding sharing (over the arch's own defaults), "
                                f"and FFN = {BASELINE_FFN_RATIO} x its embedding dim")
     baseline.add_argument("--baseline-args", default="", metavar="'OPTIONS'",
@@ -143,15 +148,22 @@ def _parse(argv: List[str]) -> Tuple[argparse.Namespace, Dict[str, Any]]:
         parser.error("--match-mult-adds needs a baseline; drop --no-baseline")
     if min(args.src_len, args.tgt_len) < 1:
         parser.error("--src-len and --tgt-len must be at least 1")
-    if not args.no_baseline:
+    if not args.no_baseline and args.baseline is not None:
         _checked_arch("--baseline", args.baseline)  # fail before any model is built
     model_options = {name: value for name, value in vars(args).items() if name not in main_options}
     return args, model_options
 
 
-def _baseline_options(args: argparse.Namespace, model_cfg: Any) -> Dict[str, Any]:
+def _baseline_arch(args: argparse.Namespace, model_cfg: Any) -> str:
+    """``--baseline``, or the default baseline of the model's kind (text or speech)."""
+    if args.baseline is not None:
+        return args.baseline
+    return DEFAULT_BASELINES["speech" if source_features(model_cfg) is not None else "text"]
+
+
+def _baseline_options(args: argparse.Namespace, baseline_arch: str, model_cfg: Any) -> Dict[str, Any]:
     """The baseline's options: the model's sizes and sharing, FFN = 4 x d, then ``--baseline-args``."""
-    accepted = vars(resolve_arch_args(args.baseline, {}))
+    accepted = vars(resolve_arch_args(baseline_arch, {}))
     options = {
         name: value
         for name, value in size_options(model_cfg).items()
@@ -161,10 +173,10 @@ def _baseline_options(args: argparse.Namespace, model_cfg: Any) -> Dict[str, Any
         {name: getattr(model_cfg, name) for name in SHARING_OPTIONS if name in accepted and hasattr(model_cfg, name)}
     )
     parser = argparse.ArgumentParser(
-        prog=f"{PROG} --baseline-args", usage=f"--baseline {args.baseline} --baseline-args 'OPTIONS'",
+        prog=f"{PROG} --baseline-args", usage=f"--baseline {baseline_arch} --baseline-args 'OPTIONS'",
         argument_default=argparse.SUPPRESS,
     )
-    model_class(args.baseline).add_args(parser)
+    model_class(baseline_arch).add_args(parser)
     given = vars(parser.parse_args(shlex.split(args.baseline_args)))
     options.update(given)
     for side in ("encoder", "decoder"):
@@ -185,13 +197,14 @@ def _profiles(args: argparse.Namespace, model_options: Dict[str, Any]) -> List[T
     profile = profile_model(model, model_cfg, args.src_len, args.tgt_len)
     profiles = [("model", profile)]
     if not args.no_baseline:
-        baseline_options = _baseline_options(args, model_cfg)
+        baseline_arch = _baseline_arch(args, model_cfg)
+        baseline_options = _baseline_options(args, baseline_arch, model_cfg)
         if args.match_mult_adds:
             baseline_options = match_width(
-                args.baseline, baseline_options, profile.mult_adds.total, args.src_len, args.tgt_len
+                baseline_arch, baseline_options, profile.mult_adds.total, args.src_len, args.tgt_len
             )
         baseline = profile_arch(
-            args.baseline, baseline_options, profile.src_vocab_size, args.src_len, args.tgt_len,
+            baseline_arch, baseline_options, profile.src_vocab_size, args.src_len, args.tgt_len,
             tgt_vocab_size=profile.tgt_vocab_size,
         )
         profiles.append(("baseline", baseline))
@@ -226,7 +239,7 @@ def format_table(profiles: List[Tuple[str, ModelProfile]], src_len: int, tgt_len
     row("FFN dim, encoder/decoder", lambda p: _pair(p.sizes, "ffn_embed_dim"))
     row("layers, encoder/decoder", lambda p: _pair(p.sizes, "layers"))
     row("attention heads, enc/dec", lambda p: _pair(p.sizes, "attention_heads"))
-    row("vocabulary, source/target", lambda p: f"{p.src_vocab_size}/{p.tgt_vocab_size}")
+    row("vocabulary, source/target", lambda p: f"{p.src_vocab_size or '-'}/{p.tgt_vocab_size}")
     row("parameters w/o embeddings", lambda p: _millions(p.parameters.non_embedding))
     row("  + token embeddings", lambda p: _millions(p.parameters.token_embeddings))
     row("  + positional embeddings", lambda p: _millions(p.parameters.positional_embeddings))

@@ -21,14 +21,14 @@ that criterion (the plugin's speech models subclass ``S2TTransformerModel`` and 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-EncoderOut = Dict[str, List[Tensor]]
+from fairseq_accel.modules.encoder_decoder_types import EncoderOut
 
 
 class CTCHeadError(ValueError):

@@ -7,7 +7,7 @@ Everything else — embeddings, positions, cross-attention, output projection, i
 fairseq's transformer, reused through its ``build_encoder``/``build_decoder``/``build_*_layer`` hooks.
 """
 import argparse
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 from fairseq import options
 from fairseq.distributed import fsdp_wrap
@@ -24,10 +24,12 @@ from torch import nn
 
 from fairseq_accel.modules.branch_spec import (
     BranchSpec,
+    convolution_branches,
     default_kernel_sizes,
     even_split,
     resolve_layer_branches,
 )
+from fairseq_accel.models.option_checks import fill_default, format_value
 from fairseq_accel.modules.multibranch import MultiBranch
 
 
@@ -142,27 +144,42 @@ class LiteTransformerModel(TransformerModel):
         return LiteTransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
-def lsra_defaults(args, conv_type: str, glu: bool, sides=("encoder", "decoder"), branch_heads: int = 4) -> None:
-    """Fill the LSRA options of ``sides`` from the (already set) sizes.
+def lsra_defaults(
+    args, conv_type: str, glu: bool, sides=("encoder", "decoder"), branch_heads: int = 4,
+    weight_dropout: Optional[float] = None,
+) -> None:
+    """Fill the LSRA options of ``sides`` from the (already set) sizes; ``weight_dropout`` defaults to
+    ``--attention-dropout``.
 
     Every paper config gives each branch 4 heads (``attn:1:d/2:4``), whatever the cross-attention uses.
+    A convolution option that the branches leave nothing to act on is refused unless it has its default.
     """
+    with_convolution = []
     for side in sides:
-        embed_dim = getattr(args, f"{side}_embed_dim")
-        if getattr(args, f"{side}_branch_type", None) is None:
-            setattr(args, f"{side}_branch_type", even_split(embed_dim, conv_type, branch_heads))
-        if getattr(args, f"{side}_kernel_size_list", None) is None:
-            setattr(args, f"{side}_kernel_size_list", default_kernel_sizes(getattr(args, f"{side}_layers")))
-        if getattr(args, f"{side}_glu", None) is None:
-            setattr(args, f"{side}_glu", glu)
-    args.weight_softmax = getattr(args, "weight_softmax", True)
-    args.weight_dropout = getattr(args, "weight_dropout", args.attention_dropout)
+        fill_default(args, f"{side}_branch_type", even_split(getattr(args, f"{side}_embed_dim"), conv_type, branch_heads))
+        branch_type = getattr(args, f"{side}_branch_type")
+        convolutions = convolution_branches(branch_type, f"--{side}-branch-type")
+        given = f"--{side}-branch-type {format_value(branch_type)}"
+        if convolutions:
+            with_convolution.append(side)
+        fill_default(args, f"{side}_glu", glu, None if convolutions else f"applies to convolution branches; {given} has none")
+        fill_default(
+            args, f"{side}_kernel_size_list", default_kernel_sizes(getattr(args, f"{side}_layers")),
+            None if any(branch.kernel_size is None for branch in convolutions)
+            else f"applies to convolution branches of kernel 'default'; {given} has none",
+        )
+    shared = None if with_convolution else (
+        "applies to convolution branches; " + " and ".join(f"--{side}-branch-type" for side in sides)
+        + (" has none" if len(sides) == 1 else " have none")
+    )
+    fill_default(args, "weight_softmax", True, shared)
+    fill_default(args, "weight_dropout", args.attention_dropout if weight_dropout is None else weight_dropout, shared)
 
 
-def _lsra_defaults(args, conv_type: str, glu: bool) -> None:
+def _lsra_defaults(args, conv_type: str, glu: bool, weight_dropout: Optional[float] = None) -> None:
     """Stock transformer defaults, then the LSRA options of both sides."""
     transformer_base_architecture(args)
-    lsra_defaults(args, conv_type, glu)
+    lsra_defaults(args, conv_type, glu, weight_dropout=weight_dropout)
 
 
 def _sizes(args, embed_dim: int, heads: int, layers: int = 6) -> None:
@@ -187,8 +204,7 @@ def lite_transformer_iwslt_de_en(args) -> None:
     """IWSLT'14 De-En (configs/iwslt14.de-en/.../embed160.yml): d 160, lightweight conv, no GLU."""
     _sizes(args, embed_dim=160, heads=4)
     args.dropout = getattr(args, "dropout", 0.2)
-    args.weight_dropout = getattr(args, "weight_dropout", 0.1)
-    _lsra_defaults(args, conv_type="lightweight", glu=False)
+    _lsra_defaults(args, conv_type="lightweight", glu=False, weight_dropout=0.1)
 
 
 @register_model_architecture("lite_transformer", "lite_transformer_wmt_en_de")
@@ -197,8 +213,7 @@ def lite_transformer_wmt_en_de(args) -> None:
     _sizes(args, embed_dim=496, heads=8)
     args.share_all_embeddings = getattr(args, "share_all_embeddings", True)
     args.attention_dropout = getattr(args, "attention_dropout", 0.08)
-    args.weight_dropout = getattr(args, "weight_dropout", 0.08)
-    _lsra_defaults(args, conv_type="dynamic", glu=True)
+    _lsra_defaults(args, conv_type="dynamic", glu=True, weight_dropout=0.08)
 
 
 @register_model_architecture("lite_transformer", "lite_transformer_wmt_en_fr")

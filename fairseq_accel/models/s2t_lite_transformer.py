@@ -13,7 +13,12 @@ from fairseq.models.transformer import TransformerConfig
 from torch import Tensor, nn
 
 from fairseq_accel.models.lite_transformer import LiteTransformerEncoderLayer, add_lsra_args, lsra_defaults
-from fairseq_accel.models.s2t_sanm import SpeechEncoder, add_speech_frontend_args, speech_model_defaults
+from fairseq_accel.models.speech_encoder import (
+    SpeechEncoder,
+    add_speech_frontend_args,
+    load_pretrained_encoder,
+    speech_model_defaults,
+)
 from fairseq_accel.modules.branch_spec import resolve_layer_branches
 
 
@@ -48,7 +53,7 @@ class S2TLiteTransformerModel(S2TTransformerModel):
 
     @classmethod
     def build_encoder(cls, args) -> S2TLiteTransformerEncoder:
-        return S2TLiteTransformerEncoder(args)
+        return load_pretrained_encoder(S2TLiteTransformerEncoder(args), args)
 
 
 @register_model_architecture("s2t_lite_transformer", "s2t_lite_transformer_s")

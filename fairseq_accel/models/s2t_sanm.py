@@ -7,104 +7,61 @@
 * an FSMN decoder (FunASR ``FsmnDecoder``): no self-attention, each layer is FFN -> causal FSMN memory
   -> cross-attention, then one FFN-only layer — or fairseq's transformer decoder (``--decoder-type``).
 Everything else (task, data, generation) is stock fairseq.
+
+Checkpoints of earlier versions load unchanged: their ``decoder.decoders3.0.*`` weights (FunASR's name of
+the FFN-only layer) are mapped to ``decoder.final_ffn.*``, and their ``sanm_shfit`` option is read as
+``--sanm-shift``.
 """
 import argparse
 import math
 from typing import Dict, List, Optional
 
-import torch
-from fairseq.models import FairseqEncoder, FairseqIncrementalDecoder, register_model, register_model_architecture
+from fairseq.models import FairseqIncrementalDecoder, register_model, register_model_architecture
 from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
-from fairseq.models.speech_to_text.s2t_transformer import base_architecture as s2t_base_architecture
 from torch import Tensor, nn
 
-from fairseq_accel.models.ctc_head import build_ctc_head
+from fairseq_accel.models.option_checks import fill_default
+from fairseq_accel.models.speech_encoder import (
+    SpeechEncoder,
+    add_speech_frontend_args,
+    load_pretrained_encoder,
+    speech_model_defaults,
+)
+from fairseq_accel.modules.encoder_decoder_types import EncoderOut, IncrementalState
 from fairseq_accel.modules.sanm_attention import (
     CausalFSMN,
     DecoderFeedForward,
-    IncrementalState,
     MultiHeadedAttentionSANM,
     MultiHeadedCrossAttention,
     PositionwiseFeedForward,
 )
-from fairseq_accel.modules.speech_frontend import Conv2dSubsampling, LowFrameRate, padding_mask, sinusoidal_positions
 
-EncoderOut = Dict[str, List[Tensor]]
-
-
-def reorder_speech_encoder_out(encoder_out: EncoderOut, new_order: Tensor) -> EncoderOut:
-    """fairseq's S2T encoder-output reordering (beam search), for the keys our encoders fill."""
-    return {
-        "encoder_out": [x.index_select(1, new_order) for x in encoder_out["encoder_out"]],
-        "encoder_padding_mask": [x.index_select(0, new_order) for x in encoder_out["encoder_padding_mask"]],
-        "encoder_embedding": [],
-        "encoder_states": [x.index_select(1, new_order) for x in encoder_out["encoder_states"]],
-        "src_tokens": [],
-        "src_lengths": [x.index_select(0, new_order) for x in encoder_out["src_lengths"]],
-    }
+# FunASR spells the FSMN shift option ``sanm_shfit``; both spellings are accepted, ``--sanm-shift`` is documented.
+SANM_SHIFT_SPELLINGS = {"sanm_shift": "--sanm-shift", "sanm_shfit": "--sanm-shfit"}
 
 
-def build_frontend(args) -> nn.Module:
-    """``--input-layer conv2d`` (masked 4x subsampling to the model width) or ``lfr`` (m x n stacking)."""
-    features = args.input_feat_per_channel * args.input_channels
-    if args.input_layer == "conv2d":
-        return Conv2dSubsampling(features, args.encoder_embed_dim, args.conv_out_channels)
-    if args.input_layer == "lfr":
-        return LowFrameRate(features, args.lfr_m, args.lfr_n)
-    raise ValueError(f"--input-layer must be conv2d or lfr, got '{args.input_layer}'")
+class SanmShiftOption(argparse.Action):
+    """Store ``--sanm-shift`` / ``--sanm-shfit``; the two spellings given with different values is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for dest, option in SANM_SHIFT_SPELLINGS.items():
+            other = getattr(namespace, dest, None)
+            if dest != self.dest and other is not None and other != values:
+                parser.error(
+                    f"{option_string} {values} contradicts {option} {other}: give the shift once "
+                    "(--sanm-shfit is FunASR's spelling of --sanm-shift)"
+                )
+        setattr(namespace, self.dest, values)
 
 
-class SpeechEncoder(FairseqEncoder):
-    """Front-end, ``x·√d`` + sinusoidal positions, dropout, layers, final norm; fairseq S2T output dict.
-
-    Subclasses build ``self.layers`` and implement :meth:`run_layers` on batch-first tensors.
-    """
-
-    def __init__(self, args, project_to_model_width: bool = False):
-        super().__init__(None)
-        self.frontend = build_frontend(args)
-        # Layers that keep one width throughout need the front-end output at the model width (LFR gives m x 80).
-        self.input_projection = (
-            nn.Linear(self.frontend.out_dim, args.encoder_embed_dim)
-            if project_to_model_width and self.frontend.out_dim != args.encoder_embed_dim
-            else None
-        )
-        self.embed_scale = math.sqrt(args.encoder_embed_dim)
-        self.dropout = nn.Dropout(args.dropout)
-        self.after_norm = nn.LayerNorm(args.encoder_embed_dim)
-        # CTC head of the joint_ctc_attention criterion, built like the stock s2t_transformer's
-        self.ctc_proj = build_ctc_head(args, args.encoder_embed_dim, args.tgt_dict_size)
-
-    def run_layers(self, x: Tensor, padding: Optional[Tensor], states: Optional[List[Tensor]]) -> Tensor:
-        """Apply the layers to batch-first ``x``; append each layer's output (T x B x C) to ``states``."""
-        raise NotImplementedError
-
-    def forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False) -> EncoderOut:
-        """``src_tokens``: (batch, frames, features) filterbanks; ``src_lengths``: (batch,) frames."""
-        if int(self.frontend.output_length(src_lengths).min()) < 1:
-            raise ValueError(
-                f"an utterance of {int(src_lengths.min())} frames is too short for the {type(self.frontend).__name__} "
-                "front-end; filter such utterances out of the manifest"
-            )
-        x, lengths = self.frontend(src_tokens, src_lengths)
-        padding = padding_mask(lengths, x.size(1))
-        if self.input_projection is not None:
-            x = self.input_projection(x)
-        x = x * self.embed_scale + sinusoidal_positions(x.size(1), x.size(2), x.device, x.dtype)
-        states: List[Tensor] = []
-        x = self.run_layers(self.dropout(x), padding if padding.any() else None, states if return_all_hiddens else None)
-        x = self.after_norm(x).transpose(0, 1)
-        return {
-            "encoder_out": [x],  # T x B x C
-            "encoder_padding_mask": [padding] if padding.any() else [],  # B x T
-            "encoder_embedding": [],
-            "encoder_states": states,  # List[T x B x C]
-            "src_tokens": [],
-            "src_lengths": [lengths],
-        }
-
-    def reorder_encoder_out(self, encoder_out: EncoderOut, new_order: Tensor) -> EncoderOut:
-        return reorder_speech_encoder_out(encoder_out, new_order)
+def sanm_shift(args) -> int:
+    """The encoder FSMN shift of ``args``: ``sanm_shift``, or ``sanm_shfit`` (FunASR's spelling, and the only
+    one in checkpoints of earlier versions); 0 when neither is set."""
+    given = {dest: getattr(args, dest, None) for dest in SANM_SHIFT_SPELLINGS}
+    values = {value for value in given.values() if value is not None}
+    if len(values) > 1:
+        raise ValueError(f"sanm_shift {given['sanm_shift']} contradicts sanm_shfit {given['sanm_shfit']}: give the shift once")
+    return values.pop() if values else 0
 
 
 class SANMEncoderLayer(nn.Module):
@@ -114,9 +71,11 @@ class SANMEncoderLayer(nn.Module):
         super().__init__()
         dim = args.encoder_embed_dim
         self.self_attn = MultiHeadedAttentionSANM(
-            args.encoder_attention_heads, in_dim, dim, args.attention_dropout, args.sanm_kernel_size, args.sanm_shfit
+            args.encoder_attention_heads, in_dim, dim, args.attention_dropout, args.sanm_kernel_size, sanm_shift(args)
         )
-        self.feed_forward = PositionwiseFeedForward(dim, args.encoder_ffn_embed_dim, args.activation_dropout)
+        self.feed_forward = PositionwiseFeedForward(
+            dim, args.encoder_ffn_embed_dim, args.activation_dropout, args.activation_fn
+        )
         self.norm1 = nn.LayerNorm(in_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(args.dropout)
@@ -145,14 +104,14 @@ class SANMEncoder(SpeechEncoder):
 class SANMDecoderLayer(nn.Module):
     """FunASR ``DecoderLayerSANM``: ``x + FSMN(norm2(FFN(norm1 x)))``, then ``+ cross-attention(norm3 x)``.
 
-    The last layer of the stack is FFN-only and returns ``FFN(norm1 x)`` without a residual, as FunASR's
-    ``decoders3``.
+    The last layer of the stack is FFN-only and returns ``FFN(norm1 x)`` without a residual (FunASR's
+    ``decoders3``).
     """
 
     def __init__(self, args, ffn_only: bool = False):
         super().__init__()
         dim = args.decoder_embed_dim
-        self.feed_forward = DecoderFeedForward(dim, args.decoder_ffn_embed_dim, args.activation_dropout)
+        self.feed_forward = DecoderFeedForward(dim, args.decoder_ffn_embed_dim, args.activation_dropout, args.activation_fn)
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = None if ffn_only else CausalFSMN(dim, args.attention_dropout, args.decoder_kernel_size)
         self.src_attn = None if ffn_only else MultiHeadedCrossAttention(
@@ -179,7 +138,8 @@ class SANMDecoderLayer(nn.Module):
 
 
 class SANMDecoder(FairseqIncrementalDecoder):
-    """FSMN decoder: token embeddings (no positions: the causal FSMN memory carries order), layers, norm."""
+    """FSMN decoder: token embeddings (no positions: the causal FSMN memory carries order), the FSMN layers
+    ``decoders``, the FFN-only layer ``final_ffn``, norm."""
 
     def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
         super().__init__(dictionary)
@@ -189,7 +149,7 @@ class SANMDecoder(FairseqIncrementalDecoder):
         self.padding_idx = embed_tokens.padding_idx
         self.dropout = nn.Dropout(args.dropout)
         self.decoders = nn.ModuleList(SANMDecoderLayer(args) for _ in range(args.decoder_layers))
-        self.decoders3 = nn.ModuleList([SANMDecoderLayer(args, ffn_only=True)])
+        self.final_ffn = SANMDecoderLayer(args, ffn_only=True)
         self.after_norm = nn.LayerNorm(dim)
         self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
         if args.share_decoder_input_output_embed:
@@ -221,7 +181,7 @@ class SANMDecoder(FairseqIncrementalDecoder):
         memory = encoder_out["encoder_out"][0].transpose(0, 1)
         memory_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         x = self.dropout(self.embed_tokens(prev_output_tokens) * self.embed_scale)
-        for layer in [*self.decoders, *self.decoders3]:
+        for layer in [*self.decoders, self.final_ffn]:
             x = layer(x, padding, memory, memory_padding, incremental_state)
         return self.after_norm(x)
 
@@ -231,16 +191,13 @@ class SANMDecoder(FairseqIncrementalDecoder):
     def max_positions(self) -> int:
         return self.max_target_positions
 
-
-def add_speech_frontend_args(parser: argparse.ArgumentParser) -> None:
-    """Front-end options shared by the plugin's speech encoders."""
-    # fmt: off
-    parser.add_argument("--input-layer", choices=["conv2d", "lfr"],
-                        help="conv2d: two masked 3x3/stride-2 convolutions (4x fewer frames); "
-                             "lfr: FunASR low frame rate stacking of --lfr-m frames every --lfr-n")
-    parser.add_argument("--lfr-m", type=int, metavar="M", help="frames stacked per LFR step (FunASR: 7)")
-    parser.add_argument("--lfr-n", type=int, metavar="N", help="LFR step in frames (FunASR: 6)")
-    # fmt: on
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:
+        """Rename the FFN-only layer's weights of earlier checkpoints: ``decoders3.0.*`` -> ``final_ffn.*``."""
+        prefix = f"{name}." if name else ""
+        old, new = f"{prefix}decoders3.0.", f"{prefix}final_ffn."
+        for key in [key for key in state_dict if key.startswith(old)]:
+            state_dict[new + key[len(old):]] = state_dict.pop(key)
+        return state_dict
 
 
 @register_model("s2t_sanm")
@@ -253,8 +210,9 @@ class S2TSANMModel(S2TTransformerModel):
         add_speech_frontend_args(parser)
         # fmt: off
         parser.add_argument("--sanm-kernel-size", type=int, metavar="K", help="encoder FSMN kernel size (FunASR: 11)")
-        parser.add_argument("--sanm-shfit", type=int, metavar="S",
-                            help="encoder FSMN shift: extra left context, fewer future frames (FunASR's spelling)")
+        parser.add_argument("--sanm-shift", type=int, metavar="S", action=SanmShiftOption,
+                            help="encoder FSMN shift: extra left context, fewer future frames (FunASR: sanm_shfit)")
+        parser.add_argument("--sanm-shfit", type=int, action=SanmShiftOption, help=argparse.SUPPRESS)
         parser.add_argument("--decoder-type", choices=["fsmn", "transformer"],
                             help="fsmn: FunASR's FSMN decoder; transformer: fairseq's transformer decoder")
         parser.add_argument("--decoder-kernel-size", type=int, metavar="K", help="decoder (causal) FSMN kernel size")
@@ -262,7 +220,7 @@ class S2TSANMModel(S2TTransformerModel):
 
     @classmethod
     def build_encoder(cls, args) -> SANMEncoder:
-        return SANMEncoder(args)
+        return load_pretrained_encoder(SANMEncoder(args), args)
 
     @classmethod
     def build_decoder(cls, args, task, embed_tokens):
@@ -271,31 +229,25 @@ class S2TSANMModel(S2TTransformerModel):
         return SANMDecoder(args, task.target_dictionary, embed_tokens)
 
 
-def speech_model_defaults(args) -> None:
-    """Front-end and sizes shared by the plugin's speech models (d 256, 4 heads, FFN 2048, 12 + 6 layers),
-    then fairseq's ``s2t_transformer`` defaults for everything else."""
-    args.input_layer = getattr(args, "input_layer", "conv2d")
-    args.lfr_m = getattr(args, "lfr_m", 7)
-    args.lfr_n = getattr(args, "lfr_n", 6)
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 2048)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.encoder_layers = getattr(args, "encoder_layers", 12)
-    args.decoder_layers = getattr(args, "decoder_layers", 6)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", args.encoder_attention_heads)
-    args.conv_out_channels = getattr(args, "conv_out_channels", args.encoder_embed_dim)
-    args.dropout = getattr(args, "dropout", 0.1)
-    s2t_base_architecture(args)
-
-
 @register_model_architecture("s2t_sanm", "s2t_sanm")
-def s2t_sanm_base(args) -> None:
-    """FunASR ``SANMEncoder`` defaults (d 256, 4 heads, FFN 2048, FSMN kernel 11) with 12 + 6 layers."""
+def s2t_sanm_base(args, conv_out_channels: Optional[int] = None) -> None:
+    """FunASR ``SANMEncoder`` defaults (d 256, 4 heads, FFN 2048, FSMN kernel 11) with 12 + 6 layers.
+
+    SAN-M layers and the FSMN decoder are pre-norm only, and the FSMN decoder has no embedding norm:
+    the stock options that would change that are refused unless they have their default.
+    """
     args.sanm_kernel_size = getattr(args, "sanm_kernel_size", 11)
-    args.sanm_shfit = getattr(args, "sanm_shfit", 0)
+    args.sanm_shift = sanm_shift(args)
+    if hasattr(args, "sanm_shfit"):
+        del args.sanm_shfit  # one spelling in the saved config
     args.decoder_type = getattr(args, "decoder_type", "fsmn")
-    args.decoder_kernel_size = getattr(args, "decoder_kernel_size", args.sanm_kernel_size)
-    speech_model_defaults(args)
+    fsmn_only = None if args.decoder_type == "fsmn" else f"applies to --decoder-type fsmn only, got --decoder-type {args.decoder_type}"
+    fill_default(args, "decoder_kernel_size", args.sanm_kernel_size, fsmn_only)
+    fill_default(args, "encoder_normalize_before", True, "does not apply: SAN-M encoder layers are pre-norm only")
+    transformer_only = None if args.decoder_type == "transformer" else "applies to --decoder-type transformer only (the FSMN decoder is pre-norm, without an embedding norm)"
+    fill_default(args, "decoder_normalize_before", True, transformer_only)
+    fill_default(args, "layernorm_embedding", False, transformer_only)
+    speech_model_defaults(args, conv_out_channels)
 
 
 @register_model_architecture("s2t_sanm", "s2t_sanm_s")
@@ -318,5 +270,4 @@ def s2t_sanm_mini(args) -> None:
     args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 576)
     args.encoder_layers = getattr(args, "encoder_layers", 6)
     args.decoder_layers = getattr(args, "decoder_layers", 3)
-    args.conv_out_channels = getattr(args, "conv_out_channels", 64)
-    s2t_sanm_base(args)
+    s2t_sanm_base(args, conv_out_channels=64)

@@ -33,7 +33,7 @@ def _positive_int(text: str, field: str, spec: str, option: str) -> int:
     return value
 
 
-def parse_branch(spec: str, layer_kernel: int, option: str) -> BranchSpec:
+def parse_branch(spec: str, layer_kernel: Optional[int], option: str) -> BranchSpec:
     """Parse one ``type:kernel:dim:heads`` string for a layer whose default kernel is ``layer_kernel``."""
     fields = str(spec).split(":")
     if len(fields) != 4:
@@ -57,6 +57,13 @@ def parse_branch(spec: str, layer_kernel: int, option: str) -> BranchSpec:
     else:
         kernel = _positive_int(kernel_text, "kernel", spec, option)
     return BranchSpec(branch_type, kernel, dim, heads)
+
+
+def convolution_branches(branch_specs: Sequence[str], option: str) -> List[BranchSpec]:
+    """The convolution branches of ``branch_specs`` (validated); ``kernel_size`` is None where the spec
+    says ``default``, i.e. where the layer's entry of the kernel-size list applies."""
+    branches = [parse_branch(spec, None, option) for spec in branch_specs]
+    return [branch for branch in branches if branch.type != "attn"]
 
 
 def default_kernel_sizes(num_layers: int) -> List[int]:

@@ -15,14 +15,14 @@ of the channels, like the reference's ``LightweightConv``/``DynamicConv`` with `
 Kernels are per head and shared by the ``dim/heads`` channels of the head (fairseq's convention: channel
 ``c`` belongs to head ``c // (dim/heads)``).
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+from fairseq_accel.modules.encoder_decoder_types import IncrementalState
 
 
 def _linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

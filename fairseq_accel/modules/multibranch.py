@@ -12,7 +12,8 @@ from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from fairseq_accel.modules.branch_spec import BranchSpec
-from fairseq_accel.modules.lsra_convolution import CONV_BRANCHES, IncrementalState
+from fairseq_accel.modules.encoder_decoder_types import IncrementalState
+from fairseq_accel.modules.lsra_convolution import CONV_BRANCHES
 
 
 class MultiBranch(nn.Module):

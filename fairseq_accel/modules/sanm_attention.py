@@ -4,22 +4,23 @@ Parameter names follow FunASR (``funasr/models/sanm/attention.py``: ``linear_q_k
 ``linear_out``, ``linear_q``, ``linear_k_v``; ``sanm_shfit`` spelled as there) so trained weights map 1:1.
 Tensors are batch-first ``(batch, time, dim)``; ``padding_mask`` is ``(batch, time)``, True at padding.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq import utils
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+from fairseq_accel.modules.encoder_decoder_types import IncrementalState
 
 
-def fsmn_padding(kernel_size: int, sanm_shfit: int) -> Tuple[int, int]:
+def fsmn_padding(kernel_size: int, shift: int) -> Tuple[int, int]:
     """FunASR's (left, right) padding of the FSMN convolution: (K-1)//2 + shift on the left."""
-    left = (kernel_size - 1) // 2 + sanm_shfit
+    left = (kernel_size - 1) // 2 + shift
     right = kernel_size - 1 - left
     if right < 0:
-        raise ValueError(f"sanm_shfit {sanm_shfit} is too large for FSMN kernel size {kernel_size}")
+        raise ValueError(f"--sanm-shift {shift} is too large for FSMN kernel size {kernel_size} (at most {kernel_size // 2})")
     return left, right
 
 
@@ -155,28 +156,31 @@ class MultiHeadedCrossAttention(nn.Module):
 
 
 class PositionwiseFeedForward(nn.Module):
-    """Encoder FFN (FunASR ``PositionwiseFeedForward``): ``w_2(dropout(relu(w_1 x)))``."""
+    """Encoder FFN (FunASR ``PositionwiseFeedForward``): ``w_2(dropout(act(w_1 x)))``, ``act`` one of
+    fairseq's ``--activation-fn`` (FunASR: relu)."""
 
-    def __init__(self, dim: int, hidden: int, dropout_rate: float):
+    def __init__(self, dim: int, hidden: int, dropout_rate: float, activation: str = "relu"):
         super().__init__()
         self.w_1 = nn.Linear(dim, hidden)
         self.w_2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout_rate)
+        self.activation_fn = utils.get_activation_fn(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(torch.relu(self.w_1(x))))
+        return self.w_2(self.dropout(self.activation_fn(self.w_1(x))))
 
 
 class DecoderFeedForward(nn.Module):
-    """Decoder FFN (FunASR ``PositionwiseFeedForwardDecoderSANM``): ``w_2(norm(dropout(relu(w_1 x))))``,
-    ``w_2`` without bias."""
+    """Decoder FFN (FunASR ``PositionwiseFeedForwardDecoderSANM``): ``w_2(norm(dropout(act(w_1 x))))``,
+    ``w_2`` without bias, ``act`` one of fairseq's ``--activation-fn`` (FunASR: relu)."""
 
-    def __init__(self, dim: int, hidden: int, dropout_rate: float):
+    def __init__(self, dim: int, hidden: int, dropout_rate: float, activation: str = "relu"):
         super().__init__()
         self.w_1 = nn.Linear(dim, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.w_2 = nn.Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout_rate)
+        self.activation_fn = utils.get_activation_fn(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.norm(self.dropout(torch.relu(self.w_1(x)))))
+        return self.w_2(self.norm(self.dropout(self.activation_fn(self.w_1(x)))))
