@@ -149,7 +149,7 @@ SMALL_SPEECH = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "-
                 "--decoder-attention-heads", "2", "--decoder-layers", "1"]
 PLUGIN_MODELS: Dict[str, Tuple[str, str, List[str]]] = {  # model: (arch, task, size options)
     "lite_transformer": ("lite_transformer_mini", "translation", [
-        "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-attention-heads", "2",
+        "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
         "--decoder-attention-heads", "2", "--encoder-layers", "2", "--decoder-layers", "2"]),
     "s2t_sanm": ("s2t_sanm_mini", "speech_to_text", SMALL_SPEECH),
     "s2t_lite_transformer": ("s2t_lite_transformer_s", "speech_to_text", SMALL_SPEECH),
@@ -493,6 +493,7 @@ def test_load_pretrained_encoder_from_a_missing_file_is_logged(tmp_path, caplog)
     ("s2t_lite_transformer", ["--encoder-branch-type", "attn:1:32:2", "--weight-dropout", "0.3"],
      "--weight-dropout 0.3 applies to convolution branches; --encoder-branch-type has none"),
     ("s2t_sanm", [*LFR, "--conv-out-channels", "12"], "--conv-out-channels 12 applies to --input-layer conv2d only"),
+    ("lite_transformer", ["--encoder-attention-heads", "2"], "--encoder-attention-heads 2 has no effect"),
     ("s2t_sanm", ["--conv-version", "convtransformer"], "--conv-version convtransformer configures fairseq's subsampler"),
 ])
 def test_ignored_model_options_are_one_line_errors(model_name: str, options_given: List[str], message: str) -> None:

@@ -183,12 +183,16 @@ def _lsra_defaults(args, conv_type: str, glu: bool, weight_dropout: Optional[flo
 
 
 def _sizes(args, embed_dim: int, heads: int, layers: int = 6) -> None:
-    """Flattened FFN (hidden = embedding size), as in the paper's configs."""
+    """Flattened FFN (hidden = embedding size), as in the paper's configs. The encoder has no layer that
+    ``--encoder-attention-heads`` could set (its attention heads come from ``--encoder-branch-type``);
+    the decoder's sets its cross-attention."""
+    fill_default(args, "encoder_attention_heads", heads,
+                 "has no effect: the LSRA encoder's attention heads are given by --encoder-branch-type")
+    fill_default(args, "decoder_attention_heads", heads)
     for side in ("encoder", "decoder"):
         setattr(args, f"{side}_embed_dim", getattr(args, f"{side}_embed_dim", embed_dim))
         dim = getattr(args, f"{side}_embed_dim")
         setattr(args, f"{side}_ffn_embed_dim", getattr(args, f"{side}_ffn_embed_dim", dim))
-        setattr(args, f"{side}_attention_heads", getattr(args, f"{side}_attention_heads", heads))
         setattr(args, f"{side}_layers", getattr(args, f"{side}_layers", layers))
 
 
