@@ -81,6 +81,19 @@ def test_resized_dictionary_is_refused(accel_checkpoint: Path, tiny_translation_
     assert "symbols, the checkpoint's has" in line, line
 
 
+def test_restore_file_with_a_reordered_dictionary_is_refused(accel_checkpoint: Path, tiny_translation_data: Path,
+                                                            tmp_path: Path) -> None:
+    """fairseq-train --restore-file resumes a checkpoint: another dictionary there is refused as in decoding."""
+    data = edited_copy(tiny_translation_data, tmp_path / "data", "dict.tgt.txt", swap_first_two)
+    resume = ["fairseq-train", "--user-dir", USER_DIR, "--task", "translation_accel", *TINY_TRANSFORMER, *TINY_TRAIN,
+              "--max-update", "4", "--restore-file", accel_checkpoint]
+    line = refusal(run_cli([resume[0], data, *resume[1:], "--save-dir", tmp_path / "resumed"]))
+    assert f"target dictionary {data / 'dict.tgt.txt'} " in line, line
+    same = run_cli([resume[0], tiny_translation_data, *resume[1:], "--save-dir", tmp_path / "same"])
+    assert same.returncode == 0, cli_output(same)
+    assert "@ 3 updates)" in same.stdout + same.stderr, cli_output(same)  # "Loaded checkpoint ... (epoch 1 @ 3 updates)"
+
+
 def test_stock_checkpoint_is_not_checked(tiny_translation_data: Path, tmp_path: Path) -> None:
     """A checkpoint of fairseq's own translation task stores no vocabularies: it decodes as before."""
     checkpoint = train_translation(tiny_translation_data, tmp_path / "stock", "translation")

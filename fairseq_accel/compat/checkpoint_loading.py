@@ -295,6 +295,8 @@ def check_registered(path: str, state: Dict[str, Any]) -> None:
 _loading_path: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "fairseq_accel_loading_path", default=None
 )
+# the task of the fairseq-train run whose checkpoint is being restored (see _restore_task_state)
+_restoring_task: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("fairseq_accel_restoring_task", default=None)
 _WRAPPED_MARK = "__fairseq_accel_wrapped__"
 
 
@@ -329,9 +331,11 @@ def _wrap_load_checkpoint_to_cpu(original: Callable[..., Dict[str, Any]]) -> Cal
                 return original(*args, **kwargs)
         token = _loading_path.set(path)  # for the registry check inside _upgrade_state_dict
         try:
-            return _finish_like_fairseq(read_checkpoint(path), bound.arguments.get("arg_overrides"))
+            state = _finish_like_fairseq(read_checkpoint(path), bound.arguments.get("arg_overrides"))
         finally:
             _loading_path.reset(token)
+        _restore_task_state(state)
+        return state
 
     return load_checkpoint_to_cpu
 
@@ -405,6 +409,18 @@ def _wrap_load_model_ensemble_and_task(original: Callable[..., Any]) -> Callable
     return load_model_ensemble_and_task
 
 
+def _restore_task_state(state: Dict[str, Any]) -> None:
+    """Give the checkpoint's task state to the task that ``fairseq-train --restore-file`` resumes.
+
+    fairseq's generation path calls ``task.load_state_dict`` before building the model, but
+    ``Trainer.load_checkpoint`` never does, so what a task checks there (the accel tasks compare
+    their vocabularies with the checkpoint's) was skipped when training resumed.
+    """
+    task = _restoring_task.get()
+    if task is not None and "task_state" in state:
+        task.load_state_dict(state["task_state"])
+
+
 def _wrap_load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
     # fairseq-train treats a --restore-file that does not exist as "no checkpoint yet" and trains
     # from scratch. Only the default value (checkpoint_last.pt under --save-dir) may be absent.
@@ -421,7 +437,11 @@ def _wrap_load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
                     "pass an existing checkpoint file, or leave --restore-file out to resume from "
                     "<save-dir>/checkpoint_last.pt when there is one"
                 )
-        return original(cfg, trainer, **passthrough_args)
+        token = _restoring_task.set(trainer.task)
+        try:
+            return original(cfg, trainer, **passthrough_args)
+        finally:
+            _restoring_task.reset(token)
 
     return load_checkpoint
 
