@@ -133,7 +133,7 @@ def test_warning_names_the_first_ten_ids_without_audio(tmp_path):
     assert len(warnings) == 1
     listed = sorted(NO_AUDIO + extra)[:10]
     assert warnings[0].startswith("17 of the 27 transcripts have no audio")
-    assert warnings[0].endswith(f"dropped: {', '.join(listed)}, ...")
+    assert warnings[0].endswith(f"dropped: {', '.join(listed)}, ... (7 more)")
 
 
 def test_empty_split_is_one_error_and_writes_nothing(tmp_path):

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from fairseq_accel.data.errors import CorpusError
-from fairseq_accel.data.kaldi_dir import Utterance, read_utf8_lines, write_kaldi_dir
+from fairseq_accel.data.kaldi_dir import Utterance, first_ids, write_kaldi_dir
+from fairseq_accel.data.text_files import read_utf8_lines
 
 SPLITS = ("train", "dev", "test")
 TRANSCRIPT = Path("transcript") / "aishell_transcript_v0.8.txt"
-LISTED_IDS = 10  # how many transcript ids without audio the warning names
 
 
 def _warn(message: str) -> None:
@@ -136,12 +136,11 @@ def prepare_aishell(
             f"(dropped), {len(kept[split])} kept from {speakers} speakers"
         )
     with_audio = {utt_id for split in SPLITS for utt_id in wavs[split]}
-    no_audio = sorted(set(transcripts) - with_audio)
+    no_audio = set(transcripts) - with_audio
     if no_audio:
-        listed = ", ".join(no_audio[:LISTED_IDS]) + (", ..." if len(no_audio) > LISTED_IDS else "")
         warn(
             f"{len(no_audio)} of the {len(transcripts)} transcripts have no audio under {wav_dir} and are "
-            f"dropped: {listed}"
+            f"dropped: {first_ids(no_audio)}"
         )
     empty = [split for split in SPLITS if not kept[split]]
     if empty:

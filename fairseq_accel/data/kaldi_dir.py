@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Collection, Dict, List, NamedTuple, Sequence
 
 from fairseq_accel.data.errors import CorpusError
+from fairseq_accel.data.text_files import read_utf8_lines
 
 INPUT_FILES = ("wav.scp", "text", "utt2spk")  # what the reader needs
 KALDI_FILES = INPUT_FILES + ("spk2utt",)  # what the writer writes
-UTF8_BOM = b"\xef\xbb\xbf"
 LISTED_IDS = 10  # how many offending utterance ids an error message shows
 
 
@@ -95,26 +95,6 @@ def first_ids(ids: Collection[str]) -> str:
     ids = sorted(ids)
     more = f", ... ({len(ids) - LISTED_IDS} more)" if len(ids) > LISTED_IDS else ""
     return ", ".join(ids[:LISTED_IDS]) + more
-
-
-def read_utf8_lines(path: Path) -> List[str]:
-    """The lines of the UTF-8 text file ``path``, without a leading byte order mark.
-
-    Raises :class:`CorpusError` naming the line and byte offset of the first byte that is not UTF-8
-    (e.g. a Latin-1 file), instead of a bare ``UnicodeDecodeError``.
-    """
-    data = Path(path).read_bytes()
-    start = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = start + err.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise CorpusError(
-            f"{path}, line {line}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} "
-            f"({err.reason}); expected UTF-8, e.g. convert with `iconv -f latin1 -t utf-8`"
-        ) from None
-    return text.splitlines()
 
 
 def read_table(path: Path) -> Dict[str, str]:

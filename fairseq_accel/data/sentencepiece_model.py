@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence
 import sentencepiece as spm
 
 from fairseq_accel.data.errors import CorpusError
+from fairseq_accel.data.text_files import read_utf8_lines
 
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 # fairseq's Dictionary numbers <s>, <pad>, </s>, <unk> 0-3 and adds them itself; a model trained with the
@@ -115,11 +116,7 @@ def encode_file(model_path: Path, input_path: Path, output_path: Path) -> int:
     model = load_model(model_path)
     if not Path(input_path).is_file():
         raise CorpusError(f"input text {input_path} not found")
-    try:
-        with open(input_path, encoding="utf-8", newline="\n") as fh:
-            lines = [line.rstrip("\n") for line in fh]
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{input_path}: not UTF-8 text at byte offset {err.start} ({err.reason})") from None
+    lines = read_utf8_lines(input_path)
     pieces = model.encode(lines, out_type=str)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     Path(output_path).write_text("".join(" ".join(line) + "\n" for line in pieces), encoding="utf-8")
