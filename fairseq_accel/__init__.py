@@ -24,13 +24,19 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq 
 
 __version__ = "0.1.0"
 
-from fairseq_accel.compat import batch_tail, checkpoint_loading, s2t_config_check  # noqa: E402
+from fairseq_accel.compat import (  # noqa: E402
+    background_consumer,
+    batch_tail,
+    checkpoint_loading,
+    s2t_config_check,
+)
 
 #: The fairseq 0.12 patches the plugin installs (fairseq_accel/compat/; importing them patches nothing).
 COMPAT_PATCHES = (
     checkpoint_loading,  # torch>=2.6 checkpoint loading: per-load allowlist, trust, one-line errors
     batch_tail,  # fairseq 0.12 drops a last batch that is not a multiple of --required-batch-size-multiple
     s2t_config_check,  # clear errors for files a speech_to_text config.yaml names but that are missing
+    background_consumer,  # fairseq's batch-loading thread is stopped before exit (no SIGABRT after a run)
 )
 for _patch in COMPAT_PATCHES:
     _patch.install()
