@@ -28,6 +28,7 @@ from fairseq_accel.compat import (  # noqa: E402
     background_consumer,
     batch_tail,
     checkpoint_loading,
+    cpu_distributed,
     s2t_config_check,
 )
 
@@ -37,6 +38,7 @@ COMPAT_PATCHES = (
     batch_tail,  # fairseq 0.12 drops a last batch that is not a multiple of --required-batch-size-multiple
     s2t_config_check,  # clear errors for files a speech_to_text config.yaml names but that are missing
     background_consumer,  # fairseq's batch-loading thread is stopped before exit (no SIGABRT after a run)
+    cpu_distributed,  # --cpu --distributed-world-size N trains N gloo ranks (fairseq 0.12 counts CUDA devices)
 )
 for _patch in COMPAT_PATCHES:
     _patch.install()

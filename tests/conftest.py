@@ -34,6 +34,12 @@ TINY_TRAIN = [
     "--dropout", "0.0", "--seed", "1", "--cpu", "--num-workers", "0", "--no-progress-bar",
     "--no-epoch-checkpoints", "--disable-validation",
 ]
+# A 1+1-layer, 16-dim stock transformer for CLI tests that need a model, not quality.
+TINY_TRANSFORMER = [
+    "--arch", "transformer", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-layers", "1",
+    "--decoder-layers", "1", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
 
 
 def tiny_lsra(decoder_conv: str = "lightweight") -> list:

@@ -10,14 +10,9 @@ from typing import List
 import pytest
 import sentencepiece as spm
 
-from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli
+from conftest import TINY_TRAIN, TINY_TRANSFORMER, USER_DIR, cli_output, run_cli
 from test_joint_ctc_attention import TINY_S2T, write_tiny_speech_data
 
-TINY_TRANSFORMER = [
-    "--arch", "transformer", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-layers", "1",
-    "--decoder-layers", "1", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-]
 ERROR = "fairseq_accel.tasks.vocabulary_check.VocabularyMismatchError: "
 
 

@@ -22,6 +22,7 @@ from fairseq_accel.inference.fast_decoder import (
     resolve_kernels,
 )
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator
+from fairseq_accel.tasks.task_options import TaskOptionsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,9 @@ def build_accel_generator(stock, models: List, cfg) -> object:
     return FastSequenceGenerator(stock, model, decoder, kernels)
 
 
-class AccelGenerationMixin:
+class AccelGenerationMixin(TaskOptionsMixin):
     """Put before the stock task class: ``class TranslationAccelTask(AccelGenerationMixin, TranslationTask)``."""
-
-    def accel_config(self):
-        return self.cfg if getattr(self, "cfg", None) is not None else self.args
 
     def build_generator(self, models, args, *rest, **kwargs):
         stock = super().build_generator(models, args, *rest, **kwargs)
-        return build_accel_generator(stock, models, self.accel_config())
+        return build_accel_generator(stock, models, self.task_options())

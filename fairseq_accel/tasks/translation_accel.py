@@ -1,5 +1,5 @@
-"""``translation_accel``: fairseq's ``translation`` task plus the fast generator options, and checkpoints
-that remember their dictionaries."""
+"""``translation_accel``: fairseq's ``translation`` task plus the fast generator options, compression
+fine-tuning, and checkpoints that remember their dictionaries."""
 import os
 from dataclasses import dataclass
 from typing import Dict
@@ -8,18 +8,21 @@ from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_accel.compression.config import CompressionTrainingConfig
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationMixin
+from fairseq_accel.tasks.compression_training import CompressionTrainingMixin
 from fairseq_accel.tasks.vocabulary_check import Vocabulary, VocabularyCheckMixin
 
 
 @dataclass
-class TranslationAccelConfig(TranslationConfig, AccelGenerationConfig):
+class TranslationAccelConfig(TranslationConfig, AccelGenerationConfig, CompressionTrainingConfig):
     pass
 
 
 @register_task("translation_accel", dataclass=TranslationAccelConfig)
-class TranslationAccelTask(VocabularyCheckMixin, AccelGenerationMixin, TranslationTask):
-    """Every ``translation`` option, plus ``--accel-generator fast`` and its cache options."""
+class TranslationAccelTask(VocabularyCheckMixin, CompressionTrainingMixin, AccelGenerationMixin, TranslationTask):
+    """Every ``translation`` option, plus ``--accel-generator fast`` and its cache options, and compression
+    fine-tuning (``--sparsity-*``, ``--admm-*``)."""
 
     def vocabularies(self) -> Dict[str, Vocabulary]:
         """Source and target dictionaries, from ``dict.<lang>.txt`` of the first data folder (as
