@@ -173,6 +173,10 @@ WALK_VALUES: Dict[str, List[str]] = {
     "conv_channels": ["16"],
     "conv_out_channels": ["12"],
     "encoder_freezing_updates": ["10"],
+    "encoder_share_layers": ["2"],
+    "decoder_share_layers": ["2"],
+    "encoder_share_map": ["0,0"],
+    "decoder_share_map": ["0,0"],
 }
 # Options also walked in another setting (where they must equally act or be rejected): the one where they
 # act (LFR sizes), or where they would have nothing to act on (FSMN kernel with the transformer decoder).

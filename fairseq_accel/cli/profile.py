@@ -40,7 +40,8 @@ COUNTING_NOTE = (
     "Excluded: the output projection to the vocabulary (shown on its own line) and embedding lookups; "
     "element-wise work (normalisation, softmax, activations) is not counted. "
     "Parameters without embeddings exclude token embeddings, learned positional embeddings and the output "
-    "projection when it is a separate (untied) vocabulary-size matrix; shared matrices are counted once. "
+    "projection when it is a separate (untied) vocabulary-size matrix; shared matrices (tied embeddings, "
+    "layers that share weights) are counted once, while Mult-Adds count every layer run. "
     "Speech models (s2t_*): the source is {src_len} frames of 80 filterbank features, front-end included."
 )
 

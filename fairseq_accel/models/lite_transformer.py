@@ -30,6 +30,7 @@ from fairseq_accel.modules.branch_spec import (
     resolve_layer_branches,
 )
 from fairseq_accel.models.option_checks import fill_default, format_value
+from fairseq_accel.modules.layer_sharing import SharedLayersModel, add_layer_sharing_args
 from fairseq_accel.modules.multibranch import MultiBranch
 
 
@@ -126,14 +127,25 @@ def add_lsra_args(parser: argparse.ArgumentParser, sides=("encoder", "decoder"))
     # fmt: on
 
 
+def kernel_size_hint(side: str) -> str:
+    """What makes LSRA layers' convolution kernels equal, for a cross-layer sharing error."""
+    return f"layers that share weights need equal --{side}-kernel-size-list entries (their convolution kernels)"
+
+
 @register_model("lite_transformer")
-class LiteTransformerModel(TransformerModel):
-    """Lite Transformer (LSRA) encoder-decoder; takes every ``transformer`` option plus the LSRA ones."""
+class LiteTransformerModel(SharedLayersModel, TransformerModel):
+    """Lite Transformer (LSRA) encoder-decoder; takes every ``transformer`` option plus the LSRA ones and
+    cross-layer weight sharing."""
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         TransformerModel.add_args(parser)
         add_lsra_args(parser, sides=("encoder", "decoder"))
+        add_layer_sharing_args(parser)
+
+    @classmethod
+    def sharing_hints(cls, args):
+        return {side: kernel_size_hint(side) for side in ("encoder", "decoder")}
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens) -> LiteTransformerEncoder:

@@ -12,7 +12,12 @@ from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
 from fairseq.models.transformer import TransformerConfig
 from torch import Tensor, nn
 
-from fairseq_accel.models.lite_transformer import LiteTransformerEncoderLayer, add_lsra_args, lsra_defaults
+from fairseq_accel.models.lite_transformer import (
+    LiteTransformerEncoderLayer,
+    add_lsra_args,
+    kernel_size_hint,
+    lsra_defaults,
+)
 from fairseq_accel.models.speech_encoder import (
     SpeechEncoder,
     add_speech_frontend_args,
@@ -20,6 +25,7 @@ from fairseq_accel.models.speech_encoder import (
     speech_model_defaults,
 )
 from fairseq_accel.modules.branch_spec import resolve_layer_branches
+from fairseq_accel.modules.layer_sharing import SharedLayersModel, add_layer_sharing_args
 
 
 class S2TLiteTransformerEncoder(SpeechEncoder):
@@ -42,14 +48,20 @@ class S2TLiteTransformerEncoder(SpeechEncoder):
 
 
 @register_model("s2t_lite_transformer")
-class S2TLiteTransformerModel(S2TTransformerModel):
-    """LSRA speech encoder + transformer decoder; every ``s2t_transformer`` option still applies."""
+class S2TLiteTransformerModel(SharedLayersModel, S2TTransformerModel):
+    """LSRA speech encoder + transformer decoder; every ``s2t_transformer`` option still applies, and
+    cross-layer weight sharing."""
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
         S2TTransformerModel.add_args(parser)
         add_speech_frontend_args(parser)
         add_lsra_args(parser, sides=("encoder",))
+        add_layer_sharing_args(parser)
+
+    @classmethod
+    def sharing_hints(cls, args):
+        return {"encoder": kernel_size_hint("encoder")}
 
     @classmethod
     def build_encoder(cls, args) -> S2TLiteTransformerEncoder:

@@ -28,6 +28,7 @@ from fairseq_accel.models.speech_encoder import (
     speech_model_defaults,
 )
 from fairseq_accel.modules.encoder_decoder_types import EncoderOut, IncrementalState
+from fairseq_accel.modules.layer_sharing import SharedLayersModel, add_layer_sharing_args
 from fairseq_accel.modules.sanm_attention import (
     CausalFSMN,
     DecoderFeedForward,
@@ -201,8 +202,9 @@ class SANMDecoder(FairseqIncrementalDecoder):
 
 
 @register_model("s2t_sanm")
-class S2TSANMModel(S2TTransformerModel):
-    """SAN-M encoder with an FSMN or transformer decoder; every ``s2t_transformer`` option still applies."""
+class S2TSANMModel(SharedLayersModel, S2TTransformerModel):
+    """SAN-M encoder with an FSMN or transformer decoder; every ``s2t_transformer`` option still applies, and
+    cross-layer weight sharing (the FSMN decoder's FFN-only last layer stays unshared)."""
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -217,6 +219,18 @@ class S2TSANMModel(S2TTransformerModel):
                             help="fsmn: FunASR's FSMN decoder; transformer: fairseq's transformer decoder")
         parser.add_argument("--decoder-kernel-size", type=int, metavar="K", help="decoder (causal) FSMN kernel size")
         # fmt: on
+        add_layer_sharing_args(parser)
+
+    @classmethod
+    def layer_stacks(cls, model):
+        decoder = model.decoder
+        return {"encoder": model.encoder.layers,
+                "decoder": decoder.decoders if isinstance(decoder, SANMDecoder) else decoder.layers}
+
+    @classmethod
+    def sharing_hints(cls, args):
+        return {"encoder": "the first layer takes the front-end's width; keep it alone, e.g. --encoder-share-map "
+                           "0,1,1,3,3,..."}
 
     @classmethod
     def build_encoder(cls, args) -> SANMEncoder:
