@@ -13,7 +13,7 @@ FAIRSEQ_DEPS := cffi cython "hydra-core>=1.3.2" omegaconf numpy regex sacrebleu 
 # The plugin's own needs (setup.py: install_requires and the [test], [gpu] and [bench] extras), installed
 # with the pinned torch on the same command line so that nothing can swap it. cupy + NVRTC let the tests
 # compile every CUDA kernel without a GPU; ctranslate2 is the speed peer in fairseq-accel-benchmark.
-PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout cupy-cuda12x nvidia-cuda-nvrtc-cu12 ctranslate2
+PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout cupy-cuda12x nvidia-cuda-nvrtc-cu12 ctranslate2 matplotlib
 
 .PHONY: all system-deps venv demo test clean
 all: test

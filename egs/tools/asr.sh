@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared ASR pipeline (stages 2-5) that the corpus recipes egs/<corpus>/asr/run.sh call once their
+# Shared ASR pipeline (stages 2-7) that the corpus recipes egs/<corpus>/asr/run.sh call once their
 # stage 1 has written Kaldi-style data directories (wav.scp, text, utt2spk) for --train_set,
 # --valid_set and --test_set below --kaldi_dir.
 #
@@ -7,7 +7,15 @@
 #      fairseq speech_to_text manifests + config.yaml (fairseq-accel-prepare s2t)
 #   3  train each experiment config with fairseq-train --task speech_to_text (its train: section)
 #   4  decode --test_set with fairseq-generate --task speech_to_text_accel (its generate: section)
-#   5  score (jiwer WER and CER) and print one results table for all configs
+#   5  score (jiwer WER and CER) and print one results table for all configs (and the decoded
+#      compression fine-tunes of stage 6)
+#   6  compression: fine-tune --compress_base's trained model with each of --compress_configs
+#      (conf/compress/*.yaml: progressive sparsity, ADMM weight quantization) into
+#      <exp_dir>/<base>__<compress>/, decode it like the base (its last checkpoint), add its row (with the
+#      sparsity reached) to the results table
+#   7  sparsity sweep: fine-tunes of --compress_base at --sweep_sparsities x --sweep_patterns with the
+#      budget of --sweep_config (sparsity 0: same budget, no pruning), decoded and scored into
+#      <exp_dir>/<base>/sparsity_sweep.{md,json,png} (--sweep_metric against sparsity)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
 # from its checkpoint_last.pt.
@@ -30,13 +38,26 @@ specaugment=true        # SpecAugment on the training set (config.yaml); false f
 nj=2                    # parallel jobs for feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
+compress_base=""        # config of the trained experiment that stages 6-7 fine-tune
+compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 6
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
+sweep_config=""         # compression config whose budget and schedule every sweep point uses (stage 7)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+sweep_metric=wer        # metric plotted by the sweep: wer or cer
+recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
+. "${tools_dir}/compress_stages.sh"
 case "${specaugment}" in
   true|false) ;;
   *) log "error: --specaugment must be true or false, got '${specaugment}'"; exit 2 ;;
+esac
+case "${sweep_metric}" in
+  wer|cer) ;;
+  *) log "error: --sweep_metric must be wer or cer, got '${sweep_metric}'"; exit 2 ;;
 esac
 
 if in_stage 2; then
@@ -61,18 +82,47 @@ if in_stage 3; then
   done
 fi
 
+# decode_test CONFIG EXP: decode ${test_set} with EXP's checkpoint and CONFIG's generate: section.
+decode_test() {
+  local utterances
+  utterances=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))  # the manifest has a header line
+  decode_experiment "$1" "$2" "${s2t_dir}" "${test_set}" D "${utterances}" \
+    --task speech_to_text_accel --config-yaml config.yaml
+}
+
+# finetune_and_decode COMPRESS_CONFIG EXP: see compress_stages.sh.
+finetune_and_decode() {
+  compress_experiment "${compress_base}" "$1" "$2" "${s2t_dir}" --task speech_to_text_accel \
+    --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}"
+  decode_test "${compress_base}" "$2"
+}
+
+# write_results OUT EXP...: see compress_stages.sh.
+write_results() {
+  local out=$1
+  shift
+  python3 "${tools_dir}/asr_results.py" "$@" --subset "${test_set}" --out "${out}"
+}
+
 if in_stage 4; then
   log "Stage 4: decode ${test_set} (detokenized hypotheses)"
-  utterances=$(($(wc -l < "${s2t_dir}/${test_set}.tsv") - 1))  # the manifest has a header line
   for config in "${config_list[@]}"; do
-    decode_experiment "${config}" "$(exp_of "${config}")" "${s2t_dir}" "${test_set}" D "${utterances}" \
-      --task speech_to_text_accel --config-yaml config.yaml
+    decode_test "${config}" "$(exp_of "${config}")"
   done
 fi
 
 if in_stage 5; then
   log "Stage 5: results (${test_set}) in ${exp_dir}/RESULTS.md"
-  exps=()
-  for config in "${config_list[@]}"; do exps+=("$(exp_of "${config}")"); done
-  python3 "${tools_dir}/asr_results.py" "${exps[@]}" --subset "${test_set}" --out "${exp_dir}/RESULTS.md"
+  mapfile -t exps < <(results_exps "decode_${test_set}")
+  write_results "${exp_dir}/RESULTS.md" "${exps[@]}"
+fi
+
+if in_stage 6; then
+  log "Stage 6: compression fine-tunes of ${compress_base}, decoded on ${test_set}"
+  compress_stage "decode_${test_set}"
+fi
+
+if in_stage 7; then
+  log "Stage 7: sparsity sweep of ${compress_base} (${sweep_metric} on ${test_set})"
+  sweep_stage "${sweep_metric}"
 fi

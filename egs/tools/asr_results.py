@@ -4,7 +4,8 @@
 For each experiment directory it reads
   decode_<subset>/hyp.txt, ref.txt  detokenized hypotheses and references in corpus order
   decode_<subset>/generate.txt      fairseq-generate's log ("Translated N sentences (T tokens) in S s")
-  checkpoints/checkpoint_best.pt    the decoded model (architecture and parameter count)
+  checkpoints/checkpoint_best.pt    the decoded model (architecture, parameter count); checkpoint_last.pt for
+                                    a compression fine-tune (compress.yaml), with the sparsity it reached
 and scores word and character error rates with jiwer (CER over characters with spaces removed, the
 convention for Mandarin, where it is the metric that counts).
 
@@ -17,22 +18,19 @@ from typing import Dict, List, Optional
 
 import jiwer
 
-from results_table import ResultsError, decode_speed, millions, read_pairs, results_main
+from results_table import (decode_speed, decoded_checkpoint, load_checkpoint, millions, percent, read_pairs,
+                           results_main, sparsity_of)
 
-COLUMNS = ["experiment", "arch", "params", "WER %", "CER %", "decode s", "utterances/s"]
+COLUMNS = ["experiment", "arch", "params", "WER %", "CER %", "sparsity %", "decode s", "utterances/s"]
 
 
 def checkpoint_summary(checkpoint: Path) -> Dict[str, object]:
-    """Architecture name and parameter count of a fairseq checkpoint (loaded with the plugin's safe loader)."""
-    if not checkpoint.is_file():
-        raise ResultsError(f"{checkpoint} not found; run the training stage for this experiment first")
-    import fairseq_accel  # noqa: F401  (registers the models; safe checkpoint loading under torch >= 2.6)
-    from fairseq import checkpoint_utils
-
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    """Architecture name, parameter count and reached sparsity (None: not pruned) of a fairseq checkpoint."""
+    state = load_checkpoint(checkpoint)
     model_cfg = state["cfg"]["model"]
     return {"arch": getattr(model_cfg, "arch", None) or model_cfg.get("_name"),
-            "params": sum(tensor.numel() for tensor in state["model"].values())}
+            "params": sum(tensor.numel() for tensor in state["model"].values()),
+            "sparsity": sparsity_of(state)}
 
 
 def character_error_rate(references: List[str], hypotheses: List[str]) -> float:
@@ -45,7 +43,7 @@ def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, objec
     speed = decode_speed(decode_dir / "generate.txt")
     return {
         "experiment": exp_dir.name,
-        **checkpoint_summary(exp_dir / "checkpoints" / "checkpoint_best.pt"),
+        **checkpoint_summary(decoded_checkpoint(exp_dir)),
         "wer": 100 * jiwer.wer(references, hypotheses),
         "cer": 100 * character_error_rate(references, hypotheses),
         "utterances_per_s": speed["sentences"] / speed["seconds"],
@@ -56,7 +54,7 @@ def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, objec
 def table_row(row: Dict[str, object]) -> List[str]:
     return [
         row["experiment"], row["arch"], millions(row["params"]), f"{row['wer']:.2f}", f"{row['cer']:.2f}",
-        f"{row['seconds']:.1f}", f"{row['utterances_per_s']:.1f}",
+        percent(row["sparsity"]), f"{row['seconds']:.1f}", f"{row['utterances_per_s']:.1f}",
     ]
 
 

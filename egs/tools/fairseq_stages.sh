@@ -27,23 +27,71 @@ train_experiment() {
   mkdir -p "${exp}"
   cp "${config}" "${exp}/config.yaml"
   python3 "${repo_root}/egs/tools/yaml2args.py" "${config}" --section train > "${exp}/train.args"
+  _fairseq_train "${exp}" "${data}" "${train_args}" "$@"
+}
+
+# compress_experiment BASE_CONFIG COMPRESS_CONFIG EXP DATA [ARGS...]: fine-tune the trained model of
+# BASE_CONFIG (its checkpoint_best.pt) on DATA with fairseq-train --finetune-from-model: the train: section
+# of BASE_CONFIG with that of COMPRESS_CONFIG laid over it (yaml2args.py --override), then ARGS and
+# ${compress_args}. fairseq resets optimizer, learning-rate schedule, meters and data order and counts
+# updates from 0, so the yaml's --sparsity-*-update and --admm-*-update count from the start of the
+# fine-tune. Both configs are copied to EXP (EXP/compress.yaml marks a compression fine-tune). Skipped
+# once EXP/.train.done exists; an interrupted fine-tune resumes from its own checkpoint_last.pt.
+compress_experiment() {
+  local base_config=$1 compress_config=$2 exp=$3 data=$4
+  shift 4
+  local base_checkpoint
+  base_checkpoint="$(exp_of "${base_config}")/checkpoints/checkpoint_best.pt"
+  log "fine-tune $(basename "${exp}") from ${base_checkpoint} with ${compress_config}"
+  stage_done "${exp}/.train.done" "fine-tuning $(basename "${exp}")" && return 0
+  require fairseq-train
+  if [ ! -f "${base_checkpoint}" ]; then
+    log "error: ${base_checkpoint} not found; train ${base_config} first (the training stage)"
+    exit 2
+  fi
+  mkdir -p "${exp}"
+  cp "${base_config}" "${exp}/config.yaml"
+  cp "${compress_config}" "${exp}/compress.yaml"
+  python3 "${repo_root}/egs/tools/yaml2args.py" "${base_config}" --section train \
+    --override "${compress_config}" > "${exp}/train.args"
+  _fairseq_train "${exp}" "${data}" "${compress_args}" --finetune-from-model "${base_checkpoint}" "$@"
+}
+
+# _fairseq_train EXP DATA EXTRA [ARGS...]: fairseq-train on DATA with ARGS, the arguments in EXP/train.args
+# and EXTRA (a string of further arguments); the log goes to EXP/train.log, EXP/.train.done marks the end.
+_fairseq_train() {
+  local exp=$1 data=$2 extra=$3
+  shift 3
   local config_args
   mapfile -t config_args < "${exp}/train.args"
-  # shellcheck disable=SC2086  # ${train_args} holds several arguments
+  # shellcheck disable=SC2086  # ${extra} holds several arguments
   fairseq-train "${data}" --user-dir "${repo_root}/user_dir" --save-dir "${exp}/checkpoints" "$@" \
-    "${config_args[@]}" ${train_args} 2>&1 | tee "${exp}/train.log"
+    "${config_args[@]}" ${extra} 2>&1 | tee "${exp}/train.log"
   touch "${exp}/.train.done"
 }
 
+# decoded_checkpoint EXP: the checkpoint that decoding EXP uses: checkpoint_best.pt of a trained config;
+# checkpoint_last.pt of a compression fine-tune (EXP/compress.yaml), the only one sure to be at the final
+# sparsity and on the quantization grid (the best validation loss comes while pruning is still under
+# way). egs/tools/results_table.py (decoded_checkpoint) reads the same one.
+decoded_checkpoint() {
+  if [ -f "$1/compress.yaml" ]; then
+    echo "$1/checkpoints/checkpoint_last.pt"
+  else
+    echo "$1/checkpoints/checkpoint_best.pt"
+  fi
+}
+
 # decode_experiment CONFIG EXP DATA SUBSET HYP_PREFIX EXPECTED [ARGS...]: fairseq-generate of SUBSET with
-# EXP's checkpoint_best.pt and the generate: section of CONFIG, then ARGS and ${decode_args}. Writes
+# EXP's decoded_checkpoint and the generate: section of CONFIG, then ARGS and ${decode_args}. Writes
 # EXP/decode_SUBSET/{generate.txt (the whole log: it holds the timing), hyp.txt (the HYP_PREFIX lines, H
 # or D), ref.txt} in corpus order and stops unless there are EXPECTED hypotheses. Skipped once
 # EXP/decode_SUBSET/.done exists.
 decode_experiment() {
   local config=$1 exp=$2 data=$3 subset=$4 prefix=$5 expected=$6
   shift 6
-  local decode_dir="${exp}/decode_${subset}" checkpoint="${exp}/checkpoints/checkpoint_best.pt"
+  local decode_dir="${exp}/decode_${subset}" checkpoint
+  checkpoint=$(decoded_checkpoint "${exp}")
   log "decode ${subset} with ${checkpoint}"
   stage_done "${decode_dir}/.done" "decoding $(basename "${exp}")" && return 0
   require fairseq-generate

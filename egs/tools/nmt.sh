@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Shared NMT pipeline (stages 2-6) that the corpus recipes egs/<corpus>/nmt/run.sh call once their
+# Shared NMT pipeline (stages 2-6, 8-9) that the corpus recipes egs/<corpus>/nmt/run.sh call once their
 # stage 1 has written plain text {train,valid,test}.{src,tgt} to --text_dir.
 #
 #   2  joint sentencepiece model on train.src + train.tgt; encode every split (fairseq-accel-prepare spm)
 #   3  binarize with fairseq-preprocess
 #   4  train each experiment config with fairseq-train (its train: section)
 #   5  decode --gen_subset with fairseq-generate --task translation_accel (its generate: section); profile
-#   6  score (sacrebleu BLEU, chrF) and print one results table for all configs
+#   6  score (sacrebleu BLEU, chrF) and print one results table for all configs (and the decoded
+#      compression fine-tunes of stage 8)
+#   8  compression: fine-tune --compress_base's trained model with each of --compress_configs
+#      (conf/compress/*.yaml: progressive sparsity, ADMM weight quantization) into
+#      <exp_dir>/<base>__<compress>/, decode it like the base (its last checkpoint), add its row (with the
+#      sparsity reached) to the results table
+#   9  sparsity sweep: fine-tunes of --compress_base at --sweep_sparsities x --sweep_patterns with the
+#      budget of --sweep_config (sparsity 0: same budget, no pruning), decoded and scored into
+#      <exp_dir>/<base>/sparsity_sweep.{md,json,png} (BLEU against sparsity)
+# (stage 7 is left to the corpus recipe: the mini recipe's decoding benchmark)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
 # from its checkpoint_last.pt.
@@ -28,10 +37,18 @@ nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
 gen_subset=test         # split decoded in stage 5 (test or valid)
+compress_base=""        # config of the trained experiment that stages 8-9 fine-tune
+compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 8
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
+sweep_config=""         # compression config whose budget and schedule every sweep point uses (stage 9)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
+. "${tools_dir}/compress_stages.sh"
 spm_dir="${data_dir}/spm_${bpe_type}${bpe_vocab_size}"
 bin_dir="${data_dir}/bin_${bpe_type}${bpe_vocab_size}"
 
@@ -71,24 +88,55 @@ if in_stage 4; then
   done
 fi
 
+# decode_and_profile CONFIG EXP: decode ${gen_subset} with EXP's checkpoint and CONFIG's generate: section,
+# and count its parameters and Mult-Adds (EXP/profile.json, for the results table).
+decode_and_profile() {
+  local config=$1 exp=$2
+  decode_experiment "${config}" "${exp}" "${bin_dir}" "${gen_subset}" H "$(wc -l < "${text_dir}/${gen_subset}.${tgt}")" \
+    --task translation_accel --source-lang "${src}" --target-lang "${tgt}"
+  if [ ! -f "${exp}/profile.json" ]; then
+    fairseq-accel-profile --path "$(decoded_checkpoint "${exp}")" --no-baseline --format json \
+      > "${exp}/profile.json.part"
+    mv "${exp}/profile.json.part" "${exp}/profile.json"
+  fi
+}
+
+# finetune_and_decode COMPRESS_CONFIG EXP: see compress_stages.sh.
+finetune_and_decode() {
+  require fairseq-accel-profile
+  compress_experiment "${compress_base}" "$1" "$2" "${bin_dir}" --task translation_accel \
+    --source-lang "${src}" --target-lang "${tgt}"
+  decode_and_profile "${compress_base}" "$2"
+}
+
+# write_results OUT EXP...: see compress_stages.sh.
+write_results() {
+  local out=$1
+  shift
+  python3 "${tools_dir}/nmt_results.py" "$@" --subset "${gen_subset}" --bleu-tokenize "${bleu_tokenize}" \
+    --out "${out}"
+}
+
 if in_stage 5; then
   log "Stage 5: decode ${gen_subset} (hypotheses after BPE removal) and profile"
   require fairseq-accel-profile
   for config in "${config_list[@]}"; do
-    exp=$(exp_of "${config}")
-    decode_experiment "${config}" "${exp}" "${bin_dir}" "${gen_subset}" H "$(wc -l < "${text_dir}/${gen_subset}.${tgt}")" \
-      --task translation_accel --source-lang "${src}" --target-lang "${tgt}"
-    if [ ! -f "${exp}/profile.json" ]; then
-      fairseq-accel-profile --path "${exp}/checkpoints/checkpoint_best.pt" --no-baseline --format json > "${exp}/profile.json.part"
-      mv "${exp}/profile.json.part" "${exp}/profile.json"
-    fi
+    decode_and_profile "${config}" "$(exp_of "${config}")"
   done
 fi
 
 if in_stage 6; then
   log "Stage 6: results (${gen_subset}) in ${exp_dir}/RESULTS.md"
-  exps=()
-  for config in "${config_list[@]}"; do exps+=("$(exp_of "${config}")"); done
-  python3 "${tools_dir}/nmt_results.py" "${exps[@]}" --subset "${gen_subset}" \
-    --bleu-tokenize "${bleu_tokenize}" --out "${exp_dir}/RESULTS.md"
+  mapfile -t exps < <(results_exps "decode_${gen_subset}")
+  write_results "${exp_dir}/RESULTS.md" "${exps[@]}"
+fi
+
+if in_stage 8; then
+  log "Stage 8: compression fine-tunes of ${compress_base}, decoded on ${gen_subset}"
+  compress_stage "decode_${gen_subset}"
+fi
+
+if in_stage 9; then
+  log "Stage 9: sparsity sweep of ${compress_base} (BLEU on ${gen_subset})"
+  sweep_stage bleu
 fi

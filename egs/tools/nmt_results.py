@@ -5,6 +5,7 @@ For each experiment directory it reads
   decode_<subset>/hyp.txt, ref.txt  hypotheses and references in corpus order, BPE removed
   decode_<subset>/generate.txt      fairseq-generate's log ("Translated N sentences (T tokens) in S s")
   profile.json                      fairseq-accel-profile --no-baseline --format json of the checkpoint
+  checkpoints/checkpoint_last.pt    of a compression fine-tune (compress.yaml): the sparsity it reached
 and scores BLEU and chrF with sacrebleu. Raw text (the mini corpus) is scored with sacrebleu's standard
 13a tokenization; IWSLT'14 text is already Moses-tokenized and lowercased, and the paper convention
 scores it as it is (``--bleu-tokenize none``, what fairseq's and multi-bleu's BLEU do).
@@ -19,9 +20,10 @@ from typing import Dict, List, Optional
 
 import sacrebleu
 
-from results_table import ResultsError, decode_speed, millions, read_pairs, results_main
+from results_table import ResultsError, decode_speed, millions, percent, reached_sparsity, read_pairs, results_main
 
-COLUMNS = ["experiment", "arch", "params w/o emb", "Mult-Adds (30 tok)", "BLEU", "chrF", "decode s", "tokens/s"]
+COLUMNS = ["experiment", "arch", "params w/o emb", "Mult-Adds (30 tok)", "BLEU", "chrF", "sparsity %", "decode s",
+           "tokens/s"]
 
 
 def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, object]:
@@ -38,6 +40,7 @@ def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, objec
         "mult_adds": model["mult_adds"]["total"],
         "bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=args.bleu_tokenize).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        "sparsity": reached_sparsity(exp_dir),
         **decode_speed(decode_dir / "generate.txt"),
     }
 
@@ -45,7 +48,8 @@ def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, objec
 def table_row(row: Dict[str, object]) -> List[str]:
     return [
         row["experiment"], row["arch"], millions(row["params"]), millions(row["mult_adds"]),
-        f"{row['bleu']:.2f}", f"{row['chrf']:.2f}", f"{row['seconds']:.1f}", f"{row['tokens_per_s']:.0f}",
+        f"{row['bleu']:.2f}", f"{row['chrf']:.2f}", percent(row["sparsity"]), f"{row['seconds']:.1f}",
+        f"{row['tokens_per_s']:.0f}",
     ]
 
 

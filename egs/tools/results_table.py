@@ -1,11 +1,12 @@
 """Pieces shared by the recipes' result scripts (nmt_results.py, asr_results.py): reading the files a
-decoding stage leaves, fairseq-generate's timing line, and a markdown table."""
+decoding stage leaves, fairseq-generate's timing line, the decoded checkpoint and the sparsity a
+compression fine-tune reached, and a markdown table."""
 import argparse
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 GENERATE_SUMMARY = re.compile(
     r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
@@ -40,6 +41,49 @@ def decode_speed(generate_log: Path) -> Dict[str, float]:
         raise ResultsError(f"{generate_log}: no 'Translated N sentences ... tokens/s' line; did fairseq-generate finish?")
     sentences, _, seconds, _, tokens_per_second = matches[-1]
     return {"sentences": int(sentences.replace(",", "")), "seconds": float(seconds), "tokens_per_s": float(tokens_per_second)}
+
+
+def decoded_checkpoint(exp_dir: Path) -> Path:
+    """The checkpoint the decoding stage used (the rule of decoded_checkpoint in fairseq_stages.sh):
+    checkpoint_last.pt of a compression fine-tune (``compress.yaml`` beside it), else checkpoint_best.pt."""
+    name = "checkpoint_last.pt" if (exp_dir / "compress.yaml").is_file() else "checkpoint_best.pt"
+    return exp_dir / "checkpoints" / name
+
+
+def load_checkpoint(checkpoint: Path) -> Dict[str, Any]:
+    """A fairseq checkpoint, read with the plugin's safe loader (torch >= 2.6)."""
+    if not checkpoint.is_file():
+        raise ResultsError(f"{checkpoint} not found; run the training stage for this experiment first")
+    import fairseq_accel  # noqa: F401  (registers the models and tasks; safe checkpoint loading)
+    from fairseq import checkpoint_utils
+
+    return checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+
+
+def sparsity_of(state: Dict[str, Any]) -> Optional[float]:
+    """Share of zeros in the weights a compression fine-tune pruned (those its saved sparsity masks name),
+    counted in the saved weights themselves; None for a checkpoint trained without pruning."""
+    from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
+
+    compression = (state.get("task_state") or {}).get(COMPRESSION_KEY) or {}
+    masks = (compression.get("sparsity") or {}).get("masks")
+    if not masks:
+        return None
+    weights = [state["model"][name] for name in masks]
+    return sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+
+
+def reached_sparsity(exp_dir: Path) -> Optional[float]:
+    """:func:`sparsity_of` the decoded checkpoint of a compression fine-tune; None (no checkpoint read)
+    for any other experiment."""
+    if not (exp_dir / "compress.yaml").is_file():
+        return None
+    return sparsity_of(load_checkpoint(decoded_checkpoint(exp_dir)))
+
+
+def percent(value: Optional[float]) -> str:
+    """A fraction as a percentage with one decimal, or '-' when there is none."""
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def millions(value: float) -> str:

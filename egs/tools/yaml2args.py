@@ -19,6 +19,12 @@ Read the output into a bash array through a file, so that a bad config stops a `
     fairseq-train data-bin "${train_args[@]}"
 
 ``--null`` separates arguments by NUL instead (``mapfile -d '' -t``), for values with line breaks.
+
+``--override OTHER.yaml`` lays the same section of a second config over the first, key by key: its values
+replace the first config's (``false`` drops a flag the first one sets), its new keys come last. The
+recipes' compression fine-tunes use it to apply ``conf/compress/*.yaml`` to the trained model's config:
+
+    python egs/tools/yaml2args.py conf/base.yaml --section train --override conf/compress/sparse50.yaml
 """
 import argparse
 import re
@@ -77,6 +83,18 @@ def select_section(config: Dict[str, Any], path: Path, section: Optional[str] = 
     return config[section]
 
 
+def override_options(options: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with each key of ``overrides`` set to its value there: in its place when ``options`` has
+    it ('-' and '_' count as the same, as on the command line), else appended."""
+    def flag(key: Any) -> str:
+        return str(key).replace("-", "_")
+
+    replaced = {flag(key): (key, value) for key, value in overrides.items()}
+    merged = dict(replaced.pop(flag(key), (key, value)) for key, value in options.items())
+    merged.update(dict(replaced.values()))
+    return merged
+
+
 def _scalar(value: Any, path: Path, key: str) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
         raise ConfigError(f"{path}: key '{key}': list items must be strings or numbers, got {value!r}")
@@ -132,12 +150,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--section", help="use this top-level section (e.g. train or generate)")
     parser.add_argument(
+        "--override", type=Path, metavar="OTHER.yaml",
+        help="a second config whose options (same --section) replace or extend the first one's",
+    )
+    parser.add_argument(
         "--null", action="store_true", help="end every argument with NUL instead of newline"
     )
     args = parser.parse_args(argv)
     try:
         options = select_section(load_config(args.config), args.config, args.section)
         where = f"{args.section}." if args.section else ""
+        if args.override:
+            overrides = select_section(load_config(args.override), args.override, args.section)
+            config_to_args(overrides, args.override, where)  # its own mistakes name its own file
+            options = override_options(options, overrides)
         fairseq_args = config_to_args(options, args.config, where)
         if not args.null:
             broken = [arg for arg in fairseq_args if "\n" in arg]

@@ -8,12 +8,17 @@
 #   1  extract, pair transcripts with audio, transcripts -> characters (fairseq-accel-prepare aishell)
 #   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + character
 #      units + manifests, fairseq-train, fairseq-generate, jiwer CER/WER table
+#   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (25k updates) with each of
+#      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
+#   7  sparsity sweep (egs/tools/asr.sh): CER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
+# Stages 6-7 are not run by default (stop_stage 5); after training, e.g.:
+#   ./run.sh --stage 6 --stop_stage 7
 #
 # Example (GPU recommended):  cd egs/aishell/asr && ./run.sh --download_dir /data/openslr33
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=100          # last stage to run
+stop_stage=5            # last stage to run (6-7, compression, on request)
 url=https://www.openslr.org/resources/33  # OpenSLR resource 33 (AISHELL-1)
 download_dir=downloads  # where the archives are downloaded and extracted
 aishell_dir=""          # an already extracted data_aishell folder to use instead of downloading
@@ -23,6 +28,14 @@ exp_dir=exp             # experiments: <exp_dir>/<config name>/
 nj=8                    # parallel jobs for extraction and feature computation
 train_args=""           # extra fairseq-train arguments for every config
 decode_args=""          # extra fairseq-generate arguments for every config
+compress_base=conf/s2t_sanm_s.yaml  # trained experiment that stages 6-7 fine-tune
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
+sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+
+printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
@@ -61,4 +74,9 @@ fi
 "${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit char --nj "${nj}" \
-  --train_args "${train_args}" --decode_args "${decode_args}"
+  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric cer \
+  --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
+  --compress_args "${compress_args}" \
+  --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
+  --sweep_patterns "${sweep_patterns}" \
+  --recipe_cmd "${recipe_cmd}"

@@ -8,13 +8,18 @@
 #   1  extract it; tokenize, clean, lowercase and split (fairseq-accel-prepare iwslt14)
 #   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece BPE, fairseq-preprocess
 #      (separate dictionaries), fairseq-train, fairseq-generate (beam 4), BLEU on tokenized text
+#   8  compression (egs/tools/nmt.sh): fine-tune the trained --config model (10k updates) with each of
+#      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
+#   9  sparsity sweep (egs/tools/nmt.sh): exp/<config name>/sparsity_sweep.{md,json,png}
+# Stages 8-9 are not run by default (stop_stage 6); after training, e.g.:
+#   ./run.sh --stage 8 --stop_stage 9
 #
 # Relative paths are taken from the current directory (--config also from this recipe's folder).
 # Example:  cd egs/iwslt14/nmt && ./run.sh --orig_tgz ~/corpora/de-en.tgz --nj 8
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=100          # last stage to run
+stop_stage=6            # last stage to run (8-9, compression, on request)
 nj=4                    # parallel jobs for tokenization, BPE training and binarization
 config=conf/lite_transformer_iwslt_de_en_160.yaml  # experiment config (train: and generate: sections)
 url=http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz  # the archive fairseq's example uses
@@ -27,6 +32,14 @@ bpe_vocab_size=10000    # joint sentencepiece vocabulary (fairseq's example: 10k
 train_args=""           # extra fairseq-train arguments, e.g. "--max-update 100 --cpu"
 decode_args=""          # extra fairseq-generate arguments, e.g. "--cpu"
 gen_subset=test         # split decoded in stage 5 (test or valid)
+compress_base=""        # trained experiment that stages 8-9 fine-tune (default: --config)
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
+sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+
+printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
@@ -34,6 +47,15 @@ tools_dir="${recipe_dir}/../../tools"
 if [ ! -f "${config}" ] && [ -f "${recipe_dir}/${config}" ]; then
   config="${recipe_dir}/${config}"
 fi
+compress_base="${compress_base:-${config}}"
+for option in compress_configs sweep_config; do  # relative to this recipe's folder, like --config
+  resolved=""
+  for file in ${!option}; do
+    if [ ! -f "${file}" ] && [ -f "${recipe_dir}/${file}" ]; then file="${recipe_dir}/${file}"; fi
+    resolved="${resolved:+${resolved} }${file}"
+  done
+  printf -v "${option}" '%s' "${resolved}"
+done
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
 tok_dir="${data_dir}/tok"  # tokenized, lowercased text (stage 1)
 if [ -z "${orig_dir}" ]; then
@@ -77,4 +99,9 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${tok_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${config}" \
   --bpe_type bpe --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary false --bleu_tokenize none \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}"
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}" \
+  --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
+  --compress_args "${compress_args}" \
+  --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
+  --sweep_patterns "${sweep_patterns}" \
+  --recipe_cmd "${recipe_cmd}"

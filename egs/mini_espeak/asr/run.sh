@@ -10,10 +10,19 @@
 #   1  synthesize the corpus as Kaldi-style data directories (fairseq-accel-prepare espeak)
 #   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + sentencepiece
 #      units + manifests, fairseq-train per config, fairseq-generate (beam 5), jiwer WER/CER table
+#   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (250 updates) with each of
+#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
+#      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
+#      (exp/<base>__<compress name>/)
+#   7  sparsity sweep (egs/tools/asr.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
+#      and row sparsity and 2:4, WER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
+# Stages 6-7 are not run by default (stop_stage 5; 15 fine-tunes of the mini model). After stages 0-5:
+#   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
+#   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=100          # last stage to run
+stop_stage=5            # last stage to run (6-7, compression, on request)
 num_utts=3000           # sentences to synthesize (split into train/dev/test by speaker)
 configs="conf/s2t_sanm_mini.yaml conf/s2t_transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # synthesized audio, Kaldi data directories and fairseq manifests
@@ -23,6 +32,14 @@ specaugment=false       # off: it hurts at the demo budget (s2t_sanm_mini, 600 u
 nj=2                    # parallel jobs for synthesis and feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
+compress_base=conf/s2t_sanm_mini.yaml  # trained experiment that stages 6-7 fine-tune
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
+sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+
+printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
@@ -50,4 +67,9 @@ fi
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit unigram --vocab_size "${vocab_size}" --nj "${nj}" \
   --specaugment "${specaugment}" \
-  --train_args "${train_args}" --decode_args "${decode_args}"
+  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric wer \
+  --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
+  --compress_args "${compress_args}" \
+  --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
+  --sweep_patterns "${sweep_patterns}" \
+  --recipe_cmd "${recipe_cmd}"

@@ -12,6 +12,15 @@
 #   7  decoding speed: fairseq-accel-benchmark of the --bench_configs checkpoints on the first
 #      --bench_sentences test sentences (stock SequenceGenerator, the fast generator with fp32 and int8
 #      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md)
+#   8  compression (egs/tools/nmt.sh): fine-tune the trained --compress_base model (200 updates) with each of
+#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
+#      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
+#      (exp/<base>__<compress name>/)
+#   9  sparsity sweep (egs/tools/nmt.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
+#      and row sparsity and 2:4, BLEU against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
+# Stages 8-9 are not run by default (stop_stage 7; 15 fine-tunes of the mini model). After stages 1-7:
+#   ./run.sh --stage 8 --stop_stage 8    # the compressed rows of exp/RESULTS.md
+#   ./run.sh --stage 9 --stop_stage 9    # the sweep: exp/lite_transformer_mini/sparsity_sweep.{md,json,png}
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
 # longer and score higher:
@@ -19,7 +28,7 @@
 set -euo pipefail
 
 stage=1                 # first stage to run
-stop_stage=100          # last stage to run
+stop_stage=7            # last stage to run (8-9, compression, on request)
 locale_dir=/usr/share/locale  # root of the gettext catalogs
 configs="conf/lite_transformer_mini.yaml conf/transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # text, sentencepiece and binarized data
@@ -33,6 +42,14 @@ gen_subset=test         # split decoded (test or valid)
 bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed stage 7 measures
 bench_sentences=100     # test sentences the stage-7 benchmark decodes (0: all)
 bench_args="--threads 2 --ct2-threads 1 --repeats 3"  # thread counts measured best here (see the README)
+compress_base=conf/lite_transformer_mini.yaml  # trained experiment that stages 8-9 fine-tune
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
+compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
+sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
+sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
+sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+
+printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_dir="${recipe_dir}/../../tools"
@@ -54,7 +71,12 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${text_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${configs}" \
   --bpe_type "${bpe_type}" --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}"
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}" \
+  --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
+  --compress_args "${compress_args}" \
+  --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
+  --sweep_patterns "${sweep_patterns}" \
+  --recipe_cmd "${recipe_cmd}"
 
 if in_stage 7; then
   log "Stage 7: decoding speed of each experiment on ${gen_subset} (fairseq-accel-benchmark)"
