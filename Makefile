@@ -13,7 +13,7 @@ FAIRSEQ_DEPS := cffi cython "hydra-core>=1.3.2" omegaconf numpy regex sacrebleu 
 # The plugin's own needs (setup.py: install_requires and the [test], [gpu] and [bench] extras), installed
 # with the pinned torch on the same command line so that nothing can swap it. cupy + NVRTC let the tests
 # compile every CUDA kernel without a GPU; ctranslate2 is the speed peer in fairseq-accel-benchmark.
-PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout cupy-cuda12x nvidia-cuda-nvrtc-cu12 ctranslate2 matplotlib
+PLUGIN_DEPS  := pyyaml sacremoses pytest pytest-timeout pytest-xdist cupy-cuda12x nvidia-cuda-nvrtc-cu12 ctranslate2 matplotlib
 
 .PHONY: all system-deps venv demo test clean
 all: test
@@ -55,8 +55,10 @@ demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(DEMO_NMT)/run.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash egs/mini_espeak/asr/run.sh
 
+# Two pytest workers (pytest-xdist), each taking whole test files (module fixtures are built once): most tests
+# wait on fairseq CLIs in subprocesses, so both cores of these machines stay busy.
 test: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

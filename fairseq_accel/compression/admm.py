@@ -80,7 +80,8 @@ class AdmmQuantizer:
         return (gap / max(norm, 1e-30)) ** 0.5
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"grid": {k: v.clone() for k, v in self.grid.items()}, "dual": {k: v.clone() for k, v in self.dual.items()}}
+        return {"grid": {k: v.cpu().clone() for k, v in self.grid.items()},
+                "dual": {k: v.cpu().clone() for k, v in self.dual.items()}}
 
     def load_state_dict(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
         """Take Z and U saved by :meth:`state_dict` (both empty when ADMM had not started yet)."""
@@ -88,5 +89,6 @@ class AdmmQuantizer:
             shapes = {w.name: w.parameter.shape for w in self.weights}
             check_state_fits("ADMM grid copies", state["grid"], shapes, source)
             check_state_fits("ADMM duals", state["dual"], shapes, source)
-        self.grid = {name: value.float().clone() for name, value in state["grid"].items()}
-        self.dual = {name: value.float().clone() for name, value in state["dual"].items()}
+        devices = {w.name: w.parameter.device for w in self.weights}
+        self.grid = {name: value.to(devices[name], torch.float32) for name, value in state["grid"].items()}
+        self.dual = {name: value.to(devices[name], torch.float32) for name, value in state["dual"].items()}

@@ -90,16 +90,15 @@ class ProgressiveSparsity:
         self.apply_masks()
 
     def importance(self, weight: ScopedWeight) -> Tensor:
-        """The weight's importance (removed weights at -inf), averaged over ranks by the caller."""
+        """This process's importance of ``weight`` (a copy; :meth:`update_masks` averages it over ranks)."""
         values = self.taylor[weight.name] if self.taylor else weight.parameter.detach().abs().float()
         return values.clone()
 
     def update_masks(self, fraction: float) -> None:
         """Prune every weight matrix to ``fraction`` of its target sparsity."""
         scores = [self.importance(weight) for weight in self.weights]
-        all_reduce_mean(scores)
-        for weight, score in zip(self.weights, scores):
-            score[~self.masks[weight.name]] = REMOVED
+        all_reduce_mean(scores)  # on the parameters' device (gloo: CPU, NCCL: CUDA); the ranking runs on the CPU
+        scores = [score.masked_fill(~self.masks[w.name], REMOVED).cpu() for w, score in zip(self.weights, scores)]
         together = ([i for i, w in enumerate(self.weights) if w.override is None]
                     if self.cfg.sparsity_threshold == "global" else [])
         if together:
@@ -117,12 +116,12 @@ class ProgressiveSparsity:
         flags = prune_least_important(joined, sparsity * sum(scores[i].numel() for i in members))
         for i, unit, removed in zip(members, units, torch.split(flags, [len(u.importance) for u in units])):
             weight = self.weights[i]
-            self.masks[weight.name] = self.pattern.mask(weight.parameter.shape, unit, removed)
+            self.masks[weight.name] = self.pattern.mask(weight.parameter.shape, unit, removed).to(weight.parameter.device)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         for weight in self.weights:
-            weight.parameter.mul_(self.masks[weight.name].to(weight.parameter.device))
+            weight.parameter.mul_(self.masks[weight.name])
 
     # -- reporting -------------------------------------------------------------------------------------
     def sparsity(self) -> float:
@@ -142,15 +141,16 @@ class ProgressiveSparsity:
 
     # -- checkpoint ------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": {name: mask.clone() for name, mask in self.masks.items()},
-                "taylor": {name: value.clone() for name, value in self.taylor.items()}}
+        return {"masks": {name: mask.cpu().clone() for name, mask in self.masks.items()},
+                "taylor": {name: value.cpu().clone() for name, value in self.taylor.items()}}
 
     def load_state_dict(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
         """Take masks (and taylor sums) saved by :meth:`state_dict`; they must name the same weights."""
         shapes = {w.name: w.parameter.shape for w in self.weights}
         check_state_fits("sparsity masks", state["masks"], shapes, source)
-        self.masks = {name: mask.to(torch.bool).clone() for name, mask in state["masks"].items()}
+        devices = {w.name: w.parameter.device for w in self.weights}
+        self.masks = {name: mask.to(devices[name], torch.bool) for name, mask in state["masks"].items()}
         if self.taylor:
             check_state_fits("taylor importance", state["taylor"], shapes, source)
-            self.taylor = {name: value.float().clone() for name, value in state["taylor"].items()}
+            self.taylor = {name: value.to(devices[name], torch.float32) for name, value in state["taylor"].items()}
         self.apply_masks()
