@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import cli_output, run_cli
+from conftest import REPO_ROOT, cli_output, run_cli
 from fairseq_accel.cli.prepare import main
 from fairseq_accel.data.errors import CorpusError
 from fairseq_accel.data.espeak_corpus import (
     ACCENTS,
+    DEFAULT_DEV_FRACTION,
+    DEFAULT_SEED,
+    DEFAULT_TEST_FRACTION,
     INSTALL_HINT,
     PITCH_RANGE,
     RATE_RANGE,
@@ -28,6 +31,7 @@ from fairseq_accel.data.espeak_corpus import (
     asr_transcript,
     check_voices,
     choose_sentences,
+    english_sentences,
     find_espeak,
     make_speakers,
     plan_corpus,
@@ -152,6 +156,28 @@ def test_plan_ids_sort_like_kaldi_and_only_train_is_noisy():
         by_utt = sorted((utt.utt_id, utt.speaker.voice) for utt in planned if utt.split == split)
         assert [spk for _, spk in by_utt] == sorted(spk for _, spk in by_utt)
     assert {utt.noise.kind for utt in planned if utt.noise} == {"white", "pink"}
+    clean = plan_corpus(sentences, speakers, seed=1, noisy_train=False)
+    assert [utt._replace(noise=None) for utt in planned] == clean  # only the noise differs
+
+
+def test_mini_recipe_corpus_holds_out_its_test_sentences_and_voices():
+    """The corpus the mini ASR recipe plans (its --num_utts, the default fractions and seed, this machine's
+    catalogs): no dev or test transcript and no dev or test voice occurs in train."""
+    locale_dir = Path("/usr/share/locale")
+    if not any(locale_dir.glob("de/LC_MESSAGES/*.mo")):
+        pytest.skip(f"needs the German gettext catalogs under {locale_dir}")
+    recipe = (REPO_ROOT / "egs" / "mini_espeak" / "asr" / "run.sh").read_text(encoding="utf-8")
+    num_utts = int(re.search(r"^num_utts=(\d+)", recipe, re.MULTILINE).group(1))
+    sentences = speakable_sentences(english_sentences(locale_dir, log=lambda _: None), log=lambda _: None)
+    chosen = choose_sentences(sentences, num_utts, DEFAULT_DEV_FRACTION, DEFAULT_TEST_FRACTION)
+    speakers = make_speakers(ACCENTS, VARIANTS, DEFAULT_DEV_FRACTION, DEFAULT_TEST_FRACTION, DEFAULT_SEED)
+    planned = plan_corpus(chosen, speakers, DEFAULT_SEED)
+    heard = {split: {utt.speaker.voice for utt in planned if utt.split == split} for split in SPLITS}
+    said = {split: {utt.sentence.transcript for utt in planned if utt.split == split} for split in SPLITS}
+    assert len(said["train"]) + len(said["dev"]) + len(said["test"]) == num_utts
+    for held_out in ("dev", "test"):
+        assert said[held_out] and not said[held_out] & said["train"]
+        assert heard[held_out] and not heard[held_out] & heard["train"]
 
 
 @pytest.mark.parametrize("kind", ["white", "pink"])
@@ -222,9 +248,11 @@ def test_cli_writes_kaldi_dirs_of_16khz_mono_wavs(corpus):
             assert re.fullmatch(r"[a-z']+( [a-z']+){2,19}", texts[utt_id])
 
 
-def test_cli_holds_out_dev_and_test_speakers(corpus):
+def test_cli_holds_out_dev_and_test_speakers_and_sentences(corpus):
     speakers = {split: set(kaldi_file(corpus / split, "utt2spk").values()) for split in SPLITS}
     assert not speakers["train"] & speakers["test"] and not speakers["train"] & speakers["dev"]
+    sentences = {split: set(kaldi_file(corpus / split, "text").values()) for split in SPLITS}
+    assert not sentences["train"] & sentences["test"] and not sentences["train"] & sentences["dev"]
     spk2utt = kaldi_file(corpus / "train", "spk2utt")
     assert set(spk2utt) == speakers["train"]
 
@@ -274,6 +302,7 @@ def test_cli_without_espeak_says_how_to_install(tmp_path, monkeypatch, capsys):
         (["--num-utts", "2"], "2 utterances (--num-utts) cannot fill train, dev (1) and test (1)"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
         (["--dev-fraction", "0.6", "--test-fraction", "0.4"], "dev and test fractions must be >= 0 and sum to < 1"),
+        (["--keep-clean", "--no-noise"], "--keep-clean keeps a noise-free copy of noisy train audio"),
     ],
 )
 def test_cli_bad_options(tmp_path, capsys, options, error):

@@ -25,12 +25,19 @@ from fairseq_accel.criterions.joint_ctc_attention import (
     build_text_decoder,
     check_ctc_weight,
     count_errors,
-    ctc_greedy_decode,
     ctc_loss_sum,
     ctc_targets,
     joint_ctc_attention_loss,
 )
-from fairseq_accel.models.ctc_head import CTCHeadError, build_ctc_head, ctc_log_probs, encoder_out_of, find_ctc_head
+from fairseq_accel.models.ctc_head import (
+    CTCHeadError,
+    build_ctc_head,
+    ctc_best_paths,
+    ctc_log_probs,
+    encoder_out_of,
+    find_ctc_head,
+)
+from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_ctc_generator
 
 BLANK = 0
 
@@ -120,8 +127,11 @@ def one_hot_lprobs(paths: List[List[int]], vocab: int) -> torch.Tensor:
 def test_greedy_decode_merges_repeats_then_drops_blanks():
     lprobs = one_hot_lprobs([[0, 3, 3, 0, 3, 4, 4, 0], [5, 5, 0, 5, 6, 6, 6, 6]], vocab=7)
     # a blank between two equal symbols keeps both; frames past a sentence's length are ignored
-    assert ctc_greedy_decode(lprobs, torch.tensor([8, 4]), BLANK) == [[3, 3, 4], [5, 5]]
-    assert ctc_greedy_decode(lprobs, torch.tensor([1, 0]), BLANK) == [[], []]
+    lprobs[1, 0, 3] = -0.05  # the token's score is its best frame
+    paths = ctc_best_paths(lprobs, torch.tensor([8, 4]), BLANK)
+    assert [path.tokens for path in paths] == [[3, 3, 4], [5, 5]]
+    assert paths[0].scores == pytest.approx([-0.05, -0.1, -0.1])
+    assert [path.tokens for path in ctc_best_paths(lprobs, torch.tensor([1, 0]), BLANK)] == [[], []]
 
 
 def test_count_errors_counts_words_and_characters_without_spaces():
@@ -364,3 +374,44 @@ def test_fairseq_generate_loads_the_checkpoint_into_the_stock_model(tiny_speech_
     ])
     assert generate.returncode == 0, cli_output(generate)
     assert sum(line.startswith("H-") for line in generate.stdout.splitlines()) == SPLITS["test"]
+
+
+def test_fairseq_generate_ctc_greedy_prints_the_heads_best_paths(tiny_speech_data, ctc_training_run):
+    """--accel-generator ctc_greedy through fairseq-generate: one hypothesis per utterance, the CTC head's best
+    path (recomputed here from the checkpoint's weights)."""
+    _, checkpoint = ctc_training_run
+    generate = run_cli([
+        "fairseq-generate", tiny_speech_data, "--user-dir", USER_DIR, "--task", "speech_to_text_accel",
+        "--config-yaml", "config.yaml", "--gen-subset", "test", "--path", checkpoint,
+        "--accel-generator", "ctc_greedy", "--max-tokens", "4000", "--cpu", "--scoring", "wer",
+    ])
+    assert generate.returncode == 0, cli_output(generate)
+    printed = {
+        int(fields[0][2:]): fields[2]
+        for fields in (line.split("\t") for line in generate.stdout.splitlines() if line.startswith("H-"))
+    }
+    assert len(printed) == SPLITS["test"]
+
+    task, model, _ = build_like_fairseq_train(tiny_speech_data, "--ctc-weight", "0.3")
+    model.load_state_dict(checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["model"])
+    model.eval()
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        encoder_out = model.encoder(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"])
+        paths = ctc_best_paths(*ctc_log_probs(model.encoder.ctc_proj, encoder_out), BLANK)
+    expected = {int(i): task.target_dictionary.string(torch.tensor(path.tokens)) for i, path in zip(sample["id"], paths)}
+    assert printed == expected
+
+
+def test_ctc_greedy_refuses_models_without_ctc_head_and_fast_generator_options(tiny_speech_data):
+    task, model, _ = build_like_fairseq_train(tiny_speech_data, "--ctc-weight", "0")
+    ctc_greedy = AccelGenerationConfig(accel_generator="ctc_greedy")
+    with pytest.raises(AccelGenerationError, match="needs a model trained with a CTC loss.*has no CTC head"):
+        build_ctc_generator([model], ctc_greedy, task.target_dictionary)
+    with pytest.raises(AccelGenerationError, match="--kv-cache-dtype apply to the fast generator"):
+        build_ctc_generator([model], AccelGenerationConfig(accel_generator="ctc_greedy", kv_cache_dtype="int8"),
+                            task.target_dictionary)
+    with pytest.raises(AccelGenerationError, match="one model, got an ensemble of 2"):
+        build_ctc_generator([model, model], ctc_greedy, task.target_dictionary)

@@ -24,7 +24,12 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from model_builders import SPEECH_TASK_ARGS, DictionaryTask, build_translation_model, random_tokens, toy_dictionary
 from fairseq_accel.inference import cuda_kernels
-from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
+from fairseq_accel.tasks.accel_generation import (
+    AccelGenerationConfig,
+    AccelGenerationError,
+    build_accel_generator,
+    build_task_generator,
+)
 
 # the settings in which a user passes an option (beyond the defaults)
 CONTEXTS: Dict[str, dict] = {
@@ -76,7 +81,7 @@ def outcome(settings: dict, model, dictionary, sample) -> Tuple:
     cache bytes per sentence, every hypothesis' tokens and positional scores)."""
     stock = SequenceGenerator([model], dictionary, beam_size=3, max_len_b=8)
     try:
-        generator = build_accel_generator(stock, [model], AccelGenerationConfig(**settings))
+        generator = build_task_generator([model], AccelGenerationConfig(**settings), dictionary, lambda: stock)
     except REJECTED as error:
         return "rejected", type(error).__name__
     with torch.no_grad():

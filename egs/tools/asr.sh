@@ -8,7 +8,8 @@
 #   3  train each experiment config with fairseq-train --task speech_to_text (its train: section)
 #   4  decode --test_set with fairseq-generate --task speech_to_text_accel (its generate: section)
 #   5  score (jiwer WER and CER) and print one results table for all configs (and the decoded
-#      compression fine-tunes of stage 6)
+#      compression fine-tunes of stage 6); training and validation loss against update of the configs
+#      in <exp_dir>/training_curves.png
 #   6  compression: fine-tune --compress_base's trained model with each of --compress_configs
 #      (conf/compress/*.yaml: progressive sparsity, ADMM weight quantization) into
 #      <exp_dir>/<base>__<compress>/, decode it like the base (its last checkpoint), add its row (with the
@@ -18,7 +19,9 @@
 #      <exp_dir>/<base>/sparsity_sweep.{md,json,png} (--sweep_metric against sparsity)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
-# from its checkpoint_last.pt.
+# from its checkpoint_last.pt. The console shows one line per step, progress bars and the tables; the full
+# output of each command is in its log: <s2t dir>/prepare.log (stage 2), <exp>/train.log,
+# <exp>/decode_<test set>/generate.txt (--verbose true: all on the console).
 set -euo pipefail
 
 stage=2                 # first stage to run
@@ -46,6 +49,7 @@ sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 sweep_metric=wer        # metric plotted by the sweep: wer or cer
 recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
@@ -65,7 +69,8 @@ if in_stage 2; then
   if ! stage_done "${s2t_dir}/.done" "Stage 2"; then
     require fairseq-accel-prepare
     read -r -a speeds <<< "${speed_perturb}"
-    fairseq-accel-prepare s2t --data-dirs "${train_set}=${kaldi_dir}/${train_set}" \
+    run_logged "${s2t_dir}/prepare.log" --desc features --fraction --unit utt -- \
+      fairseq-accel-prepare s2t --data-dirs "${train_set}=${kaldi_dir}/${train_set}" \
       "${valid_set}=${kaldi_dir}/${valid_set}" "${test_set}=${kaldi_dir}/${test_set}" \
       --train-split "${train_set}" --out-dir "${s2t_dir}" --unit "${unit}" --vocab-size "${vocab_size}" \
       --speed-perturb "${speeds[@]}" --max-frames "${max_frames}" --jobs "${nj}" \
@@ -115,6 +120,7 @@ if in_stage 5; then
   log "Stage 5: results (${test_set}) in ${exp_dir}/RESULTS.md"
   mapfile -t exps < <(results_exps "decode_${test_set}")
   write_results "${exp_dir}/RESULTS.md" "${exps[@]}"
+  plot_training_curves
 fi
 
 if in_stage 6; then

@@ -46,7 +46,7 @@ def score_experiment(exp_dir: Path, args: argparse.Namespace) -> Dict[str, objec
         **checkpoint_summary(decoded_checkpoint(exp_dir)),
         "wer": 100 * jiwer.wer(references, hypotheses),
         "cer": 100 * character_error_rate(references, hypotheses),
-        "utterances_per_s": speed["sentences"] / speed["seconds"],
+        "utterances_per_s": speed["sentences_per_s"],
         **speed,
     }
 

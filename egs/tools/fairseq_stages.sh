@@ -1,5 +1,7 @@
 # Training and decoding steps shared by nmt.sh and asr.sh. Source it after recipe.sh; it uses the
-# callers' configs, exp_dir, train_args and decode_args, and checks the configs at once.
+# callers' configs, exp_dir, train_args and decode_args, and checks the configs at once. fairseq-train and
+# fairseq-generate run through run_logged (run_logged.sh): their full output goes to EXP/train.log and
+# EXP/decode_<subset>/generate.txt, the console shows a progress bar and errors.
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}${repo_root}"  # the checkout's plugin, if not installed
@@ -57,16 +59,34 @@ compress_experiment() {
   _fairseq_train "${exp}" "${data}" "${compress_args}" --finetune-from-model "${base_checkpoint}" "$@"
 }
 
+# option_value NAME ARGS...: the value of the last option NAME (NAME VALUE or NAME=VALUE) in ARGS, as
+# argparse takes it; empty if NAME is not there.
+option_value() {
+  local name=$1 value=""
+  shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      "${name}") [ $# -lt 2 ] || value=$2 ;;
+      "${name}"=*) value=${1#*=} ;;
+    esac
+    shift
+  done
+  echo "${value}"
+}
+
 # _fairseq_train EXP DATA EXTRA [ARGS...]: fairseq-train on DATA with ARGS, the arguments in EXP/train.args
-# and EXTRA (a string of further arguments); the log goes to EXP/train.log, EXP/.train.done marks the end.
+# and EXTRA (a string of further arguments); the full log goes to EXP/train.log (the console shows a bar
+# of the updates up to the run's --max-update), EXP/.train.done marks the end.
 _fairseq_train() {
   local exp=$1 data=$2 extra=$3
   shift 3
-  local config_args
+  local config_args all_args max_update
   mapfile -t config_args < "${exp}/train.args"
-  # shellcheck disable=SC2086  # ${extra} holds several arguments
-  fairseq-train "${data}" --user-dir "${repo_root}/user_dir" --save-dir "${exp}/checkpoints" "$@" \
-    "${config_args[@]}" ${extra} 2>&1 | tee "${exp}/train.log"
+  # shellcheck disable=SC2206  # ${extra} holds several arguments
+  all_args=("$@" "${config_args[@]}" ${extra})
+  max_update=$(option_value --max-update "${all_args[@]}")
+  run_logged "${exp}/train.log" --desc "train $(basename "${exp}")" --updates "${max_update:-0}" -- \
+    fairseq-train "${data}" --user-dir "${repo_root}/user_dir" --save-dir "${exp}/checkpoints" "${all_args[@]}"
   touch "${exp}/.train.done"
 }
 
@@ -83,10 +103,10 @@ decoded_checkpoint() {
 }
 
 # decode_experiment CONFIG EXP DATA SUBSET HYP_PREFIX EXPECTED [ARGS...]: fairseq-generate of SUBSET with
-# EXP's decoded_checkpoint and the generate: section of CONFIG, then ARGS and ${decode_args}. Writes
-# EXP/decode_SUBSET/{generate.txt (the whole log: it holds the timing), hyp.txt (the HYP_PREFIX lines, H
-# or D), ref.txt} in corpus order and stops unless there are EXPECTED hypotheses. Skipped once
-# EXP/decode_SUBSET/.done exists.
+# EXP's decoded_checkpoint and the generate: section of CONFIG, then ARGS and ${decode_args}; the console
+# shows a bar of the EXPECTED sentences. Writes EXP/decode_SUBSET/{generate.txt (the whole output of
+# fairseq-generate: it holds the timing), hyp.txt (the HYP_PREFIX lines, H or D), ref.txt} in corpus
+# order and stops unless there are EXPECTED hypotheses. Skipped once EXP/decode_SUBSET/.done exists.
 decode_experiment() {
   local config=$1 exp=$2 data=$3 subset=$4 prefix=$5 expected=$6
   shift 6
@@ -104,8 +124,10 @@ decode_experiment() {
   local config_args
   mapfile -t config_args < "${decode_dir}/generate.args"
   # shellcheck disable=SC2086  # ${decode_args} holds several arguments
-  fairseq-generate "${data}" --user-dir "${repo_root}/user_dir" --path "${checkpoint}" --gen-subset "${subset}" \
-    "$@" "${config_args[@]}" ${decode_args} > "${decode_dir}/generate.txt" 2>&1
+  run_logged "${decode_dir}/generate.txt" --desc "decode $(basename "${exp}") ${subset}" \
+    --sentences "${expected}" -- \
+    fairseq-generate "${data}" --user-dir "${repo_root}/user_dir" --path "${checkpoint}" --gen-subset "${subset}" \
+    "$@" "${config_args[@]}" ${decode_args}
   grep "^${prefix}-" "${decode_dir}/generate.txt" | sed "s/^${prefix}-//" | sort -n -k1,1 | cut -f3 > "${decode_dir}/hyp.txt"
   grep '^T-' "${decode_dir}/generate.txt" | sed 's/^T-//' | sort -n -k1,1 | cut -f2 > "${decode_dir}/ref.txt"
   local got
@@ -115,4 +137,16 @@ decode_experiment() {
     exit 1
   fi
   touch "${decode_dir}/.done"
+}
+
+# plot_training_curves: loss against update of every config's training (its train.log) in
+# ${exp_dir}/training_curves.png; a log it cannot read is said in one line and leaves the results stage done.
+plot_training_curves() {
+  local config config_exps=()
+  for config in "${config_list[@]}"; do config_exps+=("$(exp_of "${config}")"); done
+  if python3 "${repo_root}/egs/tools/plot_training.py" "${config_exps[@]}" --out "${exp_dir}/training_curves.png"; then
+    log "Training curves: ${exp_dir}/training_curves.png"
+  else
+    log "warning: no training curves (see the error above)"
+  fi
 }

@@ -7,7 +7,8 @@
 #   4  train each experiment config with fairseq-train (its train: section)
 #   5  decode --gen_subset with fairseq-generate --task translation_accel (its generate: section); profile
 #   6  score (sacrebleu BLEU, chrF) and print one results table for all configs (and the decoded
-#      compression fine-tunes of stage 8)
+#      compression fine-tunes of stage 8); training and validation loss against update of the configs
+#      in <exp_dir>/training_curves.png
 #   8  compression: fine-tune --compress_base's trained model with each of --compress_configs
 #      (conf/compress/*.yaml: progressive sparsity, ADMM weight quantization) into
 #      <exp_dir>/<base>__<compress>/, decode it like the base (its last checkpoint), add its row (with the
@@ -18,7 +19,9 @@
 # (stage 7 is left to the corpus recipe: the mini recipe's decoding benchmark)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
-# from its checkpoint_last.pt.
+# from its checkpoint_last.pt. The console shows one line per step, progress bars and the tables; the full
+# output of each command is in its log: <spm dir>/spm.log (stage 2), <bin dir>/binarize.log (stage 3),
+# <exp>/train.log, <exp>/decode_<subset>/generate.txt, <exp>/profile.log (--verbose true: all on the console).
 set -euo pipefail
 
 stage=2                 # first stage to run
@@ -44,6 +47,7 @@ sweep_config=""         # compression config whose budget and schedule every swe
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
@@ -56,11 +60,13 @@ if in_stage 2; then
   log "Stage 2: joint sentencepiece ${bpe_type} (${bpe_vocab_size} pieces) in ${spm_dir}"
   if ! stage_done "${spm_dir}/.done" "Stage 2"; then
     require fairseq-accel-prepare
-    fairseq-accel-prepare spm train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
+    run_logged "${spm_dir}/spm.log" -- \
+      fairseq-accel-prepare spm train --input "${text_dir}/train.${src}" "${text_dir}/train.${tgt}" \
       --model-prefix "${spm_dir}/spm" --vocab-size "${bpe_vocab_size}" --model-type "${bpe_type}" --threads "${nj}"
     for split in train valid test; do
       for lang in ${src} ${tgt}; do
-        fairseq-accel-prepare spm encode --model "${spm_dir}/spm.model" \
+        run_logged "${spm_dir}/spm.log" --append -- \
+          fairseq-accel-prepare spm encode --model "${spm_dir}/spm.model" \
           --input "${text_dir}/${split}.${lang}" --output "${spm_dir}/${split}.${lang}"
       done
     done
@@ -74,7 +80,8 @@ if in_stage 3; then
     require fairseq-preprocess
     joined=()
     if [ "${joined_dictionary}" = true ]; then joined=(--joined-dictionary); fi
-    fairseq-preprocess --source-lang "${src}" --target-lang "${tgt}" "${joined[@]}" \
+    run_logged "${bin_dir}/binarize.log" -- \
+      fairseq-preprocess --source-lang "${src}" --target-lang "${tgt}" "${joined[@]}" \
       --trainpref "${spm_dir}/train" --validpref "${spm_dir}/valid" --testpref "${spm_dir}/test" \
       --destdir "${bin_dir}" --workers "${nj}"
     touch "${bin_dir}/.done"
@@ -95,8 +102,8 @@ decode_and_profile() {
   decode_experiment "${config}" "${exp}" "${bin_dir}" "${gen_subset}" H "$(wc -l < "${text_dir}/${gen_subset}.${tgt}")" \
     --task translation_accel --source-lang "${src}" --target-lang "${tgt}"
   if [ ! -f "${exp}/profile.json" ]; then
-    fairseq-accel-profile --path "$(decoded_checkpoint "${exp}")" --no-baseline --format json \
-      > "${exp}/profile.json.part"
+    run_logged "${exp}/profile.log" --stdout "${exp}/profile.json.part" -- \
+      fairseq-accel-profile --path "$(decoded_checkpoint "${exp}")" --no-baseline --format json
     mv "${exp}/profile.json.part" "${exp}/profile.json"
   fi
 }
@@ -129,6 +136,7 @@ if in_stage 6; then
   log "Stage 6: results (${gen_subset}) in ${exp_dir}/RESULTS.md"
   mapfile -t exps < <(results_exps "decode_${gen_subset}")
   write_results "${exp_dir}/RESULTS.md" "${exps[@]}"
+  plot_training_curves
 fi
 
 if in_stage 8; then

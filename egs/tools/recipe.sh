@@ -1,14 +1,22 @@
-# Common start of every recipe script (run.sh, nmt.sh, asr.sh): logging, option parsing and the stage
-# helpers, then a check that no stray arguments are left. Source it right after the documented options:
+# Common start of every recipe script (run.sh, nmt.sh, asr.sh): logging, option parsing, the stage
+# helpers and run_logged (the quiet console: long commands log to a file, the console shows progress
+# bars and errors), then a check that no stray arguments are left and that --verbose, where the script
+# has it, is true or false. Source it right after the documented options:
 #
 #   stage=0        # first stage to run
+#   verbose=false  # show the full output of every command on the console (it always goes to the logs)
 #   . "${tools_dir}/recipe.sh"
 _recipe_tools="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "${_recipe_tools}/log.sh"
 . "${_recipe_tools}/parse_options.sh"
 . "${_recipe_tools}/stage_utils.sh"
+. "${_recipe_tools}/run_logged.sh"
 unset _recipe_tools
 if [ $# -gt 0 ]; then
   log "error: unexpected arguments: $* (see $0 --help)"
   exit 2
 fi
+case "${verbose:-false}" in
+  true|false) ;;
+  *) log "error: --verbose must be true or false, got '${verbose}'"; exit 2 ;;
+esac

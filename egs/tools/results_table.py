@@ -35,12 +35,14 @@ def read_pairs(decode_dir: Path) -> List[List[str]]:
 
 
 def decode_speed(generate_log: Path) -> Dict[str, float]:
-    """Sentences, seconds and tokens/s of the generation loop, from fairseq-generate's summary line."""
+    """Sentences, seconds, sentences/s and tokens/s of the generation loop, from fairseq-generate's summary line
+    (its rates come from the unrounded time: a fast decode prints "in 0.0s")."""
     matches = GENERATE_SUMMARY.findall("\n".join(read_lines(generate_log)))
     if not matches:
         raise ResultsError(f"{generate_log}: no 'Translated N sentences ... tokens/s' line; did fairseq-generate finish?")
-    sentences, _, seconds, _, tokens_per_second = matches[-1]
-    return {"sentences": int(sentences.replace(",", "")), "seconds": float(seconds), "tokens_per_s": float(tokens_per_second)}
+    sentences, _, seconds, sentences_per_second, tokens_per_second = matches[-1]
+    return {"sentences": int(sentences.replace(",", "")), "seconds": float(seconds),
+            "sentences_per_s": float(sentences_per_second), "tokens_per_s": float(tokens_per_second)}
 
 
 def decoded_checkpoint(exp_dir: Path) -> Path:

@@ -273,7 +273,7 @@ def _add_espeak_command(commands: argparse._SubParsersAction) -> None:
         "Sentences are kept when espeak-ng reads them as written: no placeholders, paths,\n"
         "options, digits or identifiers, 3-20 words. Transcripts are lowercase words with\n"
         "apostrophes. No dev or test voice is heard in train; train utterances get white\n"
-        "or pink noise at 10-30 dB SNR. A rerun resumes: valid wavs are kept.\n"
+        "or pink noise at 10-30 dB SNR (unless --no-noise). A rerun resumes: valid wavs are kept.\n"
         "utterances.tsv records each utterance's voice, rate, pitch and noise.\n"
         "Needs espeak-ng: apt-get install espeak-ng",
         epilog="example:\n"
@@ -305,6 +305,10 @@ def _add_espeak_command(commands: argparse._SubParsersAction) -> None:
         help="also write the train utterances without noise, as the Kaldi directory train_clean/",
     )
     espeak.add_argument(
+        "--no-noise", action="store_true",
+        help="leave the train utterances clean (short trainings learn much sooner without the noise)",
+    )
+    espeak.add_argument(
         "--jobs", type=int, default=1, metavar="N",
         help="parallel espeak-ng syntheses (the output does not depend on it)",
     )
@@ -327,6 +331,7 @@ def _run_espeak(args: argparse.Namespace) -> None:
         test_fraction=args.test_fraction,
         seed=args.seed,
         keep_clean=args.keep_clean,
+        noisy_train=not args.no_noise,
         jobs=args.jobs,
         locale_dir=args.locale_dir,
         catalog_lang=args.catalog_lang,

@@ -38,7 +38,7 @@ from fairseq.data import Dictionary
 from fairseq.logging import metrics
 from torch import Tensor
 
-from fairseq_accel.models.ctc_head import ctc_log_probs, encoder_out_of, find_ctc_head
+from fairseq_accel.models.ctc_head import ctc_best_paths, ctc_log_probs, encoder_out_of, find_ctc_head
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,21 +102,8 @@ def joint_ctc_attention_loss(ce_loss: Tensor, ctc_loss: Optional[Tensor], ctc_we
 
 
 # --------------------------------------------------------------------------------------------
-# CTC greedy decoding and error counts (validation only).
+# Error counts of the CTC greedy hypotheses (validation only).
 # --------------------------------------------------------------------------------------------
-def ctc_greedy_decode(lprobs: Tensor, lengths: Tensor, blank: int) -> List[List[int]]:
-    """Best path per sentence: argmax per frame over its valid frames, repeats merged, blanks dropped.
-
-    ``lprobs``: T x B x V; ``lengths``: valid frames per sentence (B,).
-    """
-    best = lprobs.argmax(dim=-1).t().cpu()  # B x T
-    hypotheses = []
-    for frames, length in zip(best, lengths.tolist()):
-        merged = torch.unique_consecutive(frames[:length])
-        hypotheses.append(merged[merged.ne(blank)].tolist())
-    return hypotheses
-
-
 class ErrorCounts(NamedTuple):
     """Edit distances and reference sizes of one hypothesis against its reference."""
 
@@ -291,8 +278,8 @@ class JointCTCAttentionCriterion(LabelSmoothedCrossEntropyCriterion):
         if self._decode_text is None:
             self._decode_text = task_text_decoder(self.task, self.post_process)
         totals = ErrorCounts(0, 0, 0, 0)
-        hypotheses = ctc_greedy_decode(lprobs, lengths, self.blank_idx)
-        for hypothesis, reference in zip(hypotheses, target.cpu()):
+        paths = ctc_best_paths(lprobs, lengths, self.blank_idx)
+        for (hypothesis, _), reference in zip(paths, target.cpu()):
             reference = utils.strip_pad(reference, self.padding_idx)
             counts = count_errors(self._decode_text(hypothesis), self._decode_text(reference))
             totals = ErrorCounts(*(a + b for a, b in zip(totals, counts)))

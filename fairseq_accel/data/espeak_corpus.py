@@ -234,9 +234,10 @@ def make_speakers(
 
 
 def plan_corpus(
-    sentences: Dict[str, List[Sentence]], speakers: Dict[str, List[Speaker]], seed: int
+    sentences: Dict[str, List[Sentence]], speakers: Dict[str, List[Speaker]], seed: int, noisy_train: bool = True
 ) -> List[PlannedUtterance]:
-    """Deal each split's sentences round-robin to its speakers; give every train utterance noise.
+    """Deal each split's sentences round-robin to its speakers; give every train utterance noise (unless
+    ``noisy_train`` is false).
 
     An utterance id is ``<voice>-<number>`` with a number unique over the corpus, so ids sort by
     speaker as Kaldi wants.
@@ -250,7 +251,7 @@ def plan_corpus(
             speaker = speakers[split][index % len(speakers[split])]
             utt_id = f"{speaker.voice}-{number:0{width}d}"
             noise = None
-            if split == "train":
+            if split == "train" and noisy_train:
                 rng = random.Random(f"{seed}/noise/{utt_id}")
                 snr_db = round(rng.uniform(*SNR_RANGE_DB), 1)
                 noise = Noise(rng.choice(NOISE_TYPES), snr_db, rng.getrandbits(32))
@@ -418,6 +419,7 @@ def build_espeak_corpus(
     test_fraction: float = DEFAULT_TEST_FRACTION,
     seed: int = DEFAULT_SEED,
     keep_clean: bool = False,
+    noisy_train: bool = True,
     jobs: int = 1,
     locale_dir: Path = Path("/usr/share/locale"),
     catalog_lang: str = "de",
@@ -431,6 +433,8 @@ def build_espeak_corpus(
     """
     if jobs < 1:
         raise CorpusError(f"--jobs must be >= 1, got {jobs}")
+    if keep_clean and not noisy_train:
+        raise CorpusError("--keep-clean keeps a noise-free copy of noisy train audio; with --no-noise train is clean already")
     espeak = find_espeak()
     check_voices(espeak, ACCENTS, VARIANTS)
     split_sizes(num_utts, dev_fraction, test_fraction, what="utterances (--num-utts)")  # fail before reading
@@ -441,7 +445,7 @@ def build_espeak_corpus(
     for split in SPLITS:
         voices = ", ".join(speaker.voice for speaker in speakers[split]) if split != "train" else "the others"
         log(f"{split}: {len(chosen[split])} sentences, {len(speakers[split])} speakers ({voices})")
-    planned = plan_corpus(chosen, speakers, seed)
+    planned = plan_corpus(chosen, speakers, seed, noisy_train)
 
     out_dir = Path(out_dir)
     plan_path = out_dir / PLAN_FILE

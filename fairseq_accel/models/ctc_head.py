@@ -21,7 +21,7 @@ that criterion (the plugin's speech models subclass ``S2TTransformerModel`` and 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,3 +90,27 @@ def ctc_log_probs(ctc_proj: nn.Module, encoder_out: EncoderOut) -> Tuple[Tensor,
         lengths = lengths - padding[0].long().sum(dim=-1)
     return lprobs, lengths
 
+
+class CTCBestPath(NamedTuple):
+    """One sentence's CTC best path: the tokens left after merging repeats and dropping blanks, and per token
+    the highest frame log-probability among the frames it was read from."""
+
+    tokens: List[int]
+    scores: List[float]
+
+
+def ctc_best_paths(lprobs: Tensor, lengths: Tensor, blank: int) -> List[CTCBestPath]:
+    """Greedy (best path) CTC decoding: argmax per frame over each sentence's valid frames, runs of the same
+    symbol merged, blanks dropped (a blank between two equal symbols keeps both).
+
+    ``lprobs``: T x B x V log-probabilities; ``lengths``: valid frames per sentence (B,).
+    """
+    best_scores, best = lprobs.max(dim=-1)
+    paths = []
+    for frames, scores, length in zip(best.t().cpu(), best_scores.t().float().cpu(), lengths.tolist()):
+        runs, run_lengths = torch.unique_consecutive(frames[:length], return_counts=True)
+        run_of_frame = torch.repeat_interleave(torch.arange(len(runs)), run_lengths)
+        run_scores = torch.full((len(runs),), float("-inf")).scatter_reduce(0, run_of_frame, scores[:length], "amax")
+        kept = runs.ne(blank)
+        paths.append(CTCBestPath(runs[kept].tolist(), run_scores[kept].tolist()))
+    return paths

@@ -1,4 +1,5 @@
-"""What the accel tasks add to ``fairseq-generate``: ``--accel-generator fast`` and its cache options.
+"""What the accel tasks add to ``fairseq-generate``: ``--accel-generator fast`` and its cache options, and
+``--accel-generator ctc_greedy`` for speech models with a CTC head.
 
 ``build_generator`` first builds fairseq's own generator from the same options (so every stock option keeps
 its meaning), then swaps in ``FastSequenceGenerator`` when the model and options allow it. Otherwise it
@@ -7,13 +8,15 @@ falls back to the stock generator with a one-line notice saying why, or stops wi
 """
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from fairseq.data import Dictionary
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.search import BeamSearch
 from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES
+from fairseq_accel.inference.ctc_generator import CTCGreedyGenerator
 from fairseq_accel.inference.fast_decoder import (
     KERNEL_CHOICES,
     FastDecodingOptions,
@@ -22,6 +25,7 @@ from fairseq_accel.inference.fast_decoder import (
     resolve_kernels,
 )
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator
+from fairseq_accel.models.ctc_head import CTCHeadError
 from fairseq_accel.tasks.task_options import TaskOptionsMixin
 
 logger = logging.getLogger(__name__)
@@ -33,11 +37,13 @@ class AccelGenerationError(ValueError):
 
 @dataclass
 class AccelGenerationConfig(FairseqDataclass):
-    accel_generator: ChoiceEnum(["stock", "fast"]) = field(
+    accel_generator: ChoiceEnum(["stock", "fast", "ctc_greedy"]) = field(
         default="stock",
         metadata={"help": "fast: fairseq_accel's generator (preallocated caches reordered by index, cross-attention "
                           "K/V once per sentence); same search and results as stock, falls back to stock with a notice "
-                          "where a model or option is not supported"},
+                          "where a model or option is not supported. ctc_greedy: speech models trained with "
+                          "joint_ctc_attention only: the best path of the encoder's CTC head, no decoder (one "
+                          "hypothesis per sentence; the search options --beam, --lenpen, ... do not apply)"},
     )
     kv_cache_dtype: ChoiceEnum(list(KV_CACHE_DTYPES)) = field(
         default="fp32",
@@ -108,6 +114,20 @@ def _check_fast_only_options(cfg) -> None:
         raise AccelGenerationError("--key-scale channel sets int8 key scales: use --kv-cache-dtype int8")
 
 
+def build_ctc_generator(models: List, cfg, tgt_dict: Dictionary) -> CTCGreedyGenerator:
+    """The CTC best-path generator of a single model with a CTC head (one-line errors otherwise)."""
+    _check_fast_only_options(cfg)
+    if len(models) != 1:
+        raise AccelGenerationError(f"--accel-generator ctc_greedy decodes one model, got an ensemble of {len(models)}")
+    try:
+        return CTCGreedyGenerator(models[0], tgt_dict)
+    except CTCHeadError as error:
+        raise AccelGenerationError(
+            f"--accel-generator ctc_greedy needs a model trained with a CTC loss (--criterion joint_ctc_attention "
+            f"--ctc-weight > 0): {error}"
+        ) from None
+
+
 def build_accel_generator(stock, models: List, cfg) -> object:
     """``stock`` itself, or the fast generator built from its settings, as ``cfg`` (the task config) asks.
 
@@ -140,9 +160,19 @@ def build_accel_generator(stock, models: List, cfg) -> object:
     return FastSequenceGenerator(stock, model, decoder, kernels)
 
 
+def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object]) -> object:
+    """The generator ``fairseq-generate`` gets from an accel task: the CTC generator for ``--accel-generator
+    ctc_greedy``, otherwise :func:`build_accel_generator` over the stock generator ``build_stock()`` makes."""
+    if cfg.accel_generator == "ctc_greedy":
+        return build_ctc_generator(models, cfg, tgt_dict)
+    return build_accel_generator(build_stock(), models, cfg)
+
+
 class AccelGenerationMixin(TaskOptionsMixin):
     """Put before the stock task class: ``class TranslationAccelTask(AccelGenerationMixin, TranslationTask)``."""
 
     def build_generator(self, models, args, *rest, **kwargs):
-        stock = super().build_generator(models, args, *rest, **kwargs)
-        return build_accel_generator(stock, models, self.task_options())
+        return build_task_generator(
+            models, self.task_options(), self.target_dictionary,
+            lambda: super(AccelGenerationMixin, self).build_generator(models, args, *rest, **kwargs),
+        )

@@ -14,6 +14,10 @@
 # Stages 6-7 are not run by default (stop_stage 5); after training, e.g.:
 #   ./run.sh --stage 6 --stop_stage 7
 #
+# The console shows one line per stage, progress bars and the tables; the full output of each command is
+# in its log: data/prepare.log, data/s2t/prepare.log, exp/<config>/train.log,
+# exp/<config>/decode_test/generate.txt (--verbose true: all on the console).
+#
 # Example (GPU recommended):  cd egs/aishell/asr && ./run.sh --download_dir /data/openslr33
 set -euo pipefail
 
@@ -34,6 +38,7 @@ compress_args=""        # extra fairseq-train arguments for the fine-tunes of st
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
@@ -66,7 +71,8 @@ if in_stage 1; then
       log "error: ${aishell_dir} not found; run stage 0 or pass --aishell_dir /path/to/data_aishell"
       exit 2
     fi
-    fairseq-accel-prepare aishell --aishell-dir "${aishell_dir}" --out-dir "${data_dir}"
+    run_logged "${data_dir}/prepare.log" --desc unpack --fraction --unit archive -- \
+      fairseq-accel-prepare aishell --aishell-dir "${aishell_dir}" --out-dir "${data_dir}"
     touch "${data_dir}/.prepare.done"
   fi
 fi
@@ -79,4 +85,4 @@ fi
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
-  --recipe_cmd "${recipe_cmd}"
+  --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

@@ -14,6 +14,10 @@
 # Stages 8-9 are not run by default (stop_stage 6); after training, e.g.:
 #   ./run.sh --stage 8 --stop_stage 9
 #
+# The console shows one line per stage, progress bars and the tables; the full output of each command is
+# in its log: data/tok/prepare.log, data/spm_*/spm.log, data/bin_*/binarize.log, exp/<config>/train.log,
+# exp/<config>/decode_<subset>/generate.txt, exp/<config>/profile.log (--verbose true: all on the console).
+#
 # Relative paths are taken from the current directory (--config also from this recipe's folder).
 # Example:  cd egs/iwslt14/nmt && ./run.sh --orig_tgz ~/corpora/de-en.tgz --nj 8
 set -euo pipefail
@@ -38,6 +42,7 @@ compress_args=""        # extra fairseq-train arguments for the fine-tunes of st
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
@@ -88,7 +93,8 @@ if in_stage 1; then
       tar -xzf "${orig_tgz}" -C "$(dirname "${orig_dir}")" de-en
     fi
     require fairseq-accel-prepare
-    fairseq-accel-prepare iwslt14 --orig-dir "${orig_dir}" --out-dir "${tok_dir}" --jobs "${nj}"
+    run_logged "${tok_dir}/prepare.log" -- \
+      fairseq-accel-prepare iwslt14 --orig-dir "${orig_dir}" --out-dir "${tok_dir}" --jobs "${nj}"
     touch "${tok_dir}/.done"
   fi
 fi
@@ -104,4 +110,4 @@ fi
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
-  --recipe_cmd "${recipe_cmd}"
+  --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # Offline mini ASR recipe: English speech synthesized with espeak-ng from real sentences (the English
 # side of the machine's gettext catalogs), several voices, variants, rates and pitches, with the test
-# voices held out of training and noise added to the training audio. SAN-M against a stock fairseq
-# s2t_transformer of matched parameters. Needs no download; `make demo` runs it.
+# voices and sentences held out of training. SAN-M against a stock fairseq s2t_transformer of matched
+# parameters, both trained with joint CTC + attention and decoded by their CTC head
+# (--accel-generator ctc_greedy). Needs no download; `make demo` runs it.
+#
+# The demo budget (500 updates per model, a few minutes each on 2 cores) was set by measurement
+# (s2t_sanm_mini, dev CTC CER after 500 updates): 300 unigram pieces, LFR step 6, noisy train audio: 80 %;
+# characters with LFR step 4 (25 frames/s, enough frames per character for CTC): 43 %; and clean train
+# audio: 31 %; lr 3e-3 and dropout 0: 28 %. Attention beam search of such a model: 159 % test CER (it loops),
+# CTC best path: 31 %. Runs and raw output: docs/results/2026-11-29_mini_asr_tuning/ and RESULTS.md.
+#
+# The console shows one line per stage, progress bars and the tables; the full output of each command is
+# in its log: data/prepare.log, data/s2t/prepare.log, exp/<config>/train.log,
+# exp/<config>/decode_test/generate.txt. A failing command prints the end of its log and the log's path;
+# --verbose true shows everything on the console.
 #
 # Stages (run a range with --stage N --stop-stage M; finished stages leave .done markers and are
 # skipped when the recipe runs again; an interrupted training resumes from checkpoint_last.pt):
 #   0  check that espeak-ng is installed (apt-get install espeak-ng)
 #   1  synthesize the corpus as Kaldi-style data directories (fairseq-accel-prepare espeak)
 #   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + sentencepiece
-#      units + manifests, fairseq-train per config, fairseq-generate (beam 5), jiwer WER/CER table
+#      units + manifests, fairseq-train per config, fairseq-generate (CTC best path), jiwer WER/CER table
 #   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (250 updates) with each of
 #      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
 #      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
 #      (exp/<base>__<compress name>/)
 #   7  sparsity sweep (egs/tools/asr.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
-#      and row sparsity and 2:4, WER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
+#      and row sparsity and 2:4, CER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
 # Stages 6-7 are not run by default (stop_stage 5; 15 fine-tunes of the mini model). After stages 0-5:
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
@@ -27,7 +39,9 @@ num_utts=3000           # sentences to synthesize (split into train/dev/test by 
 configs="conf/s2t_sanm_mini.yaml conf/s2t_transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # synthesized audio, Kaldi data directories and fairseq manifests
 exp_dir=exp             # experiments: <exp_dir>/<config name>/
-vocab_size=300          # sentencepiece unigram vocabulary
+unit=char               # CTC/decoder units: char (letters, apostrophe, word boundary) or unigram/bpe pieces
+vocab_size=300          # sentencepiece vocabulary of --unit unigram or bpe (unused for char)
+noise=false             # add white/pink noise (10-30 dB SNR) to the train audio (it slows a short training down)
 specaugment=false       # off: it hurts at the demo budget (s2t_sanm_mini, 600 updates: dev CTC CER 82.5% with, ~74% without)
 nj=2                    # parallel jobs for synthesis and feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
@@ -38,6 +52,7 @@ compress_args=""        # extra fairseq-train arguments for the fine-tunes of st
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
@@ -46,6 +61,11 @@ tools_dir="${recipe_dir}/../../tools"
 . "${tools_dir}/recipe.sh"
 cd "${recipe_dir}"  # configs and data are relative to the recipe
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
+
+case "${noise}" in
+  true|false) ;;
+  *) log "error: --noise must be true or false, got '${noise}'"; exit 2 ;;
+esac
 
 if in_stage 0; then
   log "Stage 0: check for espeak-ng"
@@ -58,18 +78,20 @@ fi
 if in_stage 1; then
   log "Stage 1: synthesize ${num_utts} utterances into ${data_dir}"
   if ! stage_done "${data_dir}/.synth.done" "Stage 1"; then
-    fairseq-accel-prepare espeak --out-dir "${data_dir}" --num-utts "${num_utts}" --jobs "${nj}"
+    run_logged "${data_dir}/prepare.log" --desc synthesis --fraction --unit wav -- \
+      fairseq-accel-prepare espeak --out-dir "${data_dir}" --num-utts "${num_utts}" --jobs "${nj}" \
+      $([ "${noise}" = true ] || echo --no-noise)
     touch "${data_dir}/.synth.done"
   fi
 fi
 
 "${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
-  --exp_dir "${exp_dir}" --configs "${configs}" --unit unigram --vocab_size "${vocab_size}" --nj "${nj}" \
+  --exp_dir "${exp_dir}" --configs "${configs}" --unit "${unit}" --vocab_size "${vocab_size}" --nj "${nj}" \
   --specaugment "${specaugment}" \
-  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric wer \
+  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric cer \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
-  --recipe_cmd "${recipe_cmd}"
+  --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

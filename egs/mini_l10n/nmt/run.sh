@@ -3,6 +3,11 @@
 # catalogs, /usr/share/locale/de/LC_MESSAGES/*.mo), Lite Transformer (LSRA) against a stock fairseq
 # transformer of matched Mult-Adds. Needs no download; `make demo` runs it.
 #
+# The console shows one line per stage, progress bars and the tables; the full output of each command is
+# in its log: data/text/prepare.log, data/spm_*/spm.log, data/bin_*/binarize.log, exp/<config>/train.log,
+# exp/<config>/decode_<subset>/generate.txt, exp/<config>/profile.log, exp/<config>/benchmark.log. A failing
+# command prints the end of its log and the log's path; --verbose true shows everything on the console.
+#
 # Stages (run a range with --stage N --stop-stage M; finished stages leave .done markers and are
 # skipped when the recipe runs again; an interrupted training resumes from checkpoint_last.pt):
 #   1  extract, clean, dedup and split (de, en) pairs from the catalogs (fairseq-accel-prepare gettext)
@@ -11,7 +16,8 @@
 #      sacrebleu BLEU/chrF and one results table (exp/RESULTS.md)
 #   7  decoding speed: fairseq-accel-benchmark of the --bench_configs checkpoints on the first
 #      --bench_sentences test sentences (stock SequenceGenerator, the fast generator with fp32 and int8
-#      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md)
+#      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md,
+#      its rows in benchmark.json and BLEU against decoded tokens/s of every system in frontier.png)
 #   8  compression (egs/tools/nmt.sh): fine-tune the trained --compress_base model (200 updates) with each of
 #      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
 #      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
@@ -48,6 +54,7 @@ compress_args=""        # extra fairseq-train arguments for the fine-tunes of st
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
 
@@ -62,8 +69,8 @@ if in_stage 1; then
   log "Stage 1: (de, en) pairs from ${locale_dir}/de/LC_MESSAGES into ${text_dir}"
   if ! stage_done "${text_dir}/.done" "Stage 1"; then
     require fairseq-accel-prepare
-    fairseq-accel-prepare gettext --locale-dir "${locale_dir}" --src-lang de --tgt-lang en \
-      --out-dir "${text_dir}"
+    run_logged "${text_dir}/prepare.log" -- fairseq-accel-prepare gettext --locale-dir "${locale_dir}" \
+      --src-lang de --tgt-lang en --out-dir "${text_dir}"
     touch "${text_dir}/.done"
   fi
 fi
@@ -76,20 +83,34 @@ fi
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
-  --recipe_cmd "${recipe_cmd}"
+  --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"
+
+# plot_frontier EXP: BLEU against decoded tokens/s of EXP's benchmark (EXP/benchmark.json) in EXP/frontier.png;
+# a benchmark it cannot read is said in one line and leaves stage 7 done.
+plot_frontier() {
+  if python3 "${tools_dir}/plot_frontier.py" "$1/benchmark.json" --out "$1/frontier.png"; then
+    log "Speed/accuracy frontier: $1/frontier.png"
+  else
+    log "warning: no frontier plot for $1 (see the error above)"
+  fi
+}
 
 if in_stage 7; then
   log "Stage 7: decoding speed of each experiment on ${gen_subset} (fairseq-accel-benchmark)"
   read -r -a bench_list <<< "${bench_configs}"
   for config in "${bench_list[@]}"; do
     exp="${exp_dir}/$(basename "${config}" .yaml)"
-    stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; continue; }
+    stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; plot_frontier "${exp}"; continue; }
     require fairseq-accel-benchmark
     # shellcheck disable=SC2086  # ${bench_args} holds several arguments
-    fairseq-accel-benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
+    run_logged "${exp}/benchmark.log" --desc "benchmark $(basename "${exp}")" --unit run \
+      --count ', batch [0-9]+, threads' --stdout "${exp}/BENCHMARK.md" -- \
+      fairseq-accel-benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
       --path "${exp}/checkpoints/checkpoint_best.pt" --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
       --batch-sizes 1 32 --beam 5 --max-sentences "${bench_sentences}" --json "${exp}/benchmark.json" \
-      ${bench_args} | tee "${exp}/BENCHMARK.md"
+      ${bench_args}
+    cat "${exp}/BENCHMARK.md"
     touch "${exp}/.benchmark.done"
+    plot_frontier "${exp}"
   done
 fi
