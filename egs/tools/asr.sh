@@ -55,10 +55,6 @@ tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
 . "${tools_dir}/compress_stages.sh"
-case "${specaugment}" in
-  true|false) ;;
-  *) log "error: --specaugment must be true or false, got '${specaugment}'"; exit 2 ;;
-esac
 case "${sweep_metric}" in
   wer|cer) ;;
   *) log "error: --sweep_metric must be wer or cer, got '${sweep_metric}'"; exit 2 ;;

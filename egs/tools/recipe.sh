@@ -1,7 +1,8 @@
 # Common start of every recipe script (run.sh, nmt.sh, asr.sh): logging, option parsing, the stage
 # helpers and run_logged (the quiet console: long commands log to a file, the console shows progress
-# bars and errors), then a check that no stray arguments are left and that --verbose, where the script
-# has it, is true or false. Source it right after the documented options:
+# bars and errors), then a check that no stray arguments are left (parse_options.sh already refuses
+# anything but true/false for a boolean option such as --verbose). Source it right after the documented
+# options:
 #
 #   stage=0        # first stage to run
 #   verbose=false  # show the full output of every command on the console (it always goes to the logs)
@@ -16,7 +17,3 @@ if [ $# -gt 0 ]; then
   log "error: unexpected arguments: $* (see $0 --help)"
   exit 2
 fi
-case "${verbose:-false}" in
-  true|false) ;;
-  *) log "error: --verbose must be true or false, got '${verbose}'"; exit 2 ;;
-esac

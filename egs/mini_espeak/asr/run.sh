@@ -62,11 +62,6 @@ tools_dir="${recipe_dir}/../../tools"
 cd "${recipe_dir}"  # configs and data are relative to the recipe
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(cd "${recipe_dir}/../../.." && pwd)"  # the checkout's plugin, if not installed
 
-case "${noise}" in
-  true|false) ;;
-  *) log "error: --noise must be true or false, got '${noise}'"; exit 2 ;;
-esac
-
 if in_stage 0; then
   log "Stage 0: check for espeak-ng"
   if ! command -v espeak-ng > /dev/null; then
