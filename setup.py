@@ -14,6 +14,7 @@ CONSOLE_SCRIPTS = [
     "fairseq-accel-profile=fairseq_accel.cli.profile:main",
     "fairseq-accel-trust-checkpoint=fairseq_accel.compat.checkpoint_trust:main",
     "fairseq-accel-benchmark=fairseq_accel.cli.benchmark:main",
+    "fairseq-accel-average=fairseq_accel.cli.average:main",
 ]
 
 # Startup hook (see fairseq_accel_startup.py): a .pth file in site-packages whose one line (Python

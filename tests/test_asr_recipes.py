@@ -90,7 +90,7 @@ def test_aishell_recipe_on_a_fixture(tmp_path):
     command = [
         "bash", REPO_ROOT / "egs" / "aishell" / "asr" / "run.sh", "--stage", "1", "--aishell_dir", corpus,
         "--data_dir", tmp_path / "data", "--exp_dir", tmp_path / "exp", "--nj", "1",
-        "--train_args", TINY_TRAIN.replace("--max-update 2", "--max-update 1 --max-epoch 1"),
+        "--train_args", TINY_TRAIN.replace("--max-update 2", "--max-epoch 2"), "--average_checkpoints", "2",
         "--decode_args", TINY_DECODE,
     ]
     result = run_cli(command, timeout=900)
@@ -101,6 +101,10 @@ def test_aishell_recipe_on_a_fixture(tmp_path):
     train_tsv = (s2t / "train.tsv").read_text(encoding="utf-8").splitlines()
     assert train_tsv[0].split("\t") == ["id", "audio", "n_frames", "tgt_text", "speaker"]
     assert any("而对楼市成交抑制作用最大的限购" in line for line in train_tsv)  # characters, no spaces
+    # decoded: the average of the two epoch checkpoints (the recipe's default averages the last 10)
+    averaged = tmp_path / "exp" / "s2t_sanm_s" / "checkpoints" / "checkpoint_average.pt"
+    assert "averaged 2 checkpoints (checkpoint1.pt ... checkpoint2.pt)" in (averaged.parent.parent / "average.log").read_text()
+    assert f"loading model(s) from {averaged}" in (averaged.parent.parent / "decode_test" / "generate.txt").read_text()
     rows = check_results(tmp_path / "exp", "test", ["s2t_sanm_s"])
     assert [row["arch"] for row in rows] == ["s2t_sanm_s"]
     assert rows[0]["sentences"] == 2  # the two test utterances of the fixture

@@ -25,7 +25,8 @@ def test_missing_fairseq_is_reported_with_the_install_command():
     assert "pip install --no-deps ve-fairseq==0.12.3" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["fairseq-accel-prepare", "fairseq-accel-profile", "fairseq-accel-trust-checkpoint"])
+@pytest.mark.parametrize("command", ["fairseq-accel-prepare", "fairseq-accel-profile", "fairseq-accel-trust-checkpoint",
+                                     "fairseq-accel-average", "fairseq-accel-benchmark"])
 def test_console_scripts_answer_help(command):
     result = run_cli([command, "--help"])
     assert result.returncode == 0, cli_output(result)

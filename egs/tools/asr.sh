@@ -5,7 +5,9 @@
 #
 #   2  80-dim fbank, global CMVN, speed perturbation of the training set, sentencepiece units and
 #      fairseq speech_to_text manifests + config.yaml (fairseq-accel-prepare s2t)
-#   3  train each experiment config with fairseq-train --task speech_to_text (its train: section)
+#   3  train each experiment config with fairseq-train --task speech_to_text (its train: section); with
+#      --average_checkpoints N, average its last N epoch checkpoints (fairseq-accel-average), which
+#      stages 4 and 6-7 then use
 #   4  decode --test_set with fairseq-generate --task speech_to_text_accel (its generate: section)
 #   5  score (jiwer WER and CER) and print one results table for all configs (and the decoded
 #      compression fine-tunes of stage 6); training and validation loss against update of the configs
@@ -41,6 +43,7 @@ specaugment=true        # SpecAugment on the training set (config.yaml); false f
 nj=2                    # parallel jobs for feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
+average_checkpoints=0   # decode the average of each config's last N epoch checkpoints (0: its best checkpoint)
 compress_base=""        # config of the trained experiment that stages 6-7 fine-tune
 compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)

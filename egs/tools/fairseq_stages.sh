@@ -1,5 +1,5 @@
 # Training and decoding steps shared by nmt.sh and asr.sh. Source it after recipe.sh; it uses the
-# callers' configs, exp_dir, train_args and decode_args, and checks the configs at once. fairseq-train and
+# callers' configs, exp_dir, train_args, decode_args and average_checkpoints, and checks them at once. fairseq-train and
 # fairseq-generate run through run_logged (run_logged.sh): their full output goes to EXP/train.log and
 # EXP/decode_<subset>/generate.txt, the console shows a progress bar and errors.
 
@@ -13,27 +13,48 @@ read -r -a config_list <<< "${configs}"
 for config in "${config_list[@]}"; do
   [ -f "${config}" ] || { log "error: config ${config} not found (from $(pwd))"; exit 2; }
 done
+if ! [[ "${average_checkpoints}" =~ ^[0-9]+$ ]]; then
+  log "error: --average_checkpoints must be a number of epoch checkpoints (0: no averaging), got '${average_checkpoints}'"
+  exit 2
+fi
 
 # exp_of CONFIG: the experiment directory of a config, named after it.
 exp_of() { echo "${exp_dir}/$(basename "$1" .yaml)"; }
 
 # train_experiment CONFIG EXP DATA [ARGS...]: fairseq-train on DATA with the train: section of CONFIG,
 # then ARGS and ${train_args}; checkpoints, a copy of the config, the arguments and the log go to EXP.
-# Skipped once EXP/.train.done exists; an interrupted run resumes from checkpoint_last.pt.
+# Skipped once EXP/.train.done exists; an interrupted run resumes from checkpoint_last.pt. Then, with
+# --average_checkpoints N > 0, the average of the last N epoch checkpoints (average_last_checkpoints).
 train_experiment() {
   local config=$1 exp=$2 data=$3
   shift 3
   log "train $(basename "${exp}") in ${exp}"
-  stage_done "${exp}/.train.done" "training $(basename "${exp}")" && return 0
-  require fairseq-train
-  mkdir -p "${exp}"
-  cp "${config}" "${exp}/config.yaml"
-  python3 "${repo_root}/egs/tools/yaml2args.py" "${config}" --section train > "${exp}/train.args"
-  _fairseq_train "${exp}" "${data}" "${train_args}" "$@"
+  if ! stage_done "${exp}/.train.done" "training $(basename "${exp}")"; then
+    require fairseq-train
+    mkdir -p "${exp}"
+    cp "${config}" "${exp}/config.yaml"
+    python3 "${repo_root}/egs/tools/yaml2args.py" "${config}" --section train > "${exp}/train.args"
+    _fairseq_train "${exp}" "${data}" "${train_args}" "$@"
+  fi
+  average_last_checkpoints "${exp}"
+}
+
+# average_last_checkpoints EXP: with --average_checkpoints N > 0, EXP/checkpoints/checkpoint_average.pt =
+# the weights of the last N epoch checkpoints averaged (fairseq-accel-average; the config must keep them:
+# keep_last_epochs, no no_epoch_checkpoints), which decoding then uses. Skipped once that file exists.
+average_last_checkpoints() {
+  local exp=$1
+  local averaged="${exp}/checkpoints/checkpoint_average.pt"
+  [ "${average_checkpoints}" -gt 0 ] || return 0
+  stage_done "${averaged}" "averaging $(basename "${exp}")" && return 0
+  require fairseq-accel-average
+  log "average the last ${average_checkpoints} epoch checkpoints of $(basename "${exp}")"
+  run_logged "${exp}/average.log" -- fairseq-accel-average --inputs "${exp}/checkpoints" \
+    --num-epoch-checkpoints "${average_checkpoints}" --output "${averaged}"
 }
 
 # compress_experiment BASE_CONFIG COMPRESS_CONFIG EXP DATA [ARGS...]: fine-tune the trained model of
-# BASE_CONFIG (its checkpoint_best.pt) on DATA with fairseq-train --finetune-from-model: the train: section
+# BASE_CONFIG (its decoded_checkpoint) on DATA with fairseq-train --finetune-from-model: the train: section
 # of BASE_CONFIG with that of COMPRESS_CONFIG laid over it (yaml2args.py --override), then ARGS and
 # ${compress_args}. fairseq resets optimizer, learning-rate schedule, meters and data order and counts
 # updates from 0, so the yaml's --sparsity-*-update and --admm-*-update count from the start of the
@@ -43,7 +64,7 @@ compress_experiment() {
   local base_config=$1 compress_config=$2 exp=$3 data=$4
   shift 4
   local base_checkpoint
-  base_checkpoint="$(exp_of "${base_config}")/checkpoints/checkpoint_best.pt"
+  base_checkpoint=$(decoded_checkpoint "$(exp_of "${base_config}")")
   log "fine-tune $(basename "${exp}") from ${base_checkpoint} with ${compress_config}"
   stage_done "${exp}/.train.done" "fine-tuning $(basename "${exp}")" && return 0
   require fairseq-train
@@ -90,13 +111,16 @@ _fairseq_train() {
   touch "${exp}/.train.done"
 }
 
-# decoded_checkpoint EXP: the checkpoint that decoding EXP uses: checkpoint_best.pt of a trained config;
-# checkpoint_last.pt of a compression fine-tune (EXP/compress.yaml), the only one sure to be at the final
-# sparsity and on the quantization grid (the best validation loss comes while pruning is still under
-# way). egs/tools/results_table.py (decoded_checkpoint) reads the same one.
+# decoded_checkpoint EXP: the checkpoint that decoding EXP uses: checkpoint_last.pt of a compression
+# fine-tune (EXP/compress.yaml), the only one sure to be at the final sparsity and on the quantization
+# grid (the best validation loss comes while pruning is still under way); else the averaged
+# checkpoint_average.pt where averaging made one, else checkpoint_best.pt.
+# egs/tools/results_table.py (decoded_checkpoint) reads the same one.
 decoded_checkpoint() {
   if [ -f "$1/compress.yaml" ]; then
     echo "$1/checkpoints/checkpoint_last.pt"
+  elif [ -f "$1/checkpoints/checkpoint_average.pt" ]; then
+    echo "$1/checkpoints/checkpoint_average.pt"
   else
     echo "$1/checkpoints/checkpoint_best.pt"
   fi

@@ -4,7 +4,8 @@
 #
 #   2  joint sentencepiece model on train.src + train.tgt; encode every split (fairseq-accel-prepare spm)
 #   3  binarize with fairseq-preprocess
-#   4  train each experiment config with fairseq-train (its train: section)
+#   4  train each experiment config with fairseq-train (its train: section); with --average_checkpoints N,
+#      average its last N epoch checkpoints (fairseq-accel-average), which stages 5 and 8-9 then use
 #   5  decode --gen_subset with fairseq-generate --task translation_accel (its generate: section); profile
 #   6  score (sacrebleu BLEU, chrF) and print one results table for all configs (and the decoded
 #      compression fine-tunes of stage 8); training and validation loss against update of the configs
@@ -39,6 +40,7 @@ bleu_tokenize=13a       # sacrebleu tokenizer: 13a for raw text, none for pre-to
 nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
+average_checkpoints=0   # decode the average of each config's last N epoch checkpoints (0: its best checkpoint)
 gen_subset=test         # split decoded in stage 5 (test or valid)
 compress_base=""        # config of the trained experiment that stages 8-9 fine-tune
 compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 8

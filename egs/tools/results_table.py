@@ -47,9 +47,14 @@ def decode_speed(generate_log: Path) -> Dict[str, float]:
 
 def decoded_checkpoint(exp_dir: Path) -> Path:
     """The checkpoint the decoding stage used (the rule of decoded_checkpoint in fairseq_stages.sh):
-    checkpoint_last.pt of a compression fine-tune (``compress.yaml`` beside it), else checkpoint_best.pt."""
-    name = "checkpoint_last.pt" if (exp_dir / "compress.yaml").is_file() else "checkpoint_best.pt"
-    return exp_dir / "checkpoints" / name
+    checkpoint_last.pt of a compression fine-tune (``compress.yaml`` beside it), else the averaged
+    checkpoint_average.pt where there is one, else checkpoint_best.pt."""
+    checkpoints = exp_dir / "checkpoints"
+    if (exp_dir / "compress.yaml").is_file():
+        return checkpoints / "checkpoint_last.pt"
+    if (checkpoints / "checkpoint_average.pt").is_file():
+        return checkpoints / "checkpoint_average.pt"
+    return checkpoints / "checkpoint_best.pt"
 
 
 def load_checkpoint(checkpoint: Path) -> Dict[str, Any]:

@@ -7,7 +7,8 @@
 #   0  download data_aishell.tgz and resource_aishell.tgz (OpenSLR resource 33), or use --aishell_dir
 #   1  extract, pair transcripts with audio, transcripts -> characters (fairseq-accel-prepare aishell)
 #   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + character
-#      units + manifests, fairseq-train, fairseq-generate, jiwer CER/WER table
+#      units + manifests, fairseq-train, the average of the last 10 epoch checkpoints
+#      (--average_checkpoints 0 decodes the best one), fairseq-generate, jiwer CER/WER table
 #   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (25k updates) with each of
 #      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
 #   7  sparsity sweep (egs/tools/asr.sh): CER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
@@ -32,6 +33,7 @@ exp_dir=exp             # experiments: <exp_dir>/<config name>/
 nj=8                    # parallel jobs for extraction and feature computation
 train_args=""           # extra fairseq-train arguments for every config
 decode_args=""          # extra fairseq-generate arguments for every config
+average_checkpoints=10  # decode the average of the last N epoch checkpoints (the configs keep 10; 0: the best checkpoint)
 compress_base=conf/s2t_sanm_s.yaml  # trained experiment that stages 6-7 fine-tune
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
@@ -80,7 +82,7 @@ fi
 "${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit char --nj "${nj}" \
-  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric cer \
+  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --sweep_metric cer \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \

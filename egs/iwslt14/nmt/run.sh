@@ -7,7 +7,8 @@
 #   0  download de-en.tgz (or give a local copy with --orig_tgz, or the extracted folder with --orig_dir)
 #   1  extract it; tokenize, clean, lowercase and split (fairseq-accel-prepare iwslt14)
 #   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece BPE, fairseq-preprocess
-#      (separate dictionaries), fairseq-train, fairseq-generate (beam 4), BLEU on tokenized text
+#      (separate dictionaries), fairseq-train, the average of the last 10 epoch checkpoints (as the paper;
+#      --average_checkpoints 0 decodes the best one), fairseq-generate (beam 4), BLEU on tokenized text
 #   8  compression (egs/tools/nmt.sh): fine-tune the trained --config model (10k updates) with each of
 #      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
 #   9  sparsity sweep (egs/tools/nmt.sh): exp/<config name>/sparsity_sweep.{md,json,png}
@@ -35,6 +36,7 @@ exp_dir=exp             # experiments: <exp_dir>/<config name>/
 bpe_vocab_size=10000    # joint sentencepiece vocabulary (fairseq's example: 10k BPE merges)
 train_args=""           # extra fairseq-train arguments, e.g. "--max-update 100 --cpu"
 decode_args=""          # extra fairseq-generate arguments, e.g. "--cpu"
+average_checkpoints=10  # decode the average of the last N epoch checkpoints (the paper: 10; 0: the best checkpoint)
 gen_subset=test         # split decoded in stage 5 (test or valid)
 compress_base=""        # trained experiment that stages 8-9 fine-tune (default: --config)
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
@@ -105,7 +107,7 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${tok_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${config}" \
   --bpe_type bpe --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary false --bleu_tokenize none \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}" \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --gen_subset "${gen_subset}" \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \

@@ -46,6 +46,7 @@ specaugment=false       # off: it hurts at the demo budget (s2t_sanm_mini, 600 u
 nj=2                    # parallel jobs for synthesis and feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
+average_checkpoints=0   # decode the average of the last N epoch checkpoints (0: the best; a config must keep them)
 compress_base=conf/s2t_sanm_mini.yaml  # trained experiment that stages 6-7 fine-tune
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
@@ -84,7 +85,7 @@ fi
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit "${unit}" --vocab_size "${vocab_size}" --nj "${nj}" \
   --specaugment "${specaugment}" \
-  --train_args "${train_args}" --decode_args "${decode_args}" --sweep_metric cer \
+  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --sweep_metric cer \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \

@@ -29,8 +29,9 @@
 #   ./run.sh --stage 9 --stop_stage 9    # the sweep: exp/lite_transformer_mini/sparsity_sweep.{md,json,png}
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
-# longer and score higher:
-#   ./run.sh --configs "conf/tuning/lite_transformer_mini_long.yaml conf/tuning/transformer_mini_long.yaml"
+# longer, keep their last 5 epoch checkpoints and score higher, decoded as the average of those 5:
+#   ./run.sh --configs "conf/tuning/lite_transformer_mini_long.yaml conf/tuning/transformer_mini_long.yaml" \
+#     --average_checkpoints 5
 set -euo pipefail
 
 stage=1                 # first stage to run
@@ -44,6 +45,7 @@ bpe_vocab_size=8000     # joint sentencepiece vocabulary
 nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
+average_checkpoints=0   # decode the average of the last N epoch checkpoints (0: the best; a config must keep them)
 gen_subset=test         # split decoded (test or valid)
 bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed stage 7 measures
 bench_sentences=100     # test sentences the stage-7 benchmark decodes (0: all)
@@ -78,7 +80,7 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${text_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${configs}" \
   --bpe_type "${bpe_type}" --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --gen_subset "${gen_subset}" \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --gen_subset "${gen_subset}" \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
   --compress_args "${compress_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
