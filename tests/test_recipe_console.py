@@ -237,7 +237,7 @@ def test_option_value_gives_the_max_update_of_the_run(tmp_path):
     """The training bar's total: the last --max-update of the arguments, as argparse takes it."""
     config = tmp_path / "c.yaml"
     config.write_text("train: {}\n")
-    script = (f'log() {{ :; }}; configs="{config}"; . "{TOOLS}/fairseq_stages.sh"; '
+    script = (f'log() {{ :; }}; configs="{config}"; average_checkpoints=0; . "{TOOLS}/fairseq_stages.sh"; '
               'option_value --max-update --lr 1 --max-update 500 --max-update=7 x; '
               'option_value --max-update --lr 1 --max-update 500 --max-update 20; option_value --max-update --lr 1')
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
