@@ -15,6 +15,7 @@ CONSOLE_SCRIPTS = [
     "fairseq-accel-trust-checkpoint=fairseq_accel.compat.checkpoint_trust:main",
     "fairseq-accel-benchmark=fairseq_accel.cli.benchmark:main",
     "fairseq-accel-average=fairseq_accel.cli.average:main",
+    "fairseq-accel-compress=fairseq_accel.cli.compress:main",
 ]
 
 # Startup hook (see fairseq_accel_startup.py): a .pth file in site-packages whose one line (Python

@@ -43,6 +43,10 @@ COMPAT_PATCHES = (
 for _patch in COMPAT_PATCHES:
     _patch.install()
 
+from fairseq_accel.compression.compressed_format import read_compressed_checkpoint  # noqa: E402
+
+checkpoint_loading.set_compressed_reader(read_compressed_checkpoint)  # fairseq-accel-compress output loads too
+
 from fairseq_accel import models  # noqa: E402,F401  (registers models and architectures)
 from fairseq_accel import criterions  # noqa: E402,F401
 from fairseq_accel import tasks  # noqa: E402,F401  (translation_accel, speech_to_text_accel)

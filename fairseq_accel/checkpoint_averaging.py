@@ -12,7 +12,6 @@ grid points is off the grid).
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -132,11 +131,3 @@ def average_checkpoints(paths: Sequence[Path], progress: Callable[[str], None] =
     extra_state["averaged_checkpoints"] = [str(path) for path in paths]
     state["extra_state"] = extra_state
     return state
-
-
-def save_checkpoint(state: Dict[str, Any], output: Path) -> None:
-    """Write ``state`` to ``output`` through a temporary file, so that an interrupted run leaves no half file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".part")
-    torch.save(state, partial)
-    os.replace(partial, output)

@@ -8,13 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from fairseq_accel.checkpoint_averaging import (
-    CheckpointAveragingError,
-    average_checkpoints,
-    last_checkpoints,
-    save_checkpoint,
-)
-from fairseq_accel.compat.checkpoint_files import CheckpointLoadError
+from fairseq_accel.checkpoint_averaging import CheckpointAveragingError, average_checkpoints, last_checkpoints
+from fairseq_accel.compat.checkpoint_files import CheckpointLoadError, write_checkpoint
 
 PROG = "fairseq-accel-average"
 
@@ -70,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         paths = _inputs(args, parser)
         state = average_checkpoints(paths, progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
-        save_checkpoint(state, args.output)
+        write_checkpoint(state, args.output)
     except (CheckpointAveragingError, CheckpointLoadError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,11 @@ from fairseq_accel.compat.pickle_globals import DamagedPickle, extra_globals
 _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
+#: Top-level key of a compressed checkpoint (fairseq_accel.compression.compressed_format), which holds the
+#: packed weights in place of ``model``.
+COMPRESSED_KEY = "fairseq_accel_compressed"
+
+
 class CheckpointLoadError(RuntimeError):
     """A checkpoint could not be loaded; the message says why and how to fix it, in one line."""
 
@@ -102,3 +107,12 @@ __all__ = [
     "missing_file_message",
     "read_checkpoint_bytes",
 ]
+
+
+def write_checkpoint(state: dict, output: Path) -> None:
+    """``torch.save`` ``state`` to ``output`` through a temporary file, so that an interrupted run leaves no
+    half-written checkpoint."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".part")
+    torch.save(state, partial)
+    os.replace(partial, output)

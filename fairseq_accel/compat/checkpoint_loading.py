@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from fairseq_accel.compat.checkpoint_files import (
+    COMPRESSED_KEY,
     CheckpointLoadError,
     CheckpointNotFoundError,
     checkpoint_globals,
@@ -299,6 +300,27 @@ _loading_path: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 _restoring_task: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("fairseq_accel_restoring_task", default=None)
 _WRAPPED_MARK = "__fairseq_accel_wrapped__"
 
+#: Turns the raw state of a compressed checkpoint into a fairseq one (set by fairseq_accel.compression when
+#: the plugin is loaded; the startup hook alone cannot read compressed checkpoints).
+_compressed_reader: Optional[Callable[[str, Dict[str, Any]], Dict[str, Any]]] = None
+
+
+def set_compressed_reader(reader: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
+    global _compressed_reader
+    _compressed_reader = reader
+
+
+def _expand_compressed(path: str, state: Dict[str, Any]) -> Dict[str, Any]:
+    if not isinstance(state, dict) or COMPRESSED_KEY not in state:
+        return state
+    if _compressed_reader is None:
+        raise CheckpointLoadError(f"{path} is a compressed checkpoint (fairseq-accel-compress); load it with the "
+                                  "plugin: --user-dir user_dir (or import fairseq_accel)")
+    try:
+        return _compressed_reader(path, state)
+    except ValueError as error:  # the format's own one-line errors (version, malformed tensor)
+        raise CheckpointLoadError(str(error)) from None
+
 
 def _finish_like_fairseq(state: Dict[str, Any], arg_overrides: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """What fairseq 0.12's ``load_checkpoint_to_cpu`` does after ``torch.load`` (omegaconf >= 2.2,
@@ -331,7 +353,8 @@ def _wrap_load_checkpoint_to_cpu(original: Callable[..., Dict[str, Any]]) -> Cal
                 return original(*args, **kwargs)
         token = _loading_path.set(path)  # for the registry check inside _upgrade_state_dict
         try:
-            state = _finish_like_fairseq(read_checkpoint(path), bound.arguments.get("arg_overrides"))
+            state = _finish_like_fairseq(_expand_compressed(path, read_checkpoint(path)),
+                                         bound.arguments.get("arg_overrides"))
         finally:
             _loading_path.reset(token)
         _restore_task_state(state)
@@ -472,6 +495,7 @@ __all__ = [
     "checkpoint_names",
     "install",
     "read_checkpoint",
+    "set_compressed_reader",
     "size_mismatch_message",
     "torch_load_through_checks",
 ]
