@@ -62,7 +62,7 @@ demo: venv
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures are built once): most tests
 # wait on fairseq CLIs in subprocesses, so both cores of these machines stay busy.
 test: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile --durations 15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
