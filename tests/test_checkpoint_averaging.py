@@ -11,7 +11,7 @@ from fairseq_accel.cli.average import main as average_main
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 
 # TINY_TRAIN, keeping one checkpoint per epoch; 200-token batches: 14 updates per epoch of the toy corpus.
-EPOCH_TRAIN = [option for option in TINY_TRAIN if option != "--no-epoch-checkpoints"]
+EPOCH_TRAIN = [*(option for option in TINY_TRAIN if option != "--no-epoch-checkpoints"), "--save-interval", "1"]
 TRAIN = ["--user-dir", USER_DIR, "--task", "translation_accel", *TINY_TRANSFORMER, *EPOCH_TRAIN,
          "--max-tokens", "200", "--max-epoch", "3"]
 
