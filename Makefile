@@ -60,9 +60,11 @@ demo: venv
 	bash egs/tools/demo_summary.sh $(DEMO_NMT) $(DEMO_ASR)
 
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures are built once): most tests
-# wait on fairseq CLIs in subprocesses, so both cores of these machines stay busy.
+# wait on fairseq CLIs in subprocesses, so both cores of these machines stay busy. One OpenMP thread per process
+# (workers and the CLIs they start): two 2-thread processes on 2 cores made a 250-update toy training take
+# 286 s instead of ~20 s (CI of 2026-11-30; design.md §6 saw 30x on a decoding step).
 test: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadfile --durations 15 tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations 15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

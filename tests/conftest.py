@@ -20,6 +20,9 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# One OpenMP thread per process unless the caller chose (`make test` sets 1): the suite runs two workers, each
+# starting fairseq CLIs, on machines with two cores, where oversubscribed threads slow small ops by 10-30x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER_DIR = REPO_ROOT / "user_dir"
