@@ -127,11 +127,16 @@ def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
     return float(np.sum(p[held] * np.log(p[held] / q[held])))
 
 
+def _used_bins(counts: np.ndarray) -> int:
+    """Bins up to and including the last non-empty one (1 for an empty histogram)."""
+    return int(np.nonzero(counts)[0].max()) + 1 if counts.any() else 1
+
+
 def kl_end_bin(counts: np.ndarray, levels: int = NUM_LEVELS) -> int:
     """Entropy calibration on a histogram ``counts``: the number of bins i (>= ``levels``) kept below the
     threshold that minimises KL(P || Q) (module docstring); all used bins when they fit in ``levels``."""
     counts = np.asarray(counts, dtype=np.float64)
-    used = int(np.nonzero(counts)[0].max()) + 1 if counts.any() else 1
+    used = _used_bins(counts)
     if used <= levels:  # every value fits in the int8 levels without merging bins: nothing to clip
         return used
     best_bins, best_divergence = used, float("inf")
@@ -161,7 +166,7 @@ def mse_threshold(histogram: AbsHistogram) -> float:
     rounding inside the range and clipping outside it, with values taken at their bin centres."""
     centres = (np.arange(NUM_BINS) + 0.5) * histogram.bin_width
     counts = histogram.counts.astype(np.float64)
-    used = int(np.nonzero(counts)[0].max()) + 1 if histogram.total else 1
+    used = _used_bins(counts)
     best_threshold, best_error = used * histogram.bin_width, float("inf")
     for bins in range(1, used + 1):
         threshold = bins * histogram.bin_width
@@ -175,8 +180,7 @@ def mse_threshold(histogram: AbsHistogram) -> float:
 
 def max_threshold(histogram: AbsHistogram) -> float:
     """The upper edge of the last non-empty bin (no clipping)."""
-    used = int(np.nonzero(histogram.counts)[0].max()) + 1 if histogram.total else 1
-    return used * histogram.bin_width
+    return _used_bins(histogram.counts) * histogram.bin_width
 
 
 THRESHOLDS: Dict[str, Callable[[AbsHistogram], float]] = {
