@@ -1,5 +1,6 @@
 """fairseq-accel-average: the mean of the last N checkpoints of a run, decodable by fairseq-generate, and one
 clear line for inputs that cannot be averaged (too few, another model, masks still changing, ADMM)."""
+import subprocess
 from pathlib import Path
 from typing import Dict, List
 
@@ -22,7 +23,7 @@ def train(data: Path, save_dir: Path, *options: str) -> Path:
     return save_dir
 
 
-def average(*args: object) -> "subprocess.CompletedProcess":  # noqa: F821
+def average(*args: object) -> subprocess.CompletedProcess:
     return run_cli(["fairseq-accel-average", *args])
 
 

@@ -22,7 +22,6 @@ from fairseq_accel.compression.compressed_format import (
     compress_model_state,
     size_rows,
 )
-from fairseq_accel.compression.quantization_grid import SUPPORTED_BITS
 from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
 
 PROG = "fairseq-accel-compress"
