@@ -1,8 +1,13 @@
 """Decoding speed of one checkpoint under several generators, side by side (``fairseq-accel-benchmark``).
 
 Every system decodes the same batches of the same subset in one process: fairseq's ``SequenceGenerator``
-(stock), the fast generator with an fp32 and an int8 key/value cache, and for a stock ``transformer``
-checkpoint CTranslate2 float32/int8 through its fairseq converter (when ``ctranslate2`` is installed).
+(stock), the fast generator with an fp32 and an int8 key/value cache, for a calibrated compressed checkpoint
+(``fairseq-accel-compress --data``) the fast generator with its int8 layers (those of at least
+``--int8-min-weights``; w8a8, and w8a8-kv8 with the int8 cache too; the other systems run its weights in
+float32), and for a stock
+``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when ``ctranslate2`` is
+installed). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
+decoder at its row counts (batch x beam).
 Each system runs at every thread count (after a warm-up pass) and ``repeats`` times; a row holds its best
 thread count, the median time, tokens per second, the ratio to stock at the same batch size, and BLEU
 (translation) or WER (speech) of what it produced. Timing covers ``generate`` only (the encoder
@@ -10,6 +15,7 @@ included), not data loading or scoring. This machine's noise is why the numbers 
 one run: compare rows, not runs.
 """
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -18,13 +24,18 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import fairseq_accel  # noqa: F401  (registers the plugin, makes checkpoints load)
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 
+from fairseq_accel.compression.quantization_grid import quantize_to_levels
+from fairseq_accel.inference.int8_execution import convert_to_int8
+from fairseq_accel.modules.int8_linear import Int8Linear
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator
+
 # system -> fast generator options (None: fairseq's SequenceGenerator)
 FAIRSEQ_SYSTEMS = {
     "stock": None,
@@ -33,9 +44,12 @@ FAIRSEQ_SYSTEMS = {
     "fast-int8": {"kv_cache_dtype": "int8"},
     "fast-int8-channel": {"kv_cache_dtype": "int8", "key_scale": "channel"},
     "fast-int8-cross": {"kv_cache_dtype": "int8", "quantize_cross_kv": True},
+    "fast-w8a8": {"kv_cache_dtype": "fp32"},
+    "fast-w8a8-kv8": {"kv_cache_dtype": "int8"},
 }
+INT8_LINEAR_SYSTEMS = ("fast-w8a8", "fast-w8a8-kv8")  # the compressed checkpoint's int8 layers
 CT2_SYSTEMS = {"ct2-float32": "float32", "ct2-int8": "int8"}
-DEFAULT_SYSTEMS = ["stock", "fast", "fast-int8", "fast-int8-cross", "ct2-float32", "ct2-int8"]
+DEFAULT_SYSTEMS = ["stock", "fast", "fast-int8", "fast-int8-cross", *INT8_LINEAR_SYSTEMS, "ct2-float32", "ct2-int8"]
 
 
 class BenchmarkError(Exception):
@@ -76,6 +90,7 @@ class Workload:
     batch_size: int
     max_len_a: float
     max_len_b: int
+    int8_model: Optional[torch.nn.Module] = None  # the model with int8 linear layers (calibrated compressed checkpoints)
 
 
 def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
@@ -90,7 +105,7 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
     return task, models
 
 
-def build_workload(args, batch_size: int, task, models) -> Workload:
+def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.Module] = None) -> Workload:
     dataset = task.dataset(args.gen_subset)
     limit = min(len(dataset), args.max_sentences or len(dataset))
     indices = list(range(limit))
@@ -110,7 +125,7 @@ def build_workload(args, batch_size: int, task, models) -> Workload:
             references[sample_id] = to_text(target[target.ne(tgt_dict.pad())])
     score_name = "WER" if hasattr(task, "data_cfg") else "BLEU"
     return Workload(task, models, batches, references, to_text, score_name, args.beam, batch_size,
-                    args.max_len_a, args.max_len_b)
+                    args.max_len_a, args.max_len_b, int8)
 
 
 def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
@@ -125,14 +140,29 @@ def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
     return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
+def take_int8_model(task, models: List[torch.nn.Module], min_weights: int) -> Optional[torch.nn.Module]:
+    """A copy of the model with the int8 layers of its compressed checkpoint, or None if the checkpoint has
+    none (not compressed, or compressed without calibration). The task forgets the compressed section, so
+    that its generators run ``models`` as they are (float32) for the other systems."""
+    section = getattr(task, "compressed_section", None)
+    if section is not None:
+        task.compressed_section = None
+    if section is None or "activations" not in section or len(models) != 1:
+        return None
+    model = copy.deepcopy(models[0])
+    convert_to_int8(model, section, "the compressed checkpoint", min_weights)
+    return model
+
+
 def _fairseq_generator(work: Workload, system: str):
     gen_cfg = GenerationConfig(beam=work.beam, max_len_a=work.max_len_a, max_len_b=work.max_len_b)
-    stock = work.task.build_generator(work.models, gen_cfg)
+    models = [work.int8_model] if system in INT8_LINEAR_SYSTEMS else work.models
+    stock = work.task.build_generator(models, gen_cfg)
     options = FAIRSEQ_SYSTEMS[system]
     if options is None:
         return stock
     accel = AccelGenerationConfig(accel_generator="fast", no_accel_fallback=True, **options)
-    return build_accel_generator(stock, work.models, accel)
+    return build_accel_generator(stock, models, accel)
 
 
 def _run_fairseq(work: Workload, generator, batches: Sequence[dict]) -> Tuple[float, int, Dict[int, str]]:
@@ -243,6 +273,10 @@ def _ct2_runner(args, work: Workload, model_dir: Path):
 def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str], None]) -> List[Row]:
     rows = []
     fairseq_systems = ["stock"] + [s for s in args.systems if s in FAIRSEQ_SYSTEMS and s != "stock"]
+    if work.int8_model is None and any(s in INT8_LINEAR_SYSTEMS for s in fairseq_systems):
+        progress(f"skipping {' '.join(INT8_LINEAR_SYSTEMS)}: the checkpoint has no int8 layers (make one with "
+                 "fairseq-accel-compress --data ...)")
+        fairseq_systems = [s for s in fairseq_systems if s not in INT8_LINEAR_SYSTEMS]
     sentences = sum(len(batch["id"]) for batch in work.batches)
     for system in fairseq_systems:
         progress(f"{system}, batch {work.batch_size}, threads {args.threads}")
@@ -266,19 +300,71 @@ def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str
     return rows
 
 
-def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None]) -> List[Row]:
-    """Every system of ``args.systems`` at every ``args.batch_sizes``; ``ratio`` filled in against stock."""
+def run_benchmark(args: argparse.Namespace,
+                  progress: Callable[[str], None]) -> Tuple[List[Row], Optional[torch.nn.Module]]:
+    """Every system of ``args.systems`` at every ``args.batch_sizes``, ``ratio`` filled in against stock; and
+    the model with int8 layers (None where the checkpoint has none)."""
     if min(args.beam, args.repeats, *args.batch_sizes, *args.threads, *args.ct2_threads) < 1:
         raise BenchmarkError("--beam, --repeats, --batch-sizes, --threads and --ct2-threads must be positive")
     task, models = load_checkpoint(args)
+    int8 = take_int8_model(task, models, args.int8_min_weights)
     task.load_dataset(args.gen_subset)  # once: every batch size batches the same sentences
     rows: List[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch_size in args.batch_sizes:
-            work = build_workload(args, batch_size, task, models)
+            work = build_workload(args, batch_size, task, models, int8)
             batch_rows = rows_for_batch_size(args, work, Path(tmp), progress)
             stock_speed = batch_rows[0].tokens_per_second
             for row in batch_rows:
                 row.ratio = row.tokens_per_second / stock_speed
             rows += batch_rows
+    return rows, int8
+
+
+@dataclass
+class GemmRow:
+    layer: str
+    shape: str  # in x out
+    rows: int
+    threads: int
+    float_us: float
+    int8_us: float
+    int8_at_decode: bool  # whether the w8a8 systems run this layer in int8 (--int8-min-weights)
+
+    @property
+    def speedup(self) -> float:
+        return self.float_us / self.int8_us
+
+
+def _time_call(call: Callable[[], torch.Tensor], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def int8_gemm_rows(model: torch.nn.Module, row_counts: Sequence[int], threads: Sequence[int],
+                   repeats: int = 5) -> List[GemmRow]:
+    """Each distinct linear layer shape of the decoder (output projection included) as an int8 layer on its
+    own per-row levels against ``F.linear`` in float32, at ``row_counts`` rows; the median of ``repeats``
+    rounds taken in turn (float, int8, float, ...)."""
+    layers: Dict[Tuple[int, int], Tuple[str, torch.nn.Module]] = {}
+    for name, module in model.decoder.named_modules():
+        if isinstance(module, (torch.nn.Linear, Int8Linear)):
+            layers.setdefault((module.in_features, module.out_features), (f"decoder.{name}", module))
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        for (columns, outputs), (name, layer) in layers.items():
+            weight, bias = layer.weight.detach().contiguous(), layer.bias
+            int8 = Int8Linear(*quantize_to_levels(weight, 8), bias, 0.05)
+            for row_count in row_counts:
+                x = torch.randn(row_count, columns)
+                calls = max(5, 20000 // max(1, row_count * columns * outputs // 100000))
+                float_call, int8_call = (lambda: F.linear(x, weight, bias)), (lambda: int8(x))
+                float_call(), int8_call()  # warm-up (the backends pick kernels on the first call)
+                times = [(_time_call(float_call, calls), _time_call(int8_call, calls)) for _ in range(repeats)]
+                rows.append(GemmRow(name, f"{columns}x{outputs}", row_count, count,
+                                    statistics.median(t[0] for t in times), statistics.median(t[1] for t in times),
+                                    isinstance(layer, Int8Linear)))
     return rows

@@ -1,16 +1,21 @@
 """The compressed checkpoint (fairseq_accel/compression/compressed_format.py) and fairseq-accel-compress: packing
 round trips, masks only where they pay, tied tensors stored once, decoding through fairseq-generate with the
-same hypotheses as the float model on the int8 grid, and one-line errors."""
+same hypotheses as the float model on the int8 grid; activation calibration (resumed, sharded and merged) and
+int8 execution with both generators; and one-line errors."""
+import re
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 import torch
+from fairseq.data.indexed_dataset import make_builder
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 from fairseq_accel.cli.compress import main as compress_main
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
+from fairseq_accel.compression.activation_calibration import LinearInputCalibrator
 from fairseq_accel.compression.compressed_format import pack, size_rows
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
 
@@ -131,3 +136,149 @@ def test_bad_inputs_are_one_line(pruned_lsra: Path, compressed: "tuple[Path, str
                               "--cpu"])
     assert "is a compressed checkpoint (fairseq-accel-compress); load it with the plugin" in last_error_line(
         without_plugin)
+
+
+# --- activation calibration and int8 execution --------------------------------------------------------------
+
+CALIBRATE = ("--calib-batches", "2", "--max-tokens", "60")  # the toy valid set holds 5+ such batches
+
+
+@pytest.fixture(scope="module")
+def calibrated(pruned_lsra: Path, tiny_translation_data: Path) -> "tuple[Path, str]":
+    """``pruned_lsra`` compressed with calibrated activations (2 valid batches, resumable state beside it)."""
+    output = pruned_lsra.parent.parent / "calibrated.pt"
+    result = run_cli(["fairseq-accel-compress", "--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE,
+                      "--calib-state", output.with_suffix(".calib"), "--out", output])
+    assert result.returncode == 0, cli_output(result)
+    return output, result.stdout
+
+
+def int8_layer_count(log: str) -> int:
+    counts = re.findall(r"--compressed-exec int8: (\d+) linear layers run as int8 GEMMs", log)
+    assert len(counts) == 1, log[-2000:]
+    return int(counts[0])
+
+
+def test_calibrated_checkpoint_decodes_in_int8_with_both_generators(
+        calibrated: "tuple[Path, str]", compressed: "tuple[Path, str]", tiny_translation_data: Path) -> None:
+    path, printed = calibrated
+    activations = read_checkpoint(str(path))[COMPRESSED_KEY]["activations"]
+    assert activations["method"] == "mse" and activations["batches"] == 2 and activations["subset"] == "valid"
+    # the FFN's second layer reads a ReLU output: unsigned levels; the first reads a layer norm: signed
+    assert activations["zero_points"]["encoder.layers.0.fc2.weight"] == 0
+    assert activations["zero_points"]["encoder.layers.0.fc1.weight"] == 64
+    calibrated_layers = len(activations["scales"])
+    assert f"activations: {calibrated_layers} linear layers calibrated (mse, 2 batches of valid)" in printed
+
+    accel = ("--user-dir", str(USER_DIR), "--task", "translation_accel")
+    runs = {}
+    every_layer = ("--int8-min-weights", "0")  # the toy model's layers are far below the default floor
+    for name, extra in (("fast", ("--accel-generator", "fast")), ("stock", ())):
+        result = run_cli(["fairseq-generate", tiny_translation_data, "--path", path, "--gen-subset", "test", "--beam",
+                          "3", "--cpu", "--batch-size", "16", *accel, *every_layer, *extra])
+        assert result.returncode == 0, cli_output(result)
+        # every linear layer, the tied output projection included (shared layers counted where they are used)
+        assert int8_layer_count(result.stderr) >= calibrated_layers
+        runs[name] = sorted(line for line in result.stdout.splitlines() if line.startswith("H-"))
+    assert len(runs["fast"]) == 40 and runs["fast"] == runs["stock"]
+
+    as_float = hypotheses(tiny_translation_data, path, *accel, "--compressed-exec", "float")
+    assert as_float == hypotheses(tiny_translation_data, compressed[0], *accel)  # the weights-only decode
+    same = sum(a.split("\t")[-1] == b.split("\t")[-1] for a, b in zip(runs["stock"], as_float))
+    assert same >= 30, f"int8 activations changed {40 - same} of 40 hypotheses"
+
+
+def calibration_section(capsys: pytest.CaptureFixture, *args: object) -> "tuple[dict, str]":
+    """Run fairseq-accel-compress in this process: the activation record of what it wrote, and its stderr."""
+    capsys.readouterr()
+    status = compress_main([str(arg) for arg in args])
+    stderr = capsys.readouterr().err
+    assert status == 0, stderr
+    out = Path(str(args[args.index("--out") + 1]))
+    return read_checkpoint(str(out))[COMPRESSED_KEY]["activations"], stderr
+
+
+def test_calibration_resumes_and_merges_across_shards(pruned_lsra: Path, calibrated: "tuple[Path, str]",
+                                                      tiny_translation_data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    common = ("--path", pruned_lsra, "--data", tiny_translation_data, "--max-tokens", "60")
+    state = tmp_path / "resumed.calib"
+    state.write_bytes(calibrated[0].with_suffix(".calib").read_bytes())  # the fixture's run: 2 batches
+    resumed, stderr = calibration_section(capsys, *common, "--calib-batches", "4", "--calib-state", state,
+                                          "--out", tmp_path / "resumed.pt")
+    assert f"resuming the calibration in {state} after 2 batches" in stderr
+    fresh, _ = calibration_section(capsys, *common, "--calib-batches", "4", "--out", tmp_path / "fresh.pt")
+    assert resumed["batches"] == fresh["batches"] == 4
+    assert resumed["scales"] == fresh["scales"] and resumed["zero_points"] == fresh["zero_points"]
+
+    parts = [tmp_path / f"part{k}.calib" for k in range(2)]
+    for k, part in enumerate(parts):
+        capsys.readouterr()
+        assert compress_main([str(a) for a in (*common, "--calib-batches", "2", "--calib-shard", f"{k}/2",
+                                               "--calib-state", part)]) == 0
+        assert f"calibrated shard {k}/2: 2 batches in {part}" in capsys.readouterr().out
+    merged, _ = calibration_section(capsys, "--path", pruned_lsra, "--calib-from", *parts, "--out", tmp_path / "m.pt")
+    assert merged["batches"] == 4
+    shard_states = [read_checkpoint(str(part)) for part in parts]
+    merged_state = LinearInputCalibrator(shard_states[0]["histograms"])
+    for part, shard in zip(parts, shard_states):
+        merged_state.load_state_dict(shard, str(part))
+    for name in ("encoder.layers.0.fc1", "decoder.output_projection"):
+        counts = sum(int(np.asarray(shard["histograms"][name]["counts"]).sum()) for shard in shard_states)
+        assert merged_state.histograms[name].total == counts > 0  # nothing lost in the merge
+
+
+def refused_after_progress(capsys: pytest.CaptureFixture, *args: object) -> str:
+    """The error line that ends a failing run's stderr (after the calibration progress bar, if any)."""
+    return refused(capsys, *args).splitlines()[-1]
+
+
+def test_calibration_errors_are_one_line(pruned_lsra: Path, calibrated: "tuple[Path, str]",
+                                         tiny_translation_data: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    common = ("--data", tiny_translation_data, *CALIBRATE, "--out", tmp_path / "out.pt")
+    # NaN activations: the first layer that reads them is named
+    state = read_checkpoint(str(pruned_lsra))
+    state["model"]["encoder.layers.0.fc1.weight"][0, 0] = float("nan")
+    broken = tmp_path / "nan.pt"
+    torch.save(state, broken)
+    assert re.fullmatch(r"fairseq-accel-compress: error: encoder\.layers\.0\.fc2: \d+ NaN or infinite activation "
+                        r"values in a calibration batch; check the model and the input features",
+                        refused_after_progress(capsys, "--path", broken, *common))
+
+    # an empty calibration subset
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    for source in tiny_translation_data.iterdir():
+        (empty / source.name).symlink_to(source)
+    for lang in ("src", "tgt"):
+        for suffix in (".bin", ".idx"):
+            (empty / f"valid.src-tgt.{lang}{suffix}").unlink()
+        builder = make_builder(str(empty / f"valid.src-tgt.{lang}.bin"), impl="mmap", vocab_size=100)
+        builder.finalize(str(empty / f"valid.src-tgt.{lang}.idx"))
+    assert refused_after_progress(capsys, "--path", pruned_lsra, "--data", empty, *CALIBRATE, "--out",
+                                  tmp_path / "out.pt") == ("fairseq-accel-compress: error: calibration subset 'valid' "
+                                                           "cannot be loaded: cannot mmap an empty file")
+    # a shard without batches (the toy valid set has fewer than 50)
+    assert "the calibration set is empty: no batch ran through the model" in refused_after_progress(
+        capsys, "--path", pruned_lsra, "--data", tiny_translation_data, "--max-tokens", "60", "--calib-shard", "49/50",
+        "--calib-state", tmp_path / "shard.calib")
+
+    # a layer without calibration data that the options keep in int8
+    part = read_checkpoint(str(calibrated[0].with_suffix(".calib")))
+    part["histograms"]["decoder.layers.0.fc1"]["counts"].zero_()
+    lacking = tmp_path / "lacking.calib"
+    torch.save(part, lacking)
+    message = refused_after_progress(capsys, "--path", pruned_lsra, "--calib-from", lacking, "--out", tmp_path / "out.pt")
+    assert message.startswith("fairseq-accel-compress: error: decoder.layers.0.fc1: no calibration values reached")
+    assert message.endswith("--keep-float 'decoder.layers.0.fc1\\.'")
+    capsys.readouterr()
+    assert compress_main([str(a) for a in ("--path", pruned_lsra, "--calib-from", lacking, "--keep-float",
+                                           r"decoder.layers.0.fc1\.", "--out", tmp_path / "out.pt")]) == 0
+
+    # a calibration state of another run is not resumed
+    other = tmp_path / "other.calib"
+    other.write_bytes(calibrated[0].with_suffix(".calib").read_bytes())
+    assert "holds the calibration of" in refused_after_progress(capsys, "--path", pruned_lsra, "--data", tiny_translation_data,
+                                                  "--calib-subset", "test", "--calib-state", other,
+                                                  "--out", tmp_path / "out.pt")

@@ -49,9 +49,12 @@ REJECTED = (AccelGenerationError, cuda_kernels.CudaKernelsUnavailable)
 
 
 def option_values(option: dataclasses.Field) -> List:
-    """Every value the command line accepts for ``option``: its choices, or both booleans."""
+    """Every value the command line accepts for ``option``: its choices, both booleans, or for a number its
+    default and 0."""
     if option.type is bool:
         return [False, True]
+    if option.type is int:
+        return [option.default, 0]
     choices = getattr(option.type, "__members__", None)
     assert choices, f"{option.name}: the walk knows booleans and choices only; teach it {option.type}"
     return [member.value for member in option.type]
@@ -92,6 +95,8 @@ def outcome(settings: dict, model, dictionary, sample) -> Tuple:
 
 
 def test_every_generation_option_acts_or_is_rejected(model_and_sample) -> None:
+    """(The compressed-checkpoint options are refused here, on a float model; they act in
+    tests/test_compressed_checkpoint.py.)"""
     unused = dict(NO_EFFECT_BY_DESIGN)
     ignored = []
     for context_name, context in CONTEXTS.items():

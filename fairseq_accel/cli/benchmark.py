@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import List, Optional
 
 from fairseq_accel import benchmarking
-from fairseq_accel.benchmarking import CT2_SYSTEMS, DEFAULT_SYSTEMS, FAIRSEQ_SYSTEMS, BenchmarkError, Row, run_benchmark
+from fairseq_accel.benchmarking import (
+    CT2_SYSTEMS,
+    DEFAULT_SYSTEMS,
+    FAIRSEQ_SYSTEMS,
+    BenchmarkError,
+    GemmRow,
+    Row,
+    int8_gemm_rows,
+    run_benchmark,
+)
+from fairseq_accel.inference.int8_execution import INT8_MIN_WEIGHTS
 
 PROG = "fairseq-accel-benchmark"
 
@@ -40,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the median is reported (default: 3)")
     parser.add_argument("--max-sentences", type=int, help="decode only the first N sentences of the subset")
     parser.add_argument("--remove-bpe", default=None, help="post-processing before scoring, as fairseq-generate's (e.g. sentencepiece)")
+    parser.add_argument("--int8-min-weights", type=int, default=INT8_MIN_WEIGHTS,
+                        help="fast-w8a8*: linear layers of at least this many weights run in int8, as "
+                             f"fairseq-generate's option (default: {INT8_MIN_WEIGHTS:,})")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser
 
@@ -57,15 +70,29 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_gemm_table(rows: List[GemmRow]) -> str:
+    lines = ["| decoder layer (first of its shape) | in x out | rows | threads | fp32 us | int8 us | x fp32 | "
+             "int8 in w8a8 |", "|---" * 8 + "|"]
+    lines += [f"| {r.layer} | {r.shape} | {r.rows} | {r.threads} | {r.float_us:.1f} | {r.int8_us:.1f} | "
+              f"{r.speedup:.2f} | {'yes' if r.int8_at_decode else 'no'} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("fairseq").setLevel(logging.WARNING)
+    progress = lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        rows = run_benchmark(args, lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True))
+        rows, int8 = run_benchmark(args, progress)
     except (BenchmarkError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print(format_table(rows))
+    if int8 is not None:
+        progress("int8 GEMMs against float32 at the decoder's rows (batch x beam)")
+        print()
+        row_counts = sorted({size * args.beam for size in args.batch_sizes})
+        print(format_gemm_table(int8_gemm_rows(int8, row_counts, args.threads)))
     if args.json:
         Path(args.json).write_text(json.dumps([{**asdict(r), "tokens_per_second": r.tokens_per_second} for r in rows], indent=1))
     return 0

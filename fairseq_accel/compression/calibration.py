@@ -149,48 +149,51 @@ def kl_end_bin(counts: np.ndarray, levels: int = NUM_LEVELS) -> int:
     return best_bins
 
 
-def kl_threshold(histogram: AbsHistogram) -> float:
-    """The clipping threshold of entropy calibration: the upper edge of :func:`kl_end_bin`'s last bin."""
-    return kl_end_bin(histogram.counts) * histogram.bin_width
+def kl_threshold(histogram: AbsHistogram, max_level: int = INT8_MAX) -> float:
+    """The clipping threshold of entropy calibration for levels 0..``max_level``: the upper edge of
+    :func:`kl_end_bin`'s last bin."""
+    return kl_end_bin(histogram.counts, levels=max_level + 1) * histogram.bin_width
 
 
-def percentile_threshold(histogram: AbsHistogram, percentile: float = 99.99) -> float:
-    """The upper edge of the bin where the cumulative count reaches ``percentile`` % of |x|."""
+def percentile_threshold(histogram: AbsHistogram, max_level: int = INT8_MAX, percentile: float = 99.99) -> float:
+    """The upper edge of the bin where the cumulative count reaches ``percentile`` % of |x| (any ``max_level``)."""
     cumulative = np.cumsum(histogram.counts)
     index = int(np.searchsorted(cumulative, cumulative[-1] * percentile / 100.0))
     return (index + 1) * histogram.bin_width
 
 
-def mse_threshold(histogram: AbsHistogram) -> float:
-    """The threshold (a bin edge) that minimises the expected squared error of symmetric int8 quantization,
-    rounding inside the range and clipping outside it, with values taken at their bin centres."""
+def mse_threshold(histogram: AbsHistogram, max_level: int = INT8_MAX) -> float:
+    """The threshold (a bin edge) that minimises the expected squared error of symmetric quantization to
+    levels -``max_level``..``max_level`` (rounding inside the range, clipping outside it), with values taken
+    at their bin centres."""
     centres = (np.arange(NUM_BINS) + 0.5) * histogram.bin_width
     counts = histogram.counts.astype(np.float64)
     used = _used_bins(counts)
     best_threshold, best_error = used * histogram.bin_width, float("inf")
     for bins in range(1, used + 1):
         threshold = bins * histogram.bin_width
-        step = threshold / INT8_MAX
-        quantized = np.minimum(np.round(centres / step), INT8_MAX) * step
+        step = threshold / max_level
+        quantized = np.minimum(np.round(centres / step), max_level) * step
         error = float(np.sum(counts * (centres - quantized) ** 2))
         if error < best_error:
             best_threshold, best_error = threshold, error
     return best_threshold
 
 
-def max_threshold(histogram: AbsHistogram) -> float:
-    """The upper edge of the last non-empty bin (no clipping)."""
+def max_threshold(histogram: AbsHistogram, max_level: int = INT8_MAX) -> float:
+    """The upper edge of the last non-empty bin (no clipping, any ``max_level``)."""
     return _used_bins(histogram.counts) * histogram.bin_width
 
 
-THRESHOLDS: Dict[str, Callable[[AbsHistogram], float]] = {
+THRESHOLDS: Dict[str, Callable[[AbsHistogram, int], float]] = {
     "kl": kl_threshold, "percentile": percentile_threshold, "mse": mse_threshold, "max": max_threshold,
 }
 
 
-def int8_scale(histogram: AbsHistogram, method: str = "kl") -> float:
-    """Scale of symmetric int8 activations (x ≈ scale · q, q in [-127, 127]) by ``method`` (:data:`THRESHOLDS`)."""
+def int8_scale(histogram: AbsHistogram, method: str = "kl", max_level: int = INT8_MAX) -> float:
+    """Scale of symmetric activations (x ≈ scale · q, q in [-max_level, max_level]; int8: 127) by ``method``
+    (:data:`THRESHOLDS`)."""
     if histogram.total == 0:
         raise CalibrationError(f"{histogram.name}: no calibration values reached this tensor; the calibration set "
                                "is empty or never runs this layer")
-    return THRESHOLDS[method](histogram) / INT8_MAX
+    return THRESHOLDS[method](histogram, max_level) / max_level

@@ -125,26 +125,39 @@ def pack(weight: Tensor, bits: int) -> PackedTensor:
     return PackedTensor((weight.shape[0], weight.shape[1]), bits, scales.flatten().float(), values, mask)
 
 
-def compress_model_state(model: Dict[str, Tensor], bits_of: Callable[[str, Tensor], Optional[int]]) -> Dict[str, Any]:
-    """The compressed section of a checkpoint for the fairseq ``model`` state: every tensor packed at
-    ``bits_of(name, tensor)`` bits (None: kept float32), tensors sharing storage stored once."""
-    packed: Dict[str, Any] = {}
-    kept: Dict[str, Tensor] = {}
-    aliases: Dict[str, str] = {}
+def storage_aliases(model: Dict[str, Tensor]) -> Dict[str, str]:
+    """For every tensor that shares its storage with an earlier one (tied embeddings, shared layers), the
+    name of that first tensor: the name under which the compressed section stores both."""
     first_of_storage: Dict[Tuple[int, int, Tuple[int, ...]], str] = {}
+    aliases = {}
     for name, tensor in model.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in first_of_storage:
-            aliases[name] = first_of_storage[key]
+        aliases[name] = first_of_storage.setdefault(key, name)
+    return {name: first for name, first in aliases.items() if name != first}
+
+
+def compress_model_state(model: Dict[str, Tensor], bits_of: Callable[[str, Tensor], Optional[int]],
+                         activations: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The compressed section of a checkpoint for the fairseq ``model`` state: every tensor packed at
+    ``bits_of(name, tensor)`` bits (None: kept float32), tensors sharing storage stored once, and the
+    calibration record ``activations`` (method, batches, and the input scale of each int8 linear layer by
+    its stored weight name) when the activations were calibrated."""
+    packed: Dict[str, Any] = {}
+    kept: Dict[str, Tensor] = {}
+    aliases = storage_aliases(model)
+    for name, tensor in model.items():
+        if name in aliases:
             continue
-        first_of_storage[key] = name
         bits = bits_of(name, tensor) if tensor.dim() == 2 and tensor.is_floating_point() else None
         if bits is None:
             kept[name] = tensor.detach().clone()
         else:
             packed[name] = pack(tensor, bits).to_state()
-    return {"version": FORMAT_VERSION, "packed": packed, "float": kept, "aliases": aliases,
-            "order": list(model.keys())}
+    section = {"version": FORMAT_VERSION, "packed": packed, "float": kept, "aliases": aliases,
+               "order": list(model.keys())}
+    if activations is not None:
+        section["activations"] = activations
+    return section
 
 
 def check_version(section: Dict[str, Any], source: str) -> None:
@@ -195,7 +208,10 @@ def size_rows(section: Dict[str, Any]) -> List[SizeRow]:
 
 def read_compressed_checkpoint(path: str, state: Dict[str, Any]) -> Dict[str, Any]:
     """The fairseq state of a compressed checkpoint: its packed section replaced by the float32 ``model``
-    state that fairseq loads (the checkpoint loader calls this once the plugin is imported)."""
+    state that fairseq loads (the checkpoint loader calls this once the plugin is imported). The section
+    itself goes to the task (``task_state``), whose generator runs the int8 layers on it."""
     state = dict(state)
-    state["model"] = decompress_model_state(state.pop(COMPRESSED_KEY), path)
+    section = state.pop(COMPRESSED_KEY)
+    state["model"] = decompress_model_state(section, path)
+    state["task_state"] = {**(state.get("task_state") or {}), COMPRESSED_KEY: section}
     return state

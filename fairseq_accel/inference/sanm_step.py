@@ -7,7 +7,6 @@ self-attention, so there is no K/V cache for ``--kv-cache-dtype`` to store.
 from types import ModuleType
 from typing import Dict, List, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,13 +18,20 @@ from fairseq_accel.inference.fast_decoder import (
     layer_norm,
     register_fast_decoder,
 )
+from fairseq_accel.inference.int8_execution import fused_linear_step, linear_step
 from fairseq_accel.models.s2t_sanm import SANMDecoder, SANMDecoderLayer
 from fairseq_accel.modules.sanm_attention import CausalFSMN, DecoderFeedForward, MultiHeadedCrossAttention
 
 
-def _feed_forward(ffn: DecoderFeedForward, x: Tensor) -> Tensor:
-    hidden = ffn.activation_fn(F.linear(x, ffn.w_1.weight, ffn.w_1.bias))
-    return F.linear(layer_norm(hidden, ffn.norm), ffn.w_2.weight)
+class FeedForwardStep:
+    """``DecoderFeedForward``: ``w_2(norm(activation(w_1 x)))``."""
+
+    def __init__(self, ffn: DecoderFeedForward):
+        self.ffn = ffn
+        self.w_1, self.w_2 = linear_step(ffn.w_1), linear_step(ffn.w_2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.w_2(layer_norm(self.ffn.activation_fn(self.w_1(x)), self.ffn.norm))
 
 
 class FSMNStep:
@@ -53,7 +59,9 @@ class SANMCrossAttentionStep:
         self.attention = attention
         self.heads, self.head_dim = attention.h, attention.d_k
         scale = self.head_dim**-0.5  # scaled_dot_product_attention's default scale
-        self.q_weight, self.q_bias = attention.linear_q.weight * scale, attention.linear_q.bias * scale
+        q_weight = attention.linear_q.weight.detach()
+        self.q = fused_linear_step([attention.linear_q], [q_weight.new_full((q_weight.size(0),), scale)])
+        self.out = linear_step(attention.linear_out)
         self.memory: Optional[CrossAttentionMemory] = None
 
     def start(self, state: BeamState, options: FastDecodingOptions, memory: Tensor, padding_mask: Optional[Tensor]) -> None:
@@ -65,9 +73,8 @@ class SANMCrossAttentionStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
-        q = F.linear(x, self.q_weight, self.q_bias).view(rows, self.heads, self.head_dim)
-        out = self.memory.attend(q).reshape(rows, self.heads * self.head_dim)
-        return F.linear(out, self.attention.linear_out.weight, self.attention.linear_out.bias)
+        q = self.q(x).view(rows, self.heads, self.head_dim)
+        return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
 
 
 class SANMLayerStep:
@@ -76,6 +83,7 @@ class SANMLayerStep:
 
     def __init__(self, layer: SANMDecoderLayer):
         self.layer = layer
+        self.feed_forward = FeedForwardStep(layer.feed_forward)
         self.fsmn = None if layer.self_attn is None else FSMNStep(layer.self_attn)
         self.cross_attn = None if layer.src_attn is None else SANMCrossAttentionStep(layer.src_attn)
 
@@ -86,7 +94,7 @@ class SANMLayerStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer
-        hidden = _feed_forward(layer.feed_forward, layer_norm(x, layer.norm1))
+        hidden = self.feed_forward(layer_norm(x, layer.norm1))
         if self.fsmn is None:
             return hidden
         x = x + self.fsmn(layer_norm(hidden, layer.norm2))

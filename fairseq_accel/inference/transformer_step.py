@@ -16,6 +16,7 @@ from fairseq.models.transformer import TransformerDecoder, TransformerDecoderBas
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
+from fairseq_accel.inference.int8_execution import fused_linear_step, linear_step
 from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamState, CrossAttentionMemory, WindowCache
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
@@ -54,17 +55,14 @@ class SelfAttentionStep:
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         if any(p.bias is None for p in projections) and any(p.bias is not None for p in projections):
             raise FastDecodingUnsupported("decoder self-attention has biases on some projections only")
-        q_scale = torch.full_like(attention.q_proj.weight[:, 0], attention.scaling)
+        q_weight = attention.q_proj.weight.detach()
+        q_scale = q_weight.new_full((q_weight.size(0),), attention.scaling)
         k_scale = torch.ones_like(q_scale)
         if balance_keys:
             balance = key_channel_balance(attention.k_proj)
             q_scale, k_scale = q_scale * balance, 1.0 / balance
-        scales = (q_scale, k_scale, torch.ones_like(q_scale))
-        self.qkv_weight = torch.cat([p.weight * s[:, None] for p, s in zip(projections, scales)])
-        self.qkv_bias = None
-        if attention.q_proj.bias is not None:
-            self.qkv_bias = torch.cat([p.bias * s for p, s in zip(projections, scales)])
-        self.out_weight, self.out_bias = attention.out_proj.weight, attention.out_proj.bias
+        self.qkv = fused_linear_step(projections, (q_scale, k_scale, torch.ones_like(q_scale)))
+        self.out = linear_step(attention.out_proj)
         self.cache: Optional[AttentionKVCache] = None
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
@@ -74,10 +72,9 @@ class SelfAttentionStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).view(rows, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
         self.cache.write(k, v)
-        out = self.cache.attend(q).reshape(rows, self.heads * self.head_dim)
-        return F.linear(out, self.out_weight, self.out_bias)
+        return self.out(self.cache.attend(q).reshape(rows, self.heads * self.head_dim))
 
 
 class ConvBranchStep:
@@ -88,8 +85,7 @@ class ConvBranchStep:
             raise FastDecodingUnsupported("a decoder convolution branch is not causal")
         self.branch = branch
         self.heads = branch.num_heads
-        self.linear_in = (branch.linear_in.weight, branch.linear_in.bias)
-        self.linear_out = (branch.linear_out.weight, branch.linear_out.bias)
+        self.linear_in, self.linear_out = linear_step(branch.linear_in), linear_step(branch.linear_out)
         self.window: Optional[WindowCache] = None
         if isinstance(branch, LightweightConvBranch):
             weight = branch.weight.squeeze(1)  # heads x K
@@ -98,6 +94,7 @@ class ConvBranchStep:
             self.static_weight = weight.t().repeat_interleave(branch.dim // self.heads, dim=1)
         elif isinstance(branch, DynamicConvBranch):
             self.static_weight = None
+            self.weight_linear = linear_step(branch.weight_linear)
         else:
             raise FastDecodingUnsupported(f"convolution branch {type(branch).__name__} has no fast step")
 
@@ -106,7 +103,7 @@ class ConvBranchStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         branch = self.branch
-        x = F.linear(x, *self.linear_in)
+        x = self.linear_in(x)
         if branch.glu:
             x = F.glu(x, dim=-1)
         self.window.write(x)
@@ -116,11 +113,11 @@ class ConvBranchStep:
             out = (window * self.static_weight).sum(dim=1)
         else:
             window = window.view(rows, width, self.heads, -1)
-            weight = F.linear(x, branch.weight_linear.weight).view(rows, self.heads, width)
+            weight = self.weight_linear(x).view(rows, self.heads, width)
             if branch.weight_softmax:
                 weight = torch.softmax(weight, dim=-1)
             out = torch.einsum("nkhr,nhk->nhr", window, weight)
-        return F.linear(out.reshape(rows, -1), *self.linear_out)
+        return self.linear_out(out.reshape(rows, -1))
 
 
 class MultiBranchStep:
@@ -149,9 +146,9 @@ class CrossAttentionStep:
         self.attention = attention
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         q_proj = attention.q_proj
-        self.q_weight = q_proj.weight * attention.scaling
-        self.q_bias = None if q_proj.bias is None else q_proj.bias * attention.scaling
-        self.out_weight, self.out_bias = attention.out_proj.weight, attention.out_proj.bias
+        q_weight = q_proj.weight.detach()
+        self.q = fused_linear_step([q_proj], [q_weight.new_full((q_weight.size(0),), attention.scaling)])
+        self.out = linear_step(attention.out_proj)
         self.memory: Optional[CrossAttentionMemory] = None
 
     def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor]) -> None:
@@ -160,7 +157,7 @@ class CrossAttentionStep:
         attention = self.attention
 
         def heads(projection: nn.Linear) -> Tensor:
-            x = F.linear(encoder_out, projection.weight, projection.bias)
+            x = projection(encoder_out)
             return x.view(source_len, batch, self.heads, self.head_dim).permute(1, 2, 0, 3).contiguous()
 
         self.memory = state.add(
@@ -172,9 +169,8 @@ class CrossAttentionStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
-        q = F.linear(x, self.q_weight, self.q_bias).view(rows, self.heads, self.head_dim)
-        out = self.memory.attend(q).reshape(rows, self.heads * self.head_dim)
-        return F.linear(out, self.out_weight, self.out_bias)
+        q = self.q(x).view(rows, self.heads, self.head_dim)
+        return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
 
 
 class TransformerLayerStep:
@@ -197,8 +193,7 @@ class TransformerLayerStep:
         self.activation: Callable[[Tensor], Tensor] = layer.activation_fn
         self.self_attn_norm, self.final_norm = layer.self_attn_layer_norm, layer.final_layer_norm
         self.cross_attn_norm = layer.encoder_attn_layer_norm
-        self.fc1 = (layer.fc1.weight, layer.fc1.bias)
-        self.fc2 = (layer.fc2.weight, layer.fc2.bias)
+        self.fc1, self.fc2 = linear_step(layer.fc1), linear_step(layer.fc2)
 
     def start(self, state, options, encoder_out, padding_mask, dtype, device) -> None:
         self.self_attn.start(state, options, dtype, device)
@@ -212,7 +207,7 @@ class TransformerLayerStep:
         return layer_norm(x + body(x), norm)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.activation(F.linear(x, *self.fc1)), *self.fc2)
+        return self.fc2(self.activation(self.fc1(x)))
 
     def __call__(self, x: Tensor) -> Tensor:
         x = self._block(x, self.self_attn_norm, self.self_attn)

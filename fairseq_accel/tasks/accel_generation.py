@@ -8,13 +8,14 @@ falls back to the stock generator with a one-line notice saying why, or stops wi
 """
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from fairseq.data import Dictionary
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.search import BeamSearch
 from fairseq.sequence_generator import SequenceGenerator
 
+from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES
 from fairseq_accel.inference.ctc_generator import CTCGreedyGenerator
 from fairseq_accel.inference.fast_decoder import (
@@ -25,6 +26,7 @@ from fairseq_accel.inference.fast_decoder import (
     resolve_kernels,
 )
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator
+from fairseq_accel.inference.int8_execution import INT8_MIN_WEIGHTS, convert_to_int8
 from fairseq_accel.models.ctc_head import CTCHeadError
 from fairseq_accel.tasks.task_options import TaskOptionsMixin
 
@@ -67,6 +69,18 @@ class AccelGenerationConfig(FairseqDataclass):
     )
     no_accel_fallback: bool = field(
         default=False, metadata={"help": "stop with the reason instead of falling back to the stock generator"}
+    )
+    compressed_exec: ChoiceEnum(["int8", "float"]) = field(
+        default="int8",
+        metadata={"help": "checkpoints of fairseq-accel-compress only: int8 runs every linear layer that has int8 "
+                          "(or int4) weights and a calibrated input scale as an int8 GEMM, with either generator; "
+                          "float expands the weights to float32 and runs the model as usual"},
+    )
+    int8_min_weights: int = field(
+        default=INT8_MIN_WEIGHTS,
+        metadata={"help": "--compressed-exec int8 runs only linear layers of at least this many weights in int8 (the "
+                          "default, 256x1024, is where fbgemm's int8 GEMM beats float32 on AVX2 CPUs at decoding's "
+                          "few rows); smaller ones run float32 on the same stored levels. 0: every layer"},
     )
 
 
@@ -160,19 +174,55 @@ def build_accel_generator(stock, models: List, cfg) -> object:
     return FastSequenceGenerator(stock, model, decoder, kernels)
 
 
-def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object]) -> object:
-    """The generator ``fairseq-generate`` gets from an accel task: the CTC generator for ``--accel-generator
+def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object],
+                         compressed_section: Optional[Dict[str, Any]] = None) -> object:
+    """The generator ``fairseq-generate`` gets from an accel task, for a model of a compressed checkpoint
+    (``compressed_section``) run as ``--compressed-exec`` asks: the CTC generator for ``--accel-generator
     ctc_greedy``, otherwise :func:`build_accel_generator` over the stock generator ``build_stock()`` makes."""
+    apply_compressed_execution(models, compressed_section, cfg)
     if cfg.accel_generator == "ctc_greedy":
         return build_ctc_generator(models, cfg, tgt_dict)
     return build_accel_generator(build_stock(), models, cfg)
 
 
+def apply_compressed_execution(models: List, section: Optional[Dict[str, Any]], cfg) -> None:
+    """Run the model of a compressed checkpoint (its ``section``, None for other checkpoints) in int8 as
+    ``--compressed-exec`` asks: its linear layers become int8 layers in place. The compressed-checkpoint
+    options are refused where they would be ignored."""
+    given = [name for name, value in (("--compressed-exec float", cfg.compressed_exec != "int8"),
+                                      ("--int8-min-weights", cfg.int8_min_weights != INT8_MIN_WEIGHTS)) if value]
+    if section is None and given:
+        raise AccelGenerationError(f"{', '.join(given)} apply to checkpoints written by fairseq-accel-compress; "
+                                   "this one is not")
+    if cfg.compressed_exec != "int8" and cfg.int8_min_weights != INT8_MIN_WEIGHTS:
+        raise AccelGenerationError("--int8-min-weights chooses the int8 layers: it does not apply to --compressed-exec float")
+    if section is None or cfg.compressed_exec != "int8":
+        return
+    if len(models) != 1:
+        raise AccelGenerationError(f"--compressed-exec int8 decodes one compressed model, got an ensemble of "
+                                   f"{len(models)}; decode them one at a time or add --compressed-exec float")
+    if "activations" not in section:
+        logger.warning("the compressed checkpoint has no activation calibration (made without --data), so its "
+                       "layers run in float32; calibrate it: fairseq-accel-compress --path CKPT --data DATA --out ...")
+        return
+    names = convert_to_int8(models[0], section, "the compressed checkpoint", cfg.int8_min_weights)
+    logger.info(f"--compressed-exec int8: {len(names)} linear layers run as int8 GEMMs (those of at least "
+                f"{cfg.int8_min_weights:,} weights: --int8-min-weights)")
+
+
 class AccelGenerationMixin(TaskOptionsMixin):
     """Put before the stock task class: ``class TranslationAccelTask(AccelGenerationMixin, TranslationTask)``."""
+
+    compressed_section: Optional[Dict[str, Any]] = None  # from a compressed checkpoint's task_state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.compressed_section = state_dict.pop(COMPRESSED_KEY, None)
+        super().load_state_dict(state_dict)
 
     def build_generator(self, models, args, *rest, **kwargs):
         return build_task_generator(
             models, self.task_options(), self.target_dictionary,
             lambda: super(AccelGenerationMixin, self).build_generator(models, args, *rest, **kwargs),
+            self.compressed_section,
         )

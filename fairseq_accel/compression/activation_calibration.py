@@ -1,0 +1,154 @@
+"""Calibration of the inputs of every linear layer: forward pre-hooks fill one |x| histogram per layer
+while calibration batches run through the model (teacher-forced, as in training), and the histograms give
+each layer's activation scale (:mod:`~fairseq_accel.compression.calibration`).
+
+The state (histograms and the number of batches seen) is saved as the run goes, so a run that stops resumes
+where it stopped; states of different batch shards, calibrated by different processes or machines, merge
+exactly into the state of one run over all of them.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fairseq_accel.compat.checkpoint_files import write_checkpoint
+from fairseq_accel.compression.calibration import AbsHistogram, CalibrationError, int8_scale
+from fairseq_accel.inference.int8_execution import call_projection_modules
+from fairseq_accel.modules.int8_linear import SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT, activation_max_level
+
+STATE_VERSION = 1
+
+
+def linear_layers(model: nn.Module) -> Dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` by its first module name (a shared layer once)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+class LinearInputCalibrator:
+    """One :class:`AbsHistogram` per linear layer input (by the layer's module name)."""
+
+    def __init__(self, names: Iterable[str]):
+        self.histograms = {name: AbsHistogram(name) for name in names}
+        self.minima = {name: float("inf") for name in self.histograms}  # non-negative inputs get unsigned levels
+        self.batches = 0  # calibration batches seen (resumed runs skip them)
+
+    def _record(self, name: str, x: Tensor) -> None:
+        self.histograms[name].add(x)
+        if x.numel():
+            self.minima[name] = min(self.minima[name], float(x.min()))
+
+    @contextmanager
+    def hooks(self, model: nn.Module) -> Iterator[None]:
+        """Record the inputs of ``model``'s linear layers while the context is open."""
+        handles = [
+            layer.register_forward_pre_hook(lambda module, inputs, name=name: self._record(name, inputs[0]))
+            for name, layer in linear_layers(model).items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def state_dict(self, meta: Dict[str, Any]) -> Dict[str, Any]:
+        return {"version": STATE_VERSION, "batches": self.batches, "meta": dict(meta), "minima": dict(self.minima),
+                "histograms": {name: h.state_dict() for name, h in self.histograms.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any], source: str) -> None:
+        """Resume from (or merge in, when this calibrator has seen batches already) a saved state."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CalibrationError(f"{source}: not a calibration state of version {STATE_VERSION} "
+                                   f"(got {state.get('version') if isinstance(state, dict) else type(state).__name__})")
+        missing = sorted(set(self.histograms) - set(state["histograms"]))
+        unknown = sorted(set(state["histograms"]) - set(self.histograms))
+        if missing or unknown:
+            raise CalibrationError(f"{source}: calibrated another model (layers missing there: {missing[:3]}, "
+                                   f"layers this model lacks: {unknown[:3]})")
+        for name, saved in state["histograms"].items():
+            self.histograms[name].merge(AbsHistogram.from_state_dict(saved))
+            self.minima[name] = min(self.minima[name], float(state["minima"][name]))
+        self.batches += int(state["batches"])
+
+    def save(self, path: Path, meta: Dict[str, Any]) -> None:
+        write_checkpoint(self.state_dict(meta), path)
+
+    def require_batches(self) -> None:
+        """:class:`CalibrationError` if no batch has been seen."""
+        if self.batches == 0:
+            raise CalibrationError("the calibration set is empty: no batch ran through the model (check "
+                                   "--calib-subset, --calib-shard and that the subset has sentences)")
+
+    def quantizers(self, method: str, names: Iterable[str]) -> Dict[str, Tuple[float, int]]:
+        """Input scale and zero point of each layer in ``names`` for :class:`Int8Linear` (unsigned levels where
+        calibration saw no negative input); a layer that no batch ran is a :class:`CalibrationError` naming it."""
+        self.require_batches()
+        quantizers = {}
+        for name in names:
+            zero_point = UNSIGNED_ZERO_POINT if self.minima[name] >= 0 else SIGNED_ZERO_POINT
+            try:
+                scale = int8_scale(self.histograms[name], method, activation_max_level(zero_point))
+            except CalibrationError as error:
+                raise CalibrationError(f"{error}; to keep this layer in float32 instead: --keep-float "
+                                       f"'{name}\\.'") from None
+            quantizers[name] = (scale, zero_point)
+        return quantizers
+
+
+def calibration_forward(model: nn.Module, net_input: Dict[str, Tensor]) -> None:
+    """The forward of an encoder-decoder model as decoding uses it: encoder, decoder on the reference
+    prefix (teacher forcing), and the encoder's CTC head where the model has one."""
+    encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out)
+    ctc_head = getattr(model.encoder, "ctc_proj", None)
+    if ctc_head is not None:
+        from fairseq_accel.models.ctc_head import ctc_log_probs
+
+        ctc_log_probs(ctc_head, encoder_out)
+
+
+def run_calibration(model: nn.Module, calibrator: LinearInputCalibrator, batches: Iterable[Dict[str, Any]],
+                    save: Optional[Callable[[], None]] = None, save_every: int = 10, progress: Optional[Any] = None) -> None:
+    """Run ``batches`` (fairseq samples) through ``model`` under the calibrator's hooks, skipping the
+    ``calibrator.batches`` first (done by an earlier run), calling ``save()`` every ``save_every`` batches
+    and at the end."""
+    model.eval()
+    call_projection_modules(model)
+    with torch.no_grad(), calibrator.hooks(model):
+        for index, sample in enumerate(batches):
+            if progress is not None:
+                progress.update(1)
+            if index < calibrator.batches:
+                continue
+            calibration_forward(model, sample["net_input"])
+            calibrator.batches += 1
+            if save is not None and calibrator.batches % save_every == 0:
+                save()
+    if save is not None:
+        save()
+
+
+def calibration_batches(task: Any, model: nn.Module, subset: str, count: int, max_tokens: int,
+                        shard: Tuple[int, int] = (0, 1)) -> Iterator[Dict[str, Any]]:
+    """The first ``count`` batches of ``subset`` in a fixed random order (seed 1: the same batches on every
+    run, so a resumed run continues with the next ones), of this ``shard`` (index, number of shards).
+    A subset that cannot be loaded is a :class:`CalibrationError` naming it."""
+    try:
+        task.load_dataset(subset)
+    except (OSError, ValueError) as error:  # missing files; ValueError: fairseq cannot map an empty subset
+        raise CalibrationError(f"calibration subset {subset!r} cannot be loaded: {error}") from None
+    dataset = task.dataset(subset)
+    iterator = task.get_batch_iterator(
+        dataset=dataset, max_tokens=max_tokens, max_positions=model.max_positions(),
+        ignore_invalid_inputs=True, seed=1, num_shards=shard[1], shard_id=shard[0],
+    ).next_epoch_itr(shuffle=True)
+    given = 0
+    for sample in iterator:
+        if given == count:
+            return
+        if sample:
+            given += 1
+            yield sample

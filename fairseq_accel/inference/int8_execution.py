@@ -1,0 +1,95 @@
+"""Int8 execution of a model loaded from a compressed checkpoint: every linear layer whose weight the
+checkpoint stores as integer levels, whose input it has a calibrated scale for, and that is large enough for
+an int8 GEMM to pay, becomes an :class:`~fairseq_accel.modules.int8_linear.Int8Linear` on exactly those
+levels (nothing is re-quantized). Smaller layers run float32 on the same stored levels.
+
+Why a size floor: fbgemm's int8 linear costs ~30-40 us per call whatever its size (it quantizes and packs
+the activations, and computes row offsets, on every call), and float32 ``F.linear`` of a 128x128 or 256x256
+layer on the few rows of a decoding step takes 5-40 us. Measured with ``fairseq-accel-benchmark`` on the
+mini LSRA (2026-11-30, AVX2 without VNNI; docs/results/2026-11-30_int8_execution): int8 over float32 at 5 /
+160 rows, 1 thread: 128x128 0.16 / 0.53, 256x256 0.38 / 0.98, 256x8000 6.2 / 1.8; earlier microbenchmark:
+256x1024 1.7 / 1.6, 1024x256 2.1 / 1.8. So layers of 256x1024 (262,144 weights) and more run in int8.
+
+Both generators then run it: fairseq's ``SequenceGenerator`` through the modules, and the fast generator,
+whose steps call :func:`linear_step` / :func:`fused_linear_step` and so pick the int8 layers up too.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
+
+from fairseq_accel.compression.compressed_format import check_version, packed_tensors
+from fairseq_accel.modules.int8_linear import Int8Linear
+
+LinearStep = Callable[[Tensor], Tensor]
+INT8_MIN_WEIGHTS = 256 * 1024  # smallest layer that runs as an int8 GEMM (module docstring)
+
+
+def _canonical(name: str, aliases: Dict[str, str]) -> str:
+    return aliases.get(name, name)
+
+
+def convert_to_int8(model: nn.Module, section: Dict, source: str, min_weights: int = INT8_MIN_WEIGHTS) -> List[str]:
+    """Replace the model's linear layers of at least ``min_weights`` weights by int8 ones where the
+    compressed ``section`` allows it (levels and an activation scale stored); returns the names replaced. A
+    layer shared by several parents (layer sharing) becomes one shared int8 layer."""
+    check_version(section, source)
+    aliases = section["aliases"]
+    packed = packed_tensors(section)
+    activations = section.get("activations", {})
+    input_scales, zero_points = activations.get("scales", {}), activations.get("zero_points", {})
+    replaced: Dict[int, Int8Linear] = {}
+    names = []
+    parents = list(model.named_modules(remove_duplicate=False))
+    for parent_name, parent in parents:
+        for child_name, child in list(parent._modules.items()):
+            if not isinstance(child, nn.Linear) or child.weight.numel() < min_weights:
+                continue
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            key = _canonical(f"{full_name}.weight", aliases)
+            if key not in packed or key not in input_scales:
+                continue
+            if id(child) not in replaced:
+                int8 = Int8Linear(packed[key].levels(), packed[key].scales, child.bias, input_scales[key],
+                                  zero_points[key])
+                replaced[id(child)] = int8.to(child.weight.device)
+            setattr(parent, child_name, replaced[id(child)])
+            names.append(full_name)
+    call_projection_modules(model)
+    return names
+
+
+def call_projection_modules(model: nn.Module) -> None:
+    """Make fairseq's attention call its projection modules: without incremental state it passes their
+    weights to ``F.multi_head_attention_forward`` instead, which would bypass int8 layers and calibration
+    hooks. The module path computes the same attention (fairseq's own fallback for other cases)."""
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            module._set_skip_embed_dim_check()
+
+
+def linear_step(layer: nn.Module) -> LinearStep:
+    """A linear layer as a step function: the int8 layer itself, or ``F.linear`` on its weight (no module
+    call)."""
+    if isinstance(layer, Int8Linear):
+        return layer
+    weight, bias = layer.weight, layer.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def fused_linear_step(layers: Sequence[nn.Module], row_factors: Sequence[Tensor]) -> LinearStep:
+    """``cat([layer(x) * factor[:, None]])`` over layers of the same input, as one GEMM (the factors are
+    folded into the weights, e.g. attention's query scaling): int8 when every layer is int8, otherwise
+    float32 on their weights (dequantized where int8)."""
+    biases = [layer.bias for layer in layers]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise ValueError("fused layers must all have biases or none")
+    if all(isinstance(layer, Int8Linear) for layer in layers):
+        return Int8Linear.fuse(layers, row_factors)
+    weight = torch.cat([layer.weight * f[:, None] for layer, f in zip(layers, row_factors)]).detach()
+    bias = None if biases[0] is None else torch.cat([b * f for b, f in zip(biases, row_factors)]).detach()
+    return lambda x: F.linear(x, weight, bias)

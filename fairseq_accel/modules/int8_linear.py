@@ -1,0 +1,129 @@
+"""A linear layer that runs as an int8 GEMM: per-output-row int8 weights (the levels a compressed checkpoint
+stores), activations quantized with one calibrated scale, int32 accumulation, float32 output.
+
+    y[o] = scale_w[o] * scale_x * sum_i q_w[o, i] * q_x[i] + bias[o],   q_x = clamp(round(x / scale_x), -z, 127 - z)
+
+with z = 64 for inputs of both signs and z = 0 for inputs that calibration saw only >= 0 (after a ReLU:
+symmetric levels would leave half of them unused; measured on the mini LSRA, that alone cost 0.13 nats of
+valid loss, almost all of the int8 loss).
+
+Backend: fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (one call: quantize, int8
+GEMM, rescale). Measured on these machines (2026-11-30, 1 thread, AMD EPYC with AVX2, no VNNI; ratios to
+fp32 ``F.linear`` at 5 / 40 / 160 rows): 256x8000 6.8 / 3.0 / 1.9, 256x1024 1.7 / 1.8 / 1.6, 1024x256
+2.1 / 1.7 / 1.8, 256x256 0.7 / 1.2 / 1.0; oneDNN's dynamic and ``qlinear_pointwise`` paths were slower
+than fbgemm at every shape there (0.3-2.6) and faster only at >= 160 rows on AMX machines
+(``../shared/design.md`` §6). One backend everywhere keeps outputs identical from machine to machine.
+
+Activations use 7 bits (stored as uint8 0..127 with zero point z): without VNNI, x86 int8 GEMMs add pairs of uint8 x int8 products in saturating int16, and full 8-bit
+activations overflow it (measured: 255 * 127 * 2 > 32767 gave 3.26 for 412.9). With 7 bits they cannot.
+Static (calibrated) scales rather than per-batch ones keep every sentence's output independent of the
+other sentences in its batch.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATION_LEVELS = 128  # 7 bits; see the module docstring
+SIGNED_ZERO_POINT = 64  # levels -64..63 for inputs of both signs
+UNSIGNED_ZERO_POINT = 0  # levels 0..127 for non-negative inputs
+BACKEND = "fbgemm"
+
+
+def activation_max_level(zero_point: int) -> int:
+    """The largest positive activation level with ``zero_point``: 63 (signed) or 127 (non-negative)."""
+    return ACTIVATION_LEVELS - 1 - zero_point
+
+
+def int8_gemm_available() -> bool:
+    """Whether torch has the fbgemm int8 kernels (x86 with AVX2); elsewhere :class:`Int8Linear` emulates
+    the same arithmetic in float32."""
+    return BACKEND in torch.backends.quantized.supported_engines
+
+
+def _prepack(levels: Tensor, row_scales: Tensor, bias: Optional[Tensor]):
+    """fbgemm's packed weight. torch 2.13 warns that quantized tensor types will be removed (issue 184982):
+    this function and the one op in ``forward`` are the only places that use them, so a later torch only
+    needs a new backend here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        quantized = torch._make_per_channel_quantized_tensor(
+            levels, row_scales.double(), torch.zeros(levels.size(0), dtype=torch.long), 0
+        )
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = BACKEND
+    try:
+        return torch.ops.quantized.linear_prepack(quantized, bias)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 ``levels`` ``[out, in]`` and per-row ``row_scales`` (weight = row_scales[:,
+    None] * levels), ``input_scale``: the calibrated activation step (threshold / max level), and
+    ``input_zero_point``: 64 for inputs of both signs, 0 for non-negative ones."""
+
+    def __init__(self, levels: Tensor, row_scales: Tensor, bias: Optional[Tensor], input_scale: float,
+                 input_zero_point: int = SIGNED_ZERO_POINT):
+        super().__init__()
+        if levels.dtype != torch.int8 or levels.dim() != 2 or row_scales.numel() != levels.size(0):
+            raise ValueError(f"Int8Linear needs int8 levels [out, in] and one scale per row, got {levels.dtype} "
+                             f"{list(levels.shape)} and {row_scales.numel()} scales")
+        if not input_scale > 0 or input_zero_point not in (SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT):
+            raise ValueError(f"Int8Linear needs a positive activation scale and zero point {SIGNED_ZERO_POINT} or "
+                             f"{UNSIGNED_ZERO_POINT}, got {input_scale} and {input_zero_point}")
+        self.in_features, self.out_features = levels.size(1), levels.size(0)
+        self.register_buffer("levels", levels.contiguous())
+        self.register_buffer("row_scales", row_scales.float().reshape(-1).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.input_scale = float(input_scale)
+        self.input_zero_point = int(input_zero_point)
+        self._packed = _prepack(self.levels, self.row_scales, self.bias) if int8_gemm_available() else None
+
+    @classmethod
+    def fuse(cls, layers: Sequence["Int8Linear"], row_factors: Sequence[Tensor]) -> "Int8Linear":
+        """One layer computing ``cat([layer(x) * factor for ...])`` for layers of the same input (and so the
+        same calibrated input scale), e.g. the query, key and value projections; exact: each factor only
+        multiplies its rows' scales (and biases)."""
+        quantizers = {(layer.input_scale, layer.input_zero_point) for layer in layers}
+        if len(quantizers) != 1:
+            raise ValueError(f"fused int8 layers must share their input scale and zero point, got {sorted(quantizers)}")
+        biases = [layer.bias for layer in layers]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("fused int8 layers must all have biases or none")
+        bias = None if biases[0] is None else torch.cat([b * f for b, f in zip(biases, row_factors)])
+        return cls(torch.cat([layer.levels for layer in layers]),
+                   torch.cat([layer.row_scales * f for layer, f in zip(layers, row_factors)]), bias,
+                   *quantizers.pop())
+
+    @property
+    def weight(self) -> Tensor:
+        """The float32 weight these levels stand for (for code that reads a linear layer's weight)."""
+        return self.levels.float() * self.row_scales[:, None]
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The activation levels (as float) this layer multiplies: ``clamp(round(x / scale), -z, 127 - z)``."""
+        return torch.clamp(torch.round(x / self.input_scale), -self.input_zero_point,
+                           activation_max_level(self.input_zero_point))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            # bound x to the 7-bit range first: fbgemm rounds and clamps to 0..255, which could overflow
+            step, zero = self.input_scale, self.input_zero_point
+            x = torch.clamp(x, -zero * step, activation_max_level(zero) * step)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, step, zero, self._packed)
+        else:
+            y = (self.quantize_input(x.float()) @ self.levels.float().t()) * (self.row_scales * self.input_scale)
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_scale={self.input_scale:.4g}, input_zero_point={self.input_zero_point}")

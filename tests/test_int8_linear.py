@@ -1,0 +1,100 @@
+"""The int8 linear layer (fairseq_accel/modules/int8_linear.py): its arithmetic is exactly the documented
+integer formula (no int16 saturation even at the extreme levels), rows do not depend on each other, fusing
+layers is exact, and the float emulation used off x86 computes the same."""
+import pytest
+import torch
+
+from fairseq_accel.modules.int8_linear import (
+    SIGNED_ZERO_POINT,
+    UNSIGNED_ZERO_POINT,
+    Int8Linear,
+    activation_max_level,
+    int8_gemm_available,
+)
+
+requires_fbgemm = pytest.mark.skipif(not int8_gemm_available(), reason="torch without fbgemm int8 kernels (not x86)")
+
+
+def reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's formula in float64."""
+    zero = layer.input_zero_point
+    levels = torch.clamp(torch.round(x.double() / layer.input_scale), -zero, activation_max_level(zero))
+    y = (levels @ layer.levels.double().t()) * (layer.row_scales.double() * layer.input_scale)
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def random_layer(rows: int, columns: int, seed: int, bias: bool = True, zero_point: int = SIGNED_ZERO_POINT) -> Int8Linear:
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.randint(-127, 128, (rows, columns), generator=generator, dtype=torch.int8)
+    scales = torch.rand(rows, generator=generator) * 0.01 + 1e-3
+    return Int8Linear(levels, scales, torch.randn(rows, generator=generator) if bias else None, 0.05, zero_point)
+
+
+@requires_fbgemm
+@pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
+def test_extreme_levels_do_not_saturate(zero_point: int) -> None:
+    """All weights +-127 and all activations at the range ends: pairs of stored products reach 2 * 127 * 127,
+    which full 8-bit activations would push past int16 (the layer uses 7 bits for exactly this)."""
+    levels = torch.full((4, 256), 127, dtype=torch.int8)
+    levels[1] = -127
+    levels[2, ::2] = -127
+    layer = Int8Linear(levels, torch.full((4,), 0.01), None, 0.01, zero_point)
+    low, high = -zero_point * 0.01, activation_max_level(zero_point) * 0.01
+    x = torch.stack([torch.full((256,), high), torch.full((256,), low), torch.linspace(low, high, 256),
+                     torch.full((256,), 5.0)])  # the last row lies beyond the range: clipped to its top
+    y = layer(x)
+    assert torch.allclose(y.double(), reference(layer, x), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(y[3], y[0])
+    assert y[0, 0] > 100  # 256 * 0.63 * 1.27 or more: not a saturated sum
+
+
+@requires_fbgemm
+@pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_gemm_is_the_integer_formula(rows: int, zero_point: int) -> None:
+    layer = random_layer(96, 64, seed=rows, zero_point=zero_point)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(100 + rows)) * 1.5
+    if zero_point == UNSIGNED_ZERO_POINT:
+        x = x.relu()
+    assert torch.allclose(layer(x).double(), reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_rows_are_independent_of_their_batch() -> None:
+    """One static input scale: a sentence's output does not depend on what else is in the batch."""
+    layer = random_layer(32, 48, seed=3)
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(4))
+    together = layer(x)
+    x_louder = torch.cat([x[:1], 100 * x[1:]])
+    assert torch.equal(layer(x_louder)[0], together[0])
+    assert torch.equal(layer(x[2:3])[0], together[2])
+    assert layer(x.view(2, 3, 48)).shape == (2, 3, 32)
+
+
+def test_fused_layers_compute_the_scaled_concatenation() -> None:
+    layers = [random_layer(16, 24, seed=s) for s in (5, 6, 7)]
+    factors = [torch.full((16,), 0.125), torch.rand(16) + 0.5, torch.ones(16)]
+    fused = Int8Linear.fuse(layers, factors)
+    x = torch.randn(5, 24)
+    expected = torch.cat([layer(x) * f for layer, f in zip(layers, factors)], dim=-1)
+    assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-5)
+    layers[1].input_scale = 0.5
+    with pytest.raises(ValueError, match="share their input scale and zero point"):
+        Int8Linear.fuse(layers, factors)
+
+
+@requires_fbgemm
+@pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
+def test_float_emulation_matches_the_int8_gemm(zero_point: int) -> None:
+    """Off x86 (or on other devices) the layer emulates the same arithmetic in float32."""
+    layer = random_layer(40, 32, seed=8, zero_point=zero_point)
+    x = torch.randn(7, 32)
+    int8 = layer(x)
+    layer._packed = None
+    assert torch.allclose(layer(x), int8, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_is_the_dequantized_levels() -> None:
+    layer = random_layer(8, 8, seed=9, bias=False)
+    assert torch.equal(layer.weight, layer.levels.float() * layer.row_scales[:, None])
+    with pytest.raises(ValueError, match="one scale per row"):
+        Int8Linear(layer.levels, layer.row_scales[:4], None, 0.1)
