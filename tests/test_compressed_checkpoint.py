@@ -282,3 +282,36 @@ def test_calibration_errors_are_one_line(pruned_lsra: Path, calibrated: "tuple[P
     assert "holds the calibration of" in refused_after_progress(capsys, "--path", pruned_lsra, "--data", tiny_translation_data,
                                                   "--calib-subset", "test", "--calib-state", other,
                                                   "--out", tmp_path / "out.pt")
+
+
+def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, calibrated: "tuple[Path, str]",
+                                                          tiny_translation_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    common = ("--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE, "--sensitivity-batches", "2",
+              "--calib-state", calibrated[0].with_suffix(".calib"))
+    plans = {}
+    for budget in ("1000", "0"):
+        out = tmp_path / f"mixed{budget}.pt"
+        activations, _ = calibration_section(capsys, *common, "--max-accuracy-drop", budget, "--out", out)
+        table = out.with_suffix(".sensitivity.md").read_text().splitlines()
+        rows = [line.split(" | ") for line in table[3:]]
+        section = read_checkpoint(str(out))[COMPRESSED_KEY]
+        storage = {row.name: row.storage for row in size_rows(section)}
+        stored = {f"{row[0][2:]}.weight": row[-1] for row in rows}  # the tied output projection: its embedding's
+        stored = {section["aliases"].get(name, name): precision for name, precision in stored.items()}
+        int8 = {name for name, precision in stored.items() if precision == "int8 |"}
+        float32 = {name for name, precision in stored.items() if precision == "float32 |"}
+        assert len(rows) == len(int8) + len(float32) and table[0].endswith(f"int8 layers: {len(int8)} of {len(rows)}")
+        assert set(activations["scales"]) == int8  # only the int8 layers are calibrated for execution
+        assert all(storage[name] == "fp32" for name in float32 if name in storage)
+        plans[budget] = (int8, [float(row[2]) for row in rows])
+    assert len(plans["1000"][0]) == len(rows)  # any loss allowed: every layer in int8
+    assert len(plans["0"][0]) < len(rows)  # no loss allowed: the layers that raise it stay float32
+    rises = plans["0"][1]
+    assert rises == sorted(rises, reverse=True)  # most sensitive first
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        compress_main([str(a) for a in (*common, "--max-accuracy-drop", "-0.1", "--out", tmp_path / "no.pt")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fairseq-accel-compress: error: --max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got -0.1")

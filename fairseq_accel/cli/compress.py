@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Sequence, Set, Tuple
 
 from tqdm import tqdm
 
@@ -36,6 +36,7 @@ from fairseq_accel.compression.compressed_format import (
     size_rows,
     storage_aliases,
 )
+from fairseq_accel.compression.mixed_precision import format_sensitivity_table, plan_mixed_precision
 from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
 
 PROG = "fairseq-accel-compress"
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                              help="calibrate only shard K of N of the batches and stop (needs --calib-state)")
     calibration.add_argument("--calib-from", type=Path, nargs="+", metavar="FILE",
                              help="merge these calibration states (of --calib-shard runs) instead of calibrating")
+    mixed = parser.add_argument_group(
+        "mixed precision by sensitivity", "each calibrated layer alone in int8, its rise of the teacher-forced "
+        "dev loss measured; the least sensitive layers run in int8 as long as together they raise the loss by at "
+        "most --max-accuracy-drop, the others keep float32 weights (needs --data)")
+    mixed.add_argument("--max-accuracy-drop", type=float, metavar="NATS",
+                       help="largest rise of the dev loss (nats per target token) the int8 layers may cause")
+    mixed.add_argument("--sensitivity-subset", help="the subset to measure it on (default: --calib-subset)")
+    mixed.add_argument("--sensitivity-batches", type=int, default=10, help="batches to measure on (default 10)")
     parser.add_argument("--inspect", type=Path, metavar="COMPRESSED",
                         help="print the bytes of every tensor of a compressed checkpoint and exit")
     parser.add_argument("--top", type=int, default=12, help="largest tensors listed in the size table (default 12)")
@@ -151,15 +160,16 @@ def _load_model_and_task(args: argparse.Namespace) -> Tuple[Any, Any]:
     return models[0].eval(), task
 
 
-def _calibrated(args: argparse.Namespace) -> LinearInputCalibrator:
+def _calibrated(args: argparse.Namespace) -> Tuple[LinearInputCalibrator, Optional[Tuple[Any, Any]]]:
     """The histograms of every linear layer's input: merged from ``--calib-from``, or run on ``--data``
-    (resumed from ``--calib-state`` when it exists)."""
+    (resumed from ``--calib-state`` when it exists), and the (model, task) that ran them (None for
+    ``--calib-from``)."""
     if args.calib_from:
         states = [(str(path), read_checkpoint(str(path))) for path in args.calib_from]
         calibrator = LinearInputCalibrator(states[0][1].get("histograms", {}))
         for source, state in states:
             calibrator.load_state_dict(state, source)
-        return calibrator
+        return calibrator, None
     model, task = _load_model_and_task(args)
     calibrator = LinearInputCalibrator(linear_layers(model))
     meta = {"checkpoint": args.path.name, "subset": args.calib_subset, "max_tokens": args.max_tokens,
@@ -174,35 +184,59 @@ def _calibrated(args: argparse.Namespace) -> LinearInputCalibrator:
     save = None if args.calib_state is None else (lambda: calibrator.save(args.calib_state, meta))
     batches = calibration_batches(task, model, args.calib_subset, args.calib_batches, args.max_tokens,
                                   args.calib_shard)
-    with tqdm(total=args.calib_batches, desc="calibrate", unit="batch", file=sys.stderr, mininterval=1) as progress, \
-            warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pin_memory.*")  # fairseq's loader on a machine without GPU
+    with tqdm(total=args.calib_batches, desc="calibrate", unit="batch", file=sys.stderr, mininterval=1) as progress:
         run_calibration(model, calibrator, batches, save=save, progress=progress)
     calibrator.require_batches()
-    return calibrator
+    return calibrator, (model, task)
+
+
+def _stored_names(calibrator: LinearInputCalibrator, model_state: Dict[str, Any], bits_of: Any) -> Dict[str, str]:
+    """The stored weight name of every calibrated linear layer whose weight is stored as integer levels."""
+    aliases = storage_aliases(model_state)
+    stored_name = {layer: aliases.get(f"{layer}.weight", f"{layer}.weight") for layer in calibrator.histograms}
+    return {layer: name for layer, name in stored_name.items()
+            if name in model_state and bits_of(name, model_state[name]) is not None}
 
 
 def _activation_record(calibrator: LinearInputCalibrator, model_state: Dict[str, Any], bits_of: Any,
                        args: argparse.Namespace) -> Dict[str, Any]:
     """The calibration record of the compressed section: the input scale of every linear layer whose weight
     is stored as integer levels, by that weight's stored name."""
-    aliases = storage_aliases(model_state)
-    stored_name = {layer: aliases.get(f"{layer}.weight", f"{layer}.weight") for layer in calibrator.histograms}
-    int8_layers = [layer for layer, name in stored_name.items()
-                   if name in model_state and bits_of(name, model_state[name]) is not None]
-    quantizers = calibrator.quantizers(args.act_calib, int8_layers)
+    stored_name = _stored_names(calibrator, model_state, bits_of)
+    quantizers = calibrator.quantizers(args.act_calib, stored_name)
     return {"method": args.act_calib, "batches": calibrator.batches, "subset": args.calib_subset,
             "scales": {stored_name[layer]: scale for layer, (scale, _) in quantizers.items()},
             "zero_points": {stored_name[layer]: zero for layer, (_, zero) in quantizers.items()}}
 
 
+def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator, model: Any, task: Any,
+                     model_state: Dict[str, Any], bits_of: Any) -> Set[str]:
+    """The stored names of the weights that sensitivity keeps float32; prints and saves the per-layer table."""
+    stored_name = _stored_names(calibrator, model_state, bits_of)
+    quantizers = {layer: (bits_of(stored_name[layer], model_state[stored_name[layer]]), *quantizer)
+                  for layer, quantizer in calibrator.quantizers(args.act_calib, stored_name).items()}
+    subset = args.sensitivity_subset or args.calib_subset
+    batches = list(calibration_batches(task, model, subset, args.sensitivity_batches, args.max_tokens))
+    with tqdm(total=len(quantizers), desc="sensitivity", unit="layer", file=sys.stderr, mininterval=1) as progress:
+        base, rows = plan_mixed_precision(model, quantizers, batches, task.target_dictionary.pad(),
+                                          args.max_accuracy_drop, progress.update)
+    table = format_sensitivity_table(base, rows)
+    print(table)
+    args.out.with_suffix(".sensitivity.md").write_text(table + "\n")
+    return {stored_name[row.name] for row in rows if not row.int8}
+
+
 def _compressed_state(state: Dict[str, Any], calibrator: Optional[LinearInputCalibrator],
-                      args: argparse.Namespace) -> Dict[str, Any]:
+                      args: argparse.Namespace, loaded: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
     compressed = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state")}
     task_state = dict(state.get("task_state") or {})
     task_state.pop(COMPRESSION_KEY, None)  # masks and importance sums: the zeros of the weights say it all
     compressed["task_state"] = task_state
     bits_of = _bits_chooser(args.int4, args.keep_float)
+    if args.max_accuracy_drop is not None:
+        kept_float = _mixed_precision(args, calibrator, *loaded, state["model"], bits_of)
+        chosen = bits_of
+        bits_of = lambda name, tensor: None if name in kept_float else chosen(name, tensor)  # noqa: E731
     activations = None if calibrator is None else _activation_record(calibrator, state["model"], bits_of, args)
     compressed[COMPRESSED_KEY] = compress_model_state(state["model"], bits_of, activations)
     return compressed
@@ -218,8 +252,11 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("give --data (calibrate) or --calib-from (merge calibrations), not both")
     if sharded and (args.calib_state is None or args.data is None):
         parser.error("--calib-shard calibrates one part of --data into --calib-state; give both")
-    if args.calib_batches < 1:
-        parser.error(f"--calib-batches must be at least 1, got {args.calib_batches}")
+    if args.calib_batches < 1 or args.sensitivity_batches < 1:
+        parser.error("--calib-batches and --sensitivity-batches must be at least 1")
+    if args.max_accuracy_drop is not None and (args.max_accuracy_drop < 0 or not args.data):
+        parser.error(f"--max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got "
+                     f"{args.max_accuracy_drop}{'' if args.data else ' without --data'}")
 
 
 def _inspect(path: Path, top: int) -> None:
@@ -238,18 +275,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_options(parser, args)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")  # fairseq's batch loader on a machine without GPU
     try:
         if args.inspect is not None:
             _inspect(args.inspect, args.top)
             return 0
         state = read_checkpoint(str(args.path))
         _check_source(args.path, state)
-        calibrator = _calibrated(args) if args.data or args.calib_from else None
+        calibrator, loaded = _calibrated(args) if args.data or args.calib_from else (None, None)
         if args.out is None:
             print(f"calibrated shard {args.calib_shard[0]}/{args.calib_shard[1]}: {calibrator.batches} batches in "
                   f"{args.calib_state}; merge the shards with --calib-from")
             return 0
-        compressed = _compressed_state(state, calibrator, args)
+        compressed = _compressed_state(state, calibrator, args, loaded)
         write_checkpoint(compressed, args.out)
     except (CompressedFormatError, CheckpointLoadError, CalibrationError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
