@@ -98,16 +98,18 @@ class LinearInputCalibrator:
         return quantizers
 
 
-def calibration_forward(model: nn.Module, net_input: Dict[str, Tensor]) -> None:
-    """The forward of an encoder-decoder model as decoding uses it: encoder, decoder on the reference
-    prefix (teacher forcing), and the encoder's CTC head where the model has one."""
+def teacher_forced_forward(model: nn.Module, net_input: Dict[str, Tensor]) -> Any:
+    """The forward of an encoder-decoder model over every layer decoding uses: encoder, decoder on the
+    reference prefix (teacher forcing), and the encoder's CTC head where the model has one; returns the
+    decoder's output."""
     encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-    model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out)
+    decoder_out = model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out)
     ctc_head = getattr(model.encoder, "ctc_proj", None)
     if ctc_head is not None:
         from fairseq_accel.models.ctc_head import ctc_log_probs
 
         ctc_log_probs(ctc_head, encoder_out)
+    return decoder_out
 
 
 def run_calibration(model: nn.Module, calibrator: LinearInputCalibrator, batches: Iterable[Dict[str, Any]],
@@ -123,7 +125,7 @@ def run_calibration(model: nn.Module, calibrator: LinearInputCalibrator, batches
                 progress.update(1)
             if index < calibrator.batches:
                 continue
-            calibration_forward(model, sample["net_input"])
+            teacher_forced_forward(model, sample["net_input"])
             calibrator.batches += 1
             if save is not None and calibrator.batches % save_every == 0:
                 save()

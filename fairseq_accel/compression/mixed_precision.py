@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from fairseq_accel.compression.activation_calibration import teacher_forced_forward
 from fairseq_accel.compression.calibration import CalibrationError
 from fairseq_accel.compression.quantization_grid import quantize_to_levels
 from fairseq_accel.inference.int8_execution import call_projection_modules
@@ -37,10 +38,7 @@ def teacher_forced_loss(model: nn.Module, batches: Sequence[Dict], pad: int) -> 
     total, tokens = 0.0, 0
     with torch.no_grad():
         for sample in batches:
-            net_input = sample["net_input"]
-            encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-            output = model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out)
-            log_probs = model.get_normalized_probs(output, log_probs=True)
+            log_probs = model.get_normalized_probs(teacher_forced_forward(model, sample["net_input"]), log_probs=True)
             target = sample["target"]
             keep = target.ne(pad)
             total -= float(log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum())
@@ -80,7 +78,8 @@ def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], bat
                          progress: Optional[Callable[[int], None]] = None) -> Tuple[float, List[LayerSensitivity]]:
     """The float model's dev loss, and every layer of ``quantizers`` with its sensitivity and chosen
     precision (most sensitive first), such that all int8 layers together raise the loss by at most
-    ``max_loss_rise``."""
+    ``max_loss_rise``. The loss is the decoder's: a CTC head shows no rise (measuring by WER through the
+    generator is the next step)."""
     if max_loss_rise < 0:
         raise CalibrationError(f"--max-accuracy-drop must be >= 0, got {max_loss_rise}")
     model.eval()
