@@ -31,7 +31,6 @@ from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 
-from fairseq_accel.compression.quantization_grid import quantize_to_levels
 from fairseq_accel.inference.int8_execution import convert_to_int8
 from fairseq_accel.modules.int8_linear import Int8Linear
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator
@@ -357,7 +356,7 @@ def int8_gemm_rows(model: torch.nn.Module, row_counts: Sequence[int], threads: S
         torch.set_num_threads(count)
         for (columns, outputs), (name, layer) in layers.items():
             weight, bias = layer.weight.detach().contiguous(), layer.bias
-            int8 = Int8Linear(*quantize_to_levels(weight, 8), bias, 0.05)
+            int8 = Int8Linear.from_linear(layer, 8, 0.05)
             for row_count in row_counts:
                 x = torch.randn(row_count, columns)
                 calls = max(5, 20000 // max(1, row_count * columns * outputs // 100000))

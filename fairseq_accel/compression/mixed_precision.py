@@ -18,7 +18,6 @@ from torch import nn
 
 from fairseq_accel.compression.activation_calibration import teacher_forced_forward
 from fairseq_accel.compression.calibration import CalibrationError
-from fairseq_accel.compression.quantization_grid import quantize_to_levels
 from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import Int8Linear
 
@@ -62,9 +61,7 @@ def int8_layers(model: nn.Module, names: Sequence[str], quantizers: Dict[str, Qu
         parent, child = _parent(model, name)
         layer = getattr(parent, child)
         originals[name] = layer
-        bits, scale, zero_point = quantizers[name]
-        levels, scales = quantize_to_levels(layer.weight, bits)
-        setattr(parent, child, Int8Linear(levels, scales, layer.bias, scale, zero_point))
+        setattr(parent, child, Int8Linear.from_linear(layer, *quantizers[name]))
     try:
         yield
     finally:

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fairseq_accel.compression.quantization_grid import quantize_to_levels
+
 ACTIVATION_LEVELS = 128  # 7 bits; see the module docstring
 SIGNED_ZERO_POINT = 64  # levels -64..63 for inputs of both signs
 UNSIGNED_ZERO_POINT = 0  # levels 0..127 for non-negative inputs
@@ -81,7 +83,17 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.input_scale = float(input_scale)
         self.input_zero_point = int(input_zero_point)
+        # the inputs the 7 bits cover, computed once for the clamp before every GEMM
+        self._input_range = (-self.input_zero_point * self.input_scale,
+                             activation_max_level(self.input_zero_point) * self.input_scale)
         self._packed = _prepack(self.levels, self.row_scales, self.bias) if int8_gemm_available() else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, bits: int, input_scale: float,
+                    input_zero_point: int = SIGNED_ZERO_POINT) -> "Int8Linear":
+        """``layer``'s weight on its per-row ``bits``-bit grid, with the given input quantizer."""
+        levels, scales = quantize_to_levels(layer.weight, bits)
+        return cls(levels, scales, layer.bias, input_scale, input_zero_point)
 
     @classmethod
     def fuse(cls, layers: Sequence["Int8Linear"], row_factors: Sequence[Tensor]) -> "Int8Linear":
@@ -114,9 +126,10 @@ class Int8Linear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
             # bound x to the 7-bit range first: fbgemm rounds and clamps to 0..255, which could overflow
-            step, zero = self.input_scale, self.input_zero_point
-            x = torch.clamp(x, -zero * step, activation_max_level(zero) * step)
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, step, zero, self._packed)
+            x = torch.clamp(x, *self._input_range)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x, self.input_scale, self.input_zero_point, self._packed
+            )
         else:
             y = (self.quantize_input(x.float()) @ self.levels.float().t()) * (self.row_scales * self.input_scale)
             if self.bias is not None:
