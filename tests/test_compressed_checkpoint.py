@@ -315,3 +315,25 @@ def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, cal
         compress_main([str(a) for a in (*common, "--max-accuracy-drop", "-0.1", "--out", tmp_path / "no.pt")])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fairseq-accel-compress: error: --max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got -0.1")
+
+
+def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_lsra: Path,
+                                         tiny_translation_data: Path) -> None:
+    """fairseq-accel-benchmark runs the compressed checkpoint's int8 layers (fast-w8a8) beside float32, and
+    times each decoder layer shape as an int8 GEMM; a checkpoint without int8 layers says it skips them."""
+    common = ("fairseq-accel-benchmark", tiny_translation_data, "--systems", "stock", "fast", "fast-w8a8",
+              "--batch-sizes", "2", "--threads", "1", "--repeats", "1", "--max-sentences", "6",
+              "--int8-min-weights", "0")
+    result = run_cli([*common, "--path", calibrated[0]])
+    assert result.returncode == 0, cli_output(result)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| stock |") or line.startswith("| fast")}
+    assert set(rows) == {"stock", "fast", "fast-w8a8"}
+    gemm = [line for line in result.stdout.splitlines() if line.startswith("| decoder.")]
+    assert gemm and all(line.endswith("| yes |") for line in gemm)  # --int8-min-weights 0: every layer int8
+    assert any(line.startswith("| decoder.output_projection |") for line in gemm)
+
+    plain = run_cli([*common, "--path", pruned_lsra])
+    assert plain.returncode == 0, cli_output(plain)
+    assert "skipping fast-w8a8 fast-w8a8-kv8: the checkpoint has no int8 layers" in plain.stderr
+    assert "| fast-w8a8 |" not in plain.stdout and "| decoder." not in plain.stdout
