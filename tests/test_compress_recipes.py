@@ -67,19 +67,21 @@ def pruned_weight_zeros(checkpoint: Path) -> Dict[str, float]:
 
 
 def test_mini_nmt_recipe_compress_and_sweep_stages(tmp_path):
-    """Stages 4-9 of egs/mini_l10n/nmt/run.sh (stages 1-3 and 7 have their own end-to-end test) on a toy corpus: the trained LSRA model, its 50 % fine-tune
-    (shipped sparse50.yaml at a tiny budget) in RESULTS.md with the sparsity reached, and a 2-point sweep
-    with table, raw json and plot; a rerun finds every step done."""
+    """Stages 4-10 of egs/mini_l10n/nmt/run.sh (stages 1-3 and 7 have their own end-to-end test) on a toy
+    corpus: the trained LSRA model, its 50 % fine-tune (shipped sparse50.yaml at a tiny budget) in RESULTS.md
+    with the sparsity reached, a 2-point sweep with table, raw json and plot, both models compressed after
+    training and decoded in int8 (COMPRESSION.md, its json and plot); a rerun finds every step done."""
     data, exp, conf = tmp_path / "data", tmp_path / "exp", tmp_path / "conf"
     binarized_toy_corpus(data, "unigram8000")
     sparse50 = tiny_variant(NMT_RECIPE / "conf" / "compress" / "sparse50.yaml", conf)
     command = [
-        "bash", NMT_RECIPE / "run.sh", "--stage", "4", "--stop_stage", "9", "--data_dir", data, "--exp_dir", exp,
+        "bash", NMT_RECIPE / "run.sh", "--stage", "4", "--stop_stage", "10", "--data_dir", data, "--exp_dir", exp,
         "--configs", "conf/lite_transformer_mini.yaml", "--train_args", "--max-update 2 --max-tokens 1024",
         "--gen_subset", "valid", "--decode_args", "--beam 2 --max-len-a 0 --max-len-b 6 --batch-size 128",
         "--compress_configs", sparse50, "--compress_args", "--max-tokens 1024",
         "--sweep_config", sparse50, "--sweep_sparsities", "0 50", "--sweep_patterns", "2:4",
         "--bench_configs", "",  # stage 7 (decoding speed) has its own test
+        "--quantize_args", "--calib-batches 4 --max-tokens 1024",
     ]
     result = run_cli(command, timeout=600)
     assert result.returncode == 0, cli_output(result)[-5000:]
@@ -112,9 +114,28 @@ def test_mini_nmt_recipe_compress_and_sweep_stages(tmp_path):
     png = (exp / "lite_transformer_mini" / "sparsity_sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
+    compressed = json.loads((exp / "COMPRESSION.json").read_text())
+    assert [row["model"] for row in compressed] == ["lite_transformer_mini", "lite_transformer_mini__sparse50"]
+    dense, sparse = compressed
+    assert 3.5 < dense["ratio"] < 4.0  # int8 levels + per-row scales, float biases and norms
+    assert sparse["ratio"] > dense["ratio"] and sparse["sparsity"] == pytest.approx(0.5, abs=0.005)
+    for row in compressed:
+        int8_exp = exp / f"{row['model']}__int8"
+        assert re.search(r"activations: \d+ linear layers calibrated \(mse, [1-4] batches of valid\)",
+                         (int8_exp / "compress.log").read_text())
+        assert "--compressed-exec" not in (int8_exp / "decode_valid" / "generate.args").read_text()  # int8: default
+        assert row["after"] == pytest.approx(scored_bleu(exp / "compression" / "RESULTS.json", int8_exp.name))
+    assert set(table_rows((exp / "COMPRESSION.md").read_text())) == {row["model"] for row in compressed}
+    assert (exp / "compression.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
     rerun = run_cli(command, timeout=600)
     assert rerun.returncode == 0, cli_output(rerun)[-3000:]
-    assert rerun.stderr.count("already done") == 2 + 2 + 2 * 2  # base, sparse50, 2 sweep points: train + decode
+    # base, sparse50, 2 sweep points: train + decode; both compressed: compress + decode
+    assert rerun.stderr.count("already done") == 2 + 2 + 2 * 2 + 2 * 2
+
+
+def scored_bleu(results: Path, experiment: str) -> float:
+    return next(row["bleu"] for row in json.loads(results.read_text()) if row["experiment"] == experiment)
 
 
 @pytest.mark.parametrize("config", COMPRESS_CONFIGS, ids=lambda path: "/".join(path.parts[-5:]))
@@ -133,9 +154,16 @@ def test_shipped_compress_configs_are_valid_fine_tunes(config):
     check_compression_options(args)
     end = max(args.sparsity_end_update, args.admm_finalize_update)
     assert 0 < end < args.max_update
-    assert args.sparsity_target in (0.0, 0.5) and (args.admm_bits in (0, 8))
+    assert 0 <= args.sparsity_target < 1 and (args.admm_bits in (0, 4, 8))
     assert (args.sparsity_target > 0) == config.stem.startswith("sparse")
-    assert (args.admm_bits == 8) == config.stem.endswith("admm8")
+    if args.sparsity_target > 0:  # the name says the sparsity: sparse50, sparse_row50, sparse_2of4 (50 %)
+        assert f"{round(100 * args.sparsity_target)}" in config.stem or "2of4" in config.stem
+    assert (args.admm_bits > 0) == (f"admm{args.admm_bits}" in config.stem)
+    sections = yaml.safe_load(config.read_text(encoding="utf-8"))
+    if "compress" in sections:  # stage 10's fairseq-accel-compress options: int4 only on a 4-bit ADMM grid
+        compress = subprocess.run([sys.executable, str(TOOLS / "yaml2args.py"), str(config), "--section", "compress"],
+                                  capture_output=True, text=True)
+        assert compress.returncode == 0 and ("--int4" in compress.stdout.split()) == (args.admm_bits == 4)
 
 
 def test_asr_recipe_compress_stage_wiring(tmp_path):
@@ -149,6 +177,12 @@ def test_asr_recipe_compress_stage_wiring(tmp_path):
     assert re.search(rf"error: {re.escape(str(tmp_path / 'exp' / 's2t_sanm_mini' / 'checkpoints'))}/checkpoint_best\.pt "
                      r"not found; train conf/s2t_sanm_mini\.yaml first", last), last
     assert "fine-tune s2t_sanm_mini__sparse_2of4 from" in result.stderr
+    quantize = run_cli(["bash", REPO_ROOT / "egs" / "mini_espeak" / "asr" / "run.sh", "--stage", "8", "--stop_stage", "8",
+                        "--data_dir", tmp_path / "data", "--exp_dir", tmp_path / "exp"])
+    assert quantize.returncode == 2, cli_output(quantize)
+    assert quantize.stderr.strip().splitlines()[-1].endswith(
+        f"error: {tmp_path / 'exp' / 's2t_sanm_mini' / 'checkpoints' / 'checkpoint_best.pt'} not found; run the "
+        "training stage for s2t_sanm_mini first"), quantize.stderr
     bad = run_cli(["bash", REPO_ROOT / "egs" / "mini_espeak" / "asr" / "run.sh", "--stage", "7", "--stop_stage", "7",
                    "--exp_dir", tmp_path / "exp", "--sweep_config", "conf/compress/nope.yaml"])
     assert bad.returncode == 2 and "compression config 'conf/compress/nope.yaml' not found" in bad.stderr, cli_output(bad)

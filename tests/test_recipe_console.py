@@ -10,7 +10,7 @@ import subprocess
 import sys
 import termios
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -237,25 +237,175 @@ def test_option_value_gives_the_max_update_of_the_run(tmp_path):
     """The training bar's total: the last --max-update of the arguments, as argparse takes it."""
     config = tmp_path / "c.yaml"
     config.write_text("train: {}\n")
-    script = (f'log() {{ :; }}; configs="{config}"; average_checkpoints=0; . "{TOOLS}/fairseq_stages.sh"; '
+    script = (f'log() {{ :; }}; configs="{config}"; average_checkpoints=0; train_jobs=1; . "{TOOLS}/fairseq_stages.sh"; '
               'option_value --max-update --lr 1 --max-update 500 --max-update=7 x; '
               'option_value --max-update --lr 1 --max-update 500 --max-update 20; option_value --max-update --lr 1')
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert result.stdout == "7\n20\n\n", result.stderr
 
 
-def test_demo_summary_prints_the_three_tables(tmp_path):
+#: The tables of the demo summary, by file below the tmp folder, in the order it prints them.
+SUMMARY_TABLES = {"nmt/exp/RESULTS.md": "| nmt table |", "nmt/exp/transformer_mini/BENCHMARK.md": "| speed table |",
+                  "nmt/exp/COMPRESSION.md": "| compression table |", "asr/exp/RESULTS.md": "| asr table |"}
+
+
+def write_summary_tables(root: Path) -> None:
+    for name, text in SUMMARY_TABLES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+
+
+def test_demo_summary_prints_the_four_tables(tmp_path):
     nmt, asr = tmp_path / "nmt", tmp_path / "asr"
-    for path, text in ((nmt / "exp" / "RESULTS.md", "| nmt table |"), (asr / "exp" / "RESULTS.md", "| asr table |"),
-                       (nmt / "exp" / "transformer_mini" / "BENCHMARK.md", "| speed table |")):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+    write_summary_tables(tmp_path)
     summary = [str(TOOLS / "demo_summary.sh"), nmt, asr]
     result = run_cli(["bash", *summary])
     assert result.returncode == 0, cli_output(result)
     out = result.stdout
-    assert out.index("| nmt table |") < out.index("| speed table |") < out.index("| asr table |")
+    assert [out.index(text) for text in SUMMARY_TABLES.values()] == sorted(out.index(t) for t in SUMMARY_TABLES.values())
     assert "Decoding speed, transformer_mini" in out
     (asr / "exp" / "RESULTS.md").unlink()
     missing = run_cli(["bash", *summary])
     assert missing.returncode == 1 and "not found" in missing.stdout
+
+
+#: A fake fairseq-train: records its OMP_NUM_THREADS, waits (up to 30 s) until every experiment named in
+#: FAKE_PEERS has started (so the test passes only if they run at the same time), prints training lines,
+#: and fails for the experiment named in FAKE_FAIL.
+FAKE_TRAIN = """#!/usr/bin/env python3
+import os, sys, time
+save_dir = sys.argv[sys.argv.index("--save-dir") + 1]
+exp = os.path.dirname(save_dir)
+name = os.path.basename(exp)
+open(os.path.join(exp, "threads"), "w").write(os.environ.get("OMP_NUM_THREADS", "unset"))
+open(os.path.join(exp, "started"), "w").close()
+peers = [p for p in os.environ.get("FAKE_PEERS", "").split() if p]
+deadline = time.time() + 30
+while time.time() < deadline and not all(os.path.exists(os.path.join(os.path.dirname(exp), p, "started"))
+                                         for p in peers):
+    time.sleep(0.05)
+print("waited for peers:", all(os.path.exists(os.path.join(os.path.dirname(exp), p, "started")) for p in peers))
+for n in (5, 10):
+    print(f"epoch 001: {n} / 10 loss=1.{n}, num_updates={n}", flush=True)
+if name == os.environ.get("FAKE_FAIL"):
+    print("Traceback (most recent call last):\\nValueError: fake failure of " + name, flush=True)
+    sys.exit(4)
+"""
+
+#: The training stage of nmt.sh/asr.sh on fake configs: fairseq_stages.sh's train_experiments.
+TRAIN_STAGE = """#!/usr/bin/env bash
+set -euo pipefail
+configs=""              # experiment configs
+exp_dir=exp             # experiments
+train_args=""           # extra fairseq-train arguments
+decode_args=""          # extra fairseq-generate arguments
+average_checkpoints=0   # epoch checkpoints averaged
+train_jobs=1            # trainings at a time
+verbose=false           # everything on the console
+. "{tools}/recipe.sh"
+. "{tools}/fairseq_stages.sh"
+train_experiments data --extra-arg
+echo "stage done"
+"""
+
+
+@pytest.fixture
+def train_stage(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fairseq-train").write_text(FAKE_TRAIN, encoding="utf-8")
+    (bin_dir / "fairseq-train").chmod(0o755)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text("train:\n  max_update: 10\n", encoding="utf-8")
+    script = tmp_path / "stage.sh"
+    script.write_text(TRAIN_STAGE.format(tools=TOOLS), encoding="utf-8")
+    return script
+
+
+def run_train_stage(script: Path, *args: str, **env: Optional[str]) -> subprocess.CompletedProcess:
+    path = f"{script.parent / 'bin'}{os.pathsep}{cli_env()['PATH']}"
+    return run_cli(["bash", script, "--configs", "a.yaml b.yaml", *args], cwd=script.parent, timeout=120,
+                   env={"PATH": path, **env})
+
+
+def test_parallel_trainings_run_side_by_side_on_split_cores(train_stage):
+    result = run_train_stage(train_stage, "--train_jobs", "2", FAKE_PEERS="a b", OMP_NUM_THREADS=None)
+    assert result.returncode == 0, cli_output(result)
+    exp = train_stage.parent / "exp"
+    for name in ("a", "b"):
+        log = (exp / name / "train.log").read_text(encoding="utf-8")
+        assert "waited for peers: True" in log, log  # the other training had started: both ran at once
+        assert (exp / name / "threads").read_text() == str(max(1, os.cpu_count() // 2))
+        assert (exp / name / ".train.done").exists()
+        assert f"train {name}: 100%" in result.stderr, result.stderr  # each its own bar
+    assert result.stdout == "stage done\n"
+
+
+def test_one_after_the_other_by_default_and_a_set_thread_count_is_kept(train_stage):
+    result = run_train_stage(train_stage, FAKE_PEERS="", OMP_NUM_THREADS="3")
+    assert result.returncode == 0, cli_output(result)
+    for name in ("a", "b"):
+        assert (train_stage.parent / "exp" / name / "threads").read_text() == "3"
+
+
+def test_a_failed_parallel_training_fails_the_stage_after_the_other_ends(train_stage):
+    result = run_train_stage(train_stage, "--train_jobs", "2", FAKE_PEERS="a b", FAKE_FAIL="a")
+    assert result.returncode == 1, cli_output(result)
+    assert "stage done" not in result.stdout
+    exp = train_stage.parent / "exp"
+    assert (exp / "b" / ".train.done").exists() and not (exp / "a" / ".train.done").exists()
+    assert "ValueError: fake failure of a" in result.stderr
+    assert f"full log: {exp / 'a' / 'train.log'}".replace(str(train_stage.parent) + "/", "") in result.stderr
+    assert result.stderr.rstrip().endswith("error: a training failed (its log is named above)")
+
+
+@pytest.mark.parametrize("jobs", ["0", "two"])
+def test_bad_train_jobs_is_one_error_line(train_stage, jobs):
+    result = run_train_stage(train_stage, "--train_jobs", jobs)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"--train_jobs must be the number of trainings" in result.stderr
+
+
+#: A fake recipe for demo.sh: appends "<name> nice=<niceness> <arguments>" to ../calls.txt; the ASR data
+#: stages wait until the NMT recipe has started (so they must run in the background), and fail with
+#: FAKE_ASR_FAIL set.
+FAKE_RECIPE = """#!/usr/bin/env bash
+here=$(cd "$(dirname "$0")" && pwd)
+echo "$(basename "${here}") nice=$(nice) $*" >> "${here}/../calls.txt"
+if [ "$(basename "${here}")" = asr ] && [[ " $* " == *" --stop_stage 2 "* ]]; then
+  for _ in $(seq 100); do grep -q '^nmt' "${here}/../calls.txt" && break; sleep 0.1; done
+  grep -q '^nmt' "${here}/../calls.txt" || { echo "the NMT recipe did not start beside the ASR data"; exit 5; }
+  if [ -n "${FAKE_ASR_FAIL:-}" ]; then echo "espeak-ng: boom"; exit 3; fi
+fi
+"""
+
+
+@pytest.fixture
+def demo_recipes(tmp_path: Path) -> Path:
+    write_summary_tables(tmp_path)
+    for name in ("nmt", "asr"):
+        (tmp_path / name / "run.sh").write_text(FAKE_RECIPE, encoding="utf-8")
+    return tmp_path
+
+
+def test_demo_runs_the_asr_data_beside_the_nmt_recipe_then_prints_the_summary(demo_recipes):
+    result = run_cli(["bash", TOOLS / "demo.sh", demo_recipes / "nmt", demo_recipes / "asr", "--verbose", "false"])
+    assert result.returncode == 0, cli_output(result)
+    calls = (demo_recipes / "calls.txt").read_text().splitlines()
+    data = "asr nice=19 --stop_stage 2 --verbose false"  # in the background (it waited for nmt), lowest priority
+    assert [call for call in calls if call != data] == [
+        "nmt nice=0 --verbose false", "nmt nice=0 --stage 10 --stop_stage 10 --verbose false",
+        "asr nice=0 --stage 3 --verbose false"]
+    assert calls.count(data) == 1
+    assert "ASR data ready" in result.stderr
+    assert all(text in result.stdout for text in SUMMARY_TABLES.values())
+
+
+def test_demo_stops_with_the_console_of_failed_asr_data(demo_recipes):
+    result = run_cli(["bash", TOOLS / "demo.sh", demo_recipes / "nmt", demo_recipes / "asr"], env={"FAKE_ASR_FAIL": "1"})
+    assert result.returncode == 1, cli_output(result)
+    console = demo_recipes / "asr" / "data" / "demo_console.log"
+    assert f"error: the ASR data stages failed; their console ({console}):" in result.stderr
+    assert "    espeak-ng: boom" in result.stderr
+    assert not any(line.startswith("asr nice=0") for line in (demo_recipes / "calls.txt").read_text().splitlines())
+    assert "| asr table |" not in result.stdout

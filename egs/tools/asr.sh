@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared ASR pipeline (stages 2-7) that the corpus recipes egs/<corpus>/asr/run.sh call once their
+# Shared ASR pipeline (stages 2-8) that the corpus recipes egs/<corpus>/asr/run.sh call once their
 # stage 1 has written Kaldi-style data directories (wav.scp, text, utt2spk) for --train_set,
 # --valid_set and --test_set below --kaldi_dir.
 #
@@ -19,6 +19,11 @@
 #   7  sparsity sweep: fine-tunes of --compress_base at --sweep_sparsities x --sweep_patterns with the
 #      budget of --sweep_config (sparsity 0: same budget, no pruning), decoded and scored into
 #      <exp_dir>/<base>/sparsity_sweep.{md,json,png} (--sweep_metric against sparsity)
+#   8  post-training compression: fairseq-accel-compress of --compress_base's model and of each fine-tune
+#      stage 6 trained (activation calibration on --valid_set, int8 weights; a compress config's compress:
+#      section adds options such as int4), decoded in int8 like the base, into <exp_dir>/<model>__int8/;
+#      bytes, --sweep_metric and utterances/s before and after in <exp_dir>/COMPRESSION.{md,json} and the
+#      metric against size in <exp_dir>/compression.png
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
 # from its checkpoint_last.pt. The console shows one line per step, progress bars and the tables; the full
@@ -44,10 +49,12 @@ nj=2                    # parallel jobs for feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=0   # decode the average of each config's last N epoch checkpoints (0: its best checkpoint)
+train_jobs=1            # trainings of stage 3 run at a time, splitting the CPU cores (1: one after the other)
 compress_base=""        # config of the trained experiment that stages 6-7 fine-tune
 compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
 sweep_config=""         # compression config whose budget and schedule every sweep point uses (stage 7)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 8, e.g. "--calib-batches 20"
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 sweep_metric=wer        # metric plotted by the sweep: wer or cer
@@ -80,10 +87,8 @@ fi
 
 if in_stage 3; then
   log "Stage 3: train"
-  for config in "${config_list[@]}"; do
-    train_experiment "${config}" "$(exp_of "${config}")" "${s2t_dir}" --task speech_to_text \
-      --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}"
-  done
+  train_experiments "${s2t_dir}" --task speech_to_text --config-yaml config.yaml \
+    --train-subset "${train_set}" --valid-subset "${valid_set}"
 fi
 
 # decode_test CONFIG EXP: decode ${test_set} with EXP's checkpoint and CONFIG's generate: section.
@@ -98,6 +103,12 @@ decode_test() {
 finetune_and_decode() {
   compress_experiment "${compress_base}" "$1" "$2" "${s2t_dir}" --task speech_to_text_accel \
     --config-yaml config.yaml --train-subset "${train_set}" --valid-subset "${valid_set}"
+  decode_test "${compress_base}" "$2"
+}
+
+# quantize_and_decode EXP OUT: see compress_stages.sh.
+quantize_and_decode() {
+  compress_checkpoint "$1" "$2" --data "${s2t_dir}" --config-yaml config.yaml --calib-subset "${valid_set}"
   decode_test "${compress_base}" "$2"
 }
 
@@ -130,4 +141,9 @@ fi
 if in_stage 7; then
   log "Stage 7: sparsity sweep of ${compress_base} (${sweep_metric} on ${test_set})"
   sweep_stage "${sweep_metric}"
+fi
+
+if in_stage 8; then
+  log "Stage 8: post-training compression of ${compress_base} and its fine-tunes, decoded in int8 on ${test_set}"
+  quantize_stage "${sweep_metric}" utterances_per_s
 fi

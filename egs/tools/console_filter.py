@@ -58,7 +58,8 @@ def terminal_columns(stream: TextIO) -> int:
 class Progress:
     """One progress bar: a live tqdm bar on a terminal, else one printed line per milestone."""
 
-    def __init__(self, desc: str, total: Optional[int], unit: str, stream: TextIO, live: bool) -> None:
+    def __init__(self, desc: str, total: Optional[int], unit: str, stream: TextIO, live: bool,
+                 position: int = 0) -> None:
         self.desc, self.total, self.unit, self.stream, self.live = desc, total or None, unit, stream, live
         self.n = 0
         self.postfix: Dict[str, str] = {}
@@ -71,7 +72,7 @@ class Progress:
             sized = terminal_columns(stream) > 0  # a terminal without a size would get an empty bar
             self.bar = tqdm(total=self.total, desc=desc, unit=unit, file=stream, mininterval=0.5,
                             dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
-                            leave=True)
+                            leave=True, position=position)
 
     def update_to(self, n: int) -> None:
         """Move the bar to ``n`` (a resumed training may start above 0)."""
@@ -129,12 +130,12 @@ class ConsoleFilter:
         self.fraction_label = ""
         desc = args.desc or ""
         if args.updates is not None:
-            self.bar = Progress(desc, args.updates, "upd", stream, live)
+            self.bar = Progress(desc, args.updates, "upd", stream, live, args.position)
         elif args.sentences is not None:
-            self.bar = Progress(desc, args.sentences, "sent", stream, live)
+            self.bar = Progress(desc, args.sentences, "sent", stream, live, args.position)
         elif args.count is not None:
             self.count = re.compile(args.count)
-            self.bar = Progress(desc, args.total, args.unit, stream, live)
+            self.bar = Progress(desc, args.total, args.unit, stream, live, args.position)
 
     def show(self, line: str) -> None:
         """Print ``line`` on the console, above the bar if there is one."""
@@ -205,7 +206,7 @@ class ConsoleFilter:
                 self.bar.update_to(self.bar.total or self.bar.n)
                 self.bar.close()
             prefix = f"{self.args.desc}: " if self.args.desc else ""
-            self.bar = Progress(prefix + label, total, self.args.unit, self.stream, self.live)
+            self.bar = Progress(prefix + label, total, self.args.unit, self.stream, self.live, self.args.position)
             self.fraction_label = label
         self.bar.update_to(done)
 
@@ -232,6 +233,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     mode.add_argument("--count", metavar="REGEX", help="a bar advanced by each line matching REGEX")
     parser.add_argument("--total", type=int, help="the total of the --count bar (default: unknown)")
     parser.add_argument("--unit", default="it", help="the unit of a --fraction or --count bar")
+    parser.add_argument("--position", type=int, default=0,
+                        help="terminal line of a live bar, counted from the cursor: one per command that runs "
+                             "beside others (parallel trainings)")
     return parser.parse_args(argv)
 
 

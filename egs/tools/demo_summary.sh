@@ -4,9 +4,10 @@
 #   egs/tools/demo_summary.sh [NMT_RECIPE_DIR [ASR_RECIPE_DIR]]
 #
 # Prints the translation table (<NMT>/exp/RESULTS.md, stage 6 of egs/mini_l10n/nmt/run.sh), the
-# decoding-speed table of each benchmarked experiment (<NMT>/exp/<config>/BENCHMARK.md, stage 7) and the
-# speech recognition table (<ASR>/exp/RESULTS.md, stage 5 of egs/mini_espeak/asr/run.sh). Exits 1,
-# naming the missing files, unless all of them exist.
+# decoding-speed table of each benchmarked experiment (<NMT>/exp/<config>/BENCHMARK.md, stage 7), the
+# compression table (<NMT>/exp/COMPRESSION.md, stage 10) and the speech recognition table
+# (<ASR>/exp/RESULTS.md, stage 5 of egs/mini_espeak/asr/run.sh). Exits 1, naming the missing files, unless
+# all of them exist.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -37,5 +38,6 @@ fi
 for benchmark in "${benchmarks[@]}"; do
   table "Decoding speed, $(basename "$(dirname "${benchmark}")")" "${benchmark}"
 done
+table "Compression after training: int8 weights and activations, decoded in int8" "${nmt_dir}/exp/COMPRESSION.md"
 table "Speech recognition, espeak-ng English" "${asr_dir}/exp/RESULTS.md"
 exit "${missing}"

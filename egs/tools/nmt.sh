@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared NMT pipeline (stages 2-6, 8-9) that the corpus recipes egs/<corpus>/nmt/run.sh call once their
+# Shared NMT pipeline (stages 2-6, 8-10) that the corpus recipes egs/<corpus>/nmt/run.sh call once their
 # stage 1 has written plain text {train,valid,test}.{src,tgt} to --text_dir.
 #
 #   2  joint sentencepiece model on train.src + train.tgt; encode every split (fairseq-accel-prepare spm)
@@ -17,6 +17,11 @@
 #   9  sparsity sweep: fine-tunes of --compress_base at --sweep_sparsities x --sweep_patterns with the
 #      budget of --sweep_config (sparsity 0: same budget, no pruning), decoded and scored into
 #      <exp_dir>/<base>/sparsity_sweep.{md,json,png} (BLEU against sparsity)
+#   10 post-training compression: fairseq-accel-compress of --compress_base's model and of each fine-tune
+#      stage 8 trained (activation calibration on valid, int8 weights; a compress config's compress: section
+#      adds options such as int4), decoded in int8 like the base, into <exp_dir>/<model>__int8/; bytes, BLEU
+#      and tokens/s before and after in <exp_dir>/COMPRESSION.{md,json} and BLEU against size in
+#      <exp_dir>/compression.png
 # (stage 7 is left to the corpus recipe: the mini recipe's decoding benchmark)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
@@ -41,11 +46,13 @@ nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 100"
 decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=0   # decode the average of each config's last N epoch checkpoints (0: its best checkpoint)
+train_jobs=1            # trainings of stage 4 run at a time, splitting the CPU cores (1: one after the other)
 gen_subset=test         # split decoded in stage 5 (test or valid)
 compress_base=""        # config of the trained experiment that stages 8-9 fine-tune
 compress_configs=""     # compression configs (conf/compress/*.yaml, train: section) of stage 8
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
 sweep_config=""         # compression config whose budget and schedule every sweep point uses (stage 9)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 10, e.g. "--calib-batches 20"
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
@@ -92,9 +99,7 @@ fi
 
 if in_stage 4; then
   log "Stage 4: train"
-  for config in "${config_list[@]}"; do
-    train_experiment "${config}" "$(exp_of "${config}")" "${bin_dir}" --source-lang "${src}" --target-lang "${tgt}"
-  done
+  train_experiments "${bin_dir}" --source-lang "${src}" --target-lang "${tgt}"
 fi
 
 # decode_and_profile CONFIG EXP: decode ${gen_subset} with EXP's checkpoint and CONFIG's generate: section,
@@ -115,6 +120,12 @@ finetune_and_decode() {
   require fairseq-accel-profile
   compress_experiment "${compress_base}" "$1" "$2" "${bin_dir}" --task translation_accel \
     --source-lang "${src}" --target-lang "${tgt}"
+  decode_and_profile "${compress_base}" "$2"
+}
+
+# quantize_and_decode EXP OUT: see compress_stages.sh.
+quantize_and_decode() {
+  compress_checkpoint "$1" "$2" --data "${bin_dir}" --calib-subset valid
   decode_and_profile "${compress_base}" "$2"
 }
 
@@ -149,4 +160,10 @@ fi
 if in_stage 9; then
   log "Stage 9: sparsity sweep of ${compress_base} (BLEU on ${gen_subset})"
   sweep_stage bleu
+fi
+
+if in_stage 10; then
+  log "Stage 10: post-training compression of ${compress_base} and its fine-tunes, decoded in int8 on ${gen_subset}"
+  require fairseq-accel-profile
+  quantize_stage bleu tokens_per_s
 fi

@@ -47,9 +47,12 @@ def decode_speed(generate_log: Path) -> Dict[str, float]:
 
 def decoded_checkpoint(exp_dir: Path) -> Path:
     """The checkpoint the decoding stage used (the rule of decoded_checkpoint in fairseq_stages.sh):
-    checkpoint_last.pt of a compression fine-tune (``compress.yaml`` beside it), else the averaged
-    checkpoint_average.pt where there is one, else checkpoint_best.pt."""
+    ``compressed.pt`` of a post-training compression, checkpoint_last.pt of a compression fine-tune
+    (``compress.yaml`` beside it), else the averaged checkpoint_average.pt where there is one, else
+    checkpoint_best.pt."""
     checkpoints = exp_dir / "checkpoints"
+    if (exp_dir / "compressed.pt").is_file():
+        return exp_dir / "compressed.pt"
     if (exp_dir / "compress.yaml").is_file():
         return checkpoints / "checkpoint_last.pt"
     if (checkpoints / "checkpoint_average.pt").is_file():

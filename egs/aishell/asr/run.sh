@@ -12,8 +12,10 @@
 #   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (25k updates) with each of
 #      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
 #   7  sparsity sweep (egs/tools/asr.sh): CER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
-# Stages 6-7 are not run by default (stop_stage 5); after training, e.g.:
-#   ./run.sh --stage 6 --stop_stage 7
+#   8  post-training compression (egs/tools/asr.sh): int8 checkpoints of the trained model and of each stage-6
+#      fine-tune (calibration on dev), decoded in int8: exp/COMPRESSION.md and exp/compression.png
+# Stages 6-8 are not run by default (stop_stage 5); after training, e.g.:
+#   ./run.sh --stage 6 --stop_stage 8
 #
 # The console shows one line per stage, progress bars and the tables; the full output of each command is
 # in its log: data/prepare.log, data/s2t/prepare.log, exp/<config>/train.log,
@@ -23,7 +25,7 @@
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=5            # last stage to run (6-7, compression, on request)
+stop_stage=5            # last stage to run (6-8, compression, on request)
 url=https://www.openslr.org/resources/33  # OpenSLR resource 33 (AISHELL-1)
 download_dir=downloads  # where the archives are downloaded and extracted
 aishell_dir=""          # an already extracted data_aishell folder to use instead of downloading
@@ -34,10 +36,12 @@ nj=8                    # parallel jobs for extraction and feature computation
 train_args=""           # extra fairseq-train arguments for every config
 decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=10  # decode the average of the last N epoch checkpoints (the configs keep 10; 0: the best checkpoint)
+train_jobs=1            # trainings run at a time (more only on a CPU machine with cores to split)
 compress_base=conf/s2t_sanm_s.yaml  # trained experiment that stages 6-7 fine-tune
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 8 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
@@ -82,9 +86,9 @@ fi
 "${tools_dir}/asr.sh" --stage "${stage}" --stop_stage "${stop_stage}" \
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit char --nj "${nj}" \
-  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --sweep_metric cer \
+  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --train_jobs "${train_jobs}" --sweep_metric cer \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
-  --compress_args "${compress_args}" \
+  --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

@@ -12,8 +12,10 @@
 #   8  compression (egs/tools/nmt.sh): fine-tune the trained --config model (10k updates) with each of
 #      --compress_configs (conf/compress/), decode, add the rows to exp/RESULTS.md
 #   9  sparsity sweep (egs/tools/nmt.sh): exp/<config name>/sparsity_sweep.{md,json,png}
-# Stages 8-9 are not run by default (stop_stage 6); after training, e.g.:
-#   ./run.sh --stage 8 --stop_stage 9
+#   10 post-training compression (egs/tools/nmt.sh): int8 checkpoints of the trained model and of each stage-8
+#      fine-tune (calibration on valid), decoded in int8: exp/COMPRESSION.md and exp/compression.png
+# Stages 8-10 are not run by default (stop_stage 6); after training, e.g.:
+#   ./run.sh --stage 8 --stop_stage 10
 #
 # The console shows one line per stage, progress bars and the tables; the full output of each command is
 # in its log: data/tok/prepare.log, data/spm_*/spm.log, data/bin_*/binarize.log, exp/<config>/train.log,
@@ -24,7 +26,7 @@
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=6            # last stage to run (8-9, compression, on request)
+stop_stage=6            # last stage to run (8-10, compression, on request)
 nj=4                    # parallel jobs for tokenization, BPE training and binarization
 config=conf/lite_transformer_iwslt_de_en_160.yaml  # experiment config (train: and generate: sections)
 url=http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz  # the archive fairseq's example uses
@@ -37,11 +39,13 @@ bpe_vocab_size=10000    # joint sentencepiece vocabulary (fairseq's example: 10k
 train_args=""           # extra fairseq-train arguments, e.g. "--max-update 100 --cpu"
 decode_args=""          # extra fairseq-generate arguments, e.g. "--cpu"
 average_checkpoints=10  # decode the average of the last N epoch checkpoints (the paper: 10; 0: the best checkpoint)
+train_jobs=1            # trainings run at a time (more only on a CPU machine with cores to split)
 gen_subset=test         # split decoded in stage 5 (test or valid)
 compress_base=""        # trained experiment that stages 8-9 fine-tune (default: --config)
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 10 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
@@ -107,9 +111,9 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${tok_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${config}" \
   --bpe_type bpe --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary false --bleu_tokenize none \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --gen_subset "${gen_subset}" \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --train_jobs "${train_jobs}" --gen_subset "${gen_subset}" \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
-  --compress_args "${compress_args}" \
+  --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

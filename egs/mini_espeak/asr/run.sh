@@ -28,13 +28,17 @@
 #      (exp/<base>__<compress name>/)
 #   7  sparsity sweep (egs/tools/asr.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
 #      and row sparsity and 2:4, CER against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
-# Stages 6-7 are not run by default (stop_stage 5; 15 fine-tunes of the mini model). After stages 0-5:
+#   8  post-training compression (egs/tools/asr.sh): fairseq-accel-compress of the --compress_base model and
+#      of each fine-tune stage 6 trained (calibration on dev, int8), decoded in int8: bytes, CER and
+#      utterances/s before and after in exp/COMPRESSION.md, CER against size in exp/compression.png
+# Stages 6-8 are not run by default (stop_stage 5; 15 fine-tunes of the mini model). After stages 0-5:
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
+#   ./run.sh --stage 8 --stop_stage 8    # int8 checkpoints of the base and the stage-6 models
 set -euo pipefail
 
 stage=0                 # first stage to run
-stop_stage=5            # last stage to run (6-7, compression, on request)
+stop_stage=5            # last stage to run (6-8, compression, on request)
 num_utts=3000           # sentences to synthesize (split into train/dev/test by speaker)
 configs="conf/s2t_sanm_mini.yaml conf/s2t_transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # synthesized audio, Kaldi data directories and fairseq manifests
@@ -47,10 +51,12 @@ nj=2                    # parallel jobs for synthesis and feature extraction
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=0   # decode the average of the last N epoch checkpoints (0: the best; a config must keep them)
+train_jobs=2            # trainings run at a time, one thread each (faster here than one after the other)
 compress_base=conf/s2t_sanm_mini.yaml  # trained experiment that stages 6-7 fine-tune
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 8 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
@@ -85,9 +91,9 @@ fi
   --kaldi_dir "${data_dir}" --train_set train --valid_set dev --test_set test --s2t_dir "${data_dir}/s2t" \
   --exp_dir "${exp_dir}" --configs "${configs}" --unit "${unit}" --vocab_size "${vocab_size}" --nj "${nj}" \
   --specaugment "${specaugment}" \
-  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --sweep_metric cer \
+  --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --train_jobs "${train_jobs}" --sweep_metric cer \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
-  --compress_args "${compress_args}" \
+  --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"

@@ -24,9 +24,14 @@
 #      (exp/<base>__<compress name>/)
 #   9  sparsity sweep (egs/tools/nmt.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
 #      and row sparsity and 2:4, BLEU against sparsity in exp/<base>/sparsity_sweep.{md,json,png}
-# Stages 8-9 are not run by default (stop_stage 7; 15 fine-tunes of the mini model). After stages 1-7:
+#   10 post-training compression (egs/tools/nmt.sh): fairseq-accel-compress of the --compress_base model and
+#      of each fine-tune stage 8 trained (calibration on valid, int8; conf/compress/sparse50_admm4_all.yaml
+#      adds int4), decoded in int8: bytes, BLEU and tokens/s before and after in exp/COMPRESSION.md,
+#      BLEU against size in exp/compression.png (`make demo` runs it on the base model)
+# Stages 8-10 are not run by default (stop_stage 7; 15 fine-tunes of the mini model). After stages 1-7:
 #   ./run.sh --stage 8 --stop_stage 8    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 9 --stop_stage 9    # the sweep: exp/lite_transformer_mini/sparsity_sweep.{md,json,png}
+#   ./run.sh --stage 10 --stop_stage 10  # int8 (and int4) checkpoints of the base and the stage-8 models
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
 # longer, keep their last 5 epoch checkpoints and score higher, decoded as the average of those 5:
@@ -35,7 +40,7 @@
 set -euo pipefail
 
 stage=1                 # first stage to run
-stop_stage=7            # last stage to run (8-9, compression, on request)
+stop_stage=7            # last stage to run (8-10, compression, on request)
 locale_dir=/usr/share/locale  # root of the gettext catalogs
 configs="conf/lite_transformer_mini.yaml conf/transformer_mini.yaml"  # experiments (space separated)
 data_dir=data           # text, sentencepiece and binarized data
@@ -46,6 +51,7 @@ nj=2                    # parallel jobs for sentencepiece and binarization
 train_args=""           # extra fairseq-train arguments for every config, e.g. "--max-update 50"
 decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=0   # decode the average of the last N epoch checkpoints (0: the best; a config must keep them)
+train_jobs=2            # trainings run at a time, one thread each (faster here than one after the other)
 gen_subset=test         # split decoded (test or valid)
 bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed stage 7 measures
 bench_sentences=100     # test sentences the stage-7 benchmark decodes (0: all)
@@ -54,6 +60,7 @@ compress_base=conf/lite_transformer_mini.yaml  # trained experiment that stages 
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
+quantize_args=""        # extra fairseq-accel-compress arguments of stage 10 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
@@ -80,9 +87,9 @@ fi
 "${tools_dir}/nmt.sh" --stage "${stage}" --stop_stage "${stop_stage}" --src de --tgt en \
   --text_dir "${text_dir}" --data_dir "${data_dir}" --exp_dir "${exp_dir}" --configs "${configs}" \
   --bpe_type "${bpe_type}" --bpe_vocab_size "${bpe_vocab_size}" --joined_dictionary true --bleu_tokenize 13a \
-  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --gen_subset "${gen_subset}" \
+  --nj "${nj}" --train_args "${train_args}" --decode_args "${decode_args}" --average_checkpoints "${average_checkpoints}" --train_jobs "${train_jobs}" --gen_subset "${gen_subset}" \
   --compress_base "${compress_base}" --compress_configs "${compress_configs}" \
-  --compress_args "${compress_args}" \
+  --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"
