@@ -290,24 +290,33 @@ def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, cal
     common = ("--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE, "--sensitivity-batches", "2",
               "--calib-state", calibrated[0].with_suffix(".calib"))
     plans = {}
-    for budget in ("1000", "0"):
-        out = tmp_path / f"mixed{budget}.pt"
-        activations, _ = calibration_section(capsys, *common, "--max-accuracy-drop", budget, "--out", out)
+    for budget, int4 in (("1000", ()), ("0", ()), ("1000", ("--mixed-int4",)), ("0", ("--mixed-int4",))):
+        out = tmp_path / f"mixed{budget}{len(int4)}.pt"
+        activations, _ = calibration_section(capsys, *common, "--max-accuracy-drop", budget, *int4, "--out", out)
         table = out.with_suffix(".sensitivity.md").read_text().splitlines()
         rows = [line.split(" | ") for line in table[3:]]
         section = read_checkpoint(str(out))[COMPRESSED_KEY]
         storage = {row.name: row.storage for row in size_rows(section)}
-        stored = {f"{row[0][2:]}.weight": row[-1] for row in rows}  # the tied output projection: its embedding's
+        stored = {f"{row[0][2:]}.weight": row[-1][:-2] for row in rows}  # the tied output projection: its embedding's
         stored = {section["aliases"].get(name, name): precision for name, precision in stored.items()}
-        int8 = {name for name, precision in stored.items() if precision == "int8 |"}
-        float32 = {name for name, precision in stored.items() if precision == "float32 |"}
-        assert len(rows) == len(int8) + len(float32) and table[0].endswith(f"int8 layers: {len(int8)} of {len(rows)}")
-        assert set(activations["scales"]) == int8  # only the int8 layers are calibrated for execution
-        assert all(storage[name] == "fp32" for name in float32 if name in storage)
-        plans[budget] = (int8, [float(row[2]) for row in rows])
-    assert len(plans["1000"][0]) == len(rows)  # any loss allowed: every layer in int8
-    assert len(plans["0"][0]) < len(rows)  # no loss allowed: the layers that raise it stay float32
-    rises = plans["0"][1]
+        chosen = {precision: {name for name, p in stored.items() if p == precision} for precision in ("int4", "int8", "float32")}
+        assert table[0].endswith(f"int4 layers: {len(chosen['int4'])}, int8 layers: {len(chosen['int8'])}, "
+                                 f"float32 layers: {len(chosen['float32'])} (of {len(rows)})")
+        assert sum(map(len, chosen.values())) == len(rows)
+        # the int4 and int8 layers, and only they, are calibrated for execution and stored as levels
+        assert set(activations["scales"]) == chosen["int4"] | chosen["int8"]
+        assert all(storage[name] == "fp32" for name in chosen["float32"] if name in storage)
+        assert all(storage[name].startswith("int4") for name in chosen["int4"])
+        assert all(storage[name].startswith("int8") for name in chosen["int8"])
+        if not int4:  # int4 rises are measured only with --mixed-int4
+            assert all(row[3] == "-" for row in rows)
+        plans[budget, bool(int4)] = (chosen, [float(row[2]) for row in rows])
+    assert len(plans["1000", False][0]["int8"]) == len(rows)  # any loss allowed: every layer in int8
+    assert len(plans["1000", True][0]["int4"]) == len(rows)  # ... or with --mixed-int4 in int4
+    assert len(plans["0", False][0]["int8"]) < len(rows)  # no loss allowed: the layers that raise it stay float32
+    strict, strict_int4 = plans["0", False][0], plans["0", True][0]
+    assert strict_int4["int4"] | strict_int4["int8"] == strict["int8"]  # int4 only among the layers int8 allows
+    rises = plans["0", False][1]
     assert rises == sorted(rises, reverse=True)  # most sensitive first
 
     capsys.readouterr()
@@ -315,6 +324,11 @@ def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, cal
         compress_main([str(a) for a in (*common, "--max-accuracy-drop", "-0.1", "--out", tmp_path / "no.pt")])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fairseq-accel-compress: error: --max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got -0.1")
+    with pytest.raises(SystemExit):
+        compress_main([str(a) for a in (*common, "--mixed-int4", "--out", tmp_path / "no.pt")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fairseq-accel-compress: error: --mixed-int4 lets --max-accuracy-drop choose int4 layers; give "
+        "--max-accuracy-drop too")
 
 
 def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_lsra: Path,

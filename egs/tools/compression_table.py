@@ -79,6 +79,7 @@ def plot(rows: List[Dict[str, object]], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric = rows[0]["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -89,6 +90,14 @@ def plot(rows: List[Dict[str, object]], out: Path) -> None:
         ax.scatter(*before, marker="o", color=color)
         ax.scatter(*after, marker="s", color=color, label=f"{row['model']} ({row['ratio']:.1f}x)")
     ax.set_xscale("log")
+    sizes = sorted({round(row[key] / 1e6, 2) for row in rows for key in ("fp32_bytes", "bytes")})
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sizes))  # a tick at every model's size
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    values = [row[key] for row in rows for key in ("before", "after")]
+    # at least 10 % of the metric (or 1 point) tall, so that a change of 0.1 does not fill the plot
+    span, middle = max(max(values) - min(values), 0.1 * max(values), 1.0), (max(values) + min(values)) / 2
+    ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
     ax.set_xlabel("weight bytes (MB, log scale): float32 (o) -> compressed (s)")
     ax.set_ylabel(f"{metric.upper()} ({'lower' if metric in ERROR_RATES else 'higher'} is better)")
     ax.grid(True, which="both", alpha=0.3)
@@ -115,6 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     text = table(rows)
     print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n", encoding="utf-8")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     plot(rows, args.out.parent / "compression.png")

@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Pattern, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         "most --max-accuracy-drop, the others keep float32 weights (needs --data)")
     mixed.add_argument("--max-accuracy-drop", type=float, metavar="NATS",
                        help="largest rise of the dev loss (nats per target token) the int8 layers may cause")
+    mixed.add_argument("--mixed-int4", action="store_true",
+                       help="also give 4-bit weights (inputs stay int8) to the least sensitive int8 layers, as long "
+                            "as the loss rise stays within --max-accuracy-drop; the plan decides every calibrated "
+                            "linear layer's bits, --int4 the others'")
     mixed.add_argument("--sensitivity-subset", help="the subset to measure it on (default: --calib-subset)")
     mixed.add_argument("--sensitivity-batches", type=int, default=10, help="batches to measure on (default 10)")
     parser.add_argument("--inspect", type=Path, metavar="COMPRESSED",
@@ -210,20 +214,23 @@ def _activation_record(calibrator: LinearInputCalibrator, model_state: Dict[str,
 
 
 def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator, model: Any, task: Any,
-                     model_state: Dict[str, Any], bits_of: Any) -> Set[str]:
-    """The stored names of the weights that sensitivity keeps float32; prints and saves the per-layer table."""
+                     model_state: Dict[str, Any], bits_of: Any) -> Dict[str, Optional[int]]:
+    """The weight bits (4, 8, or None: float32) that sensitivity chose, by stored weight name; prints and saves
+    the per-layer table."""
     stored_name = _stored_names(calibrator, model_state, bits_of)
-    quantizers = {layer: (bits_of(stored_name[layer], model_state[stored_name[layer]]), *quantizer)
+    quantizers = {layer: (8 if args.mixed_int4 else bits_of(stored_name[layer], model_state[stored_name[layer]]),
+                          *quantizer)
                   for layer, quantizer in calibrator.quantizers(args.act_calib, stored_name).items()}
     subset = args.sensitivity_subset or args.calib_subset
     batches = list(calibration_batches(task, model, subset, args.sensitivity_batches, args.max_tokens))
     with tqdm(total=len(quantizers), desc="sensitivity", unit="layer", file=sys.stderr, mininterval=1) as progress:
         base, rows = plan_mixed_precision(model, quantizers, batches, task.target_dictionary.pad(),
-                                          args.max_accuracy_drop, progress.update)
+                                          args.max_accuracy_drop, progress.update, allow_int4=args.mixed_int4)
     table = format_sensitivity_table(base, rows)
     print(table)
     args.out.with_suffix(".sensitivity.md").write_text(table + "\n")
-    return {stored_name[row.name] for row in rows if not row.int8}
+    fixed_bits = {"int4": 4, "float32": None}  # int8 layers keep their grid of --int4 (or 8 with --mixed-int4)
+    return {stored_name[row.name]: fixed_bits.get(row.precision, quantizers[row.name][0]) for row in rows}
 
 
 def _compressed_state(state: Dict[str, Any], calibrator: Optional[LinearInputCalibrator],
@@ -234,9 +241,9 @@ def _compressed_state(state: Dict[str, Any], calibrator: Optional[LinearInputCal
     compressed["task_state"] = task_state
     bits_of = _bits_chooser(args.int4, args.keep_float)
     if args.max_accuracy_drop is not None:
-        kept_float = _mixed_precision(args, calibrator, *loaded, state["model"], bits_of)
+        planned = _mixed_precision(args, calibrator, *loaded, state["model"], bits_of)
         chosen = bits_of
-        bits_of = lambda name, tensor: None if name in kept_float else chosen(name, tensor)  # noqa: E731
+        bits_of = lambda name, tensor: planned[name] if name in planned else chosen(name, tensor)  # noqa: E731
     activations = None if calibrator is None else _activation_record(calibrator, state["model"], bits_of, args)
     compressed[COMPRESSED_KEY] = compress_model_state(state["model"], bits_of, activations)
     return compressed
@@ -257,6 +264,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.max_accuracy_drop is not None and (args.max_accuracy_drop < 0 or not args.data):
         parser.error(f"--max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got "
                      f"{args.max_accuracy_drop}{'' if args.data else ' without --data'}")
+    if args.mixed_int4 and args.max_accuracy_drop is None:
+        parser.error("--mixed-int4 lets --max-accuracy-drop choose int4 layers; give --max-accuracy-drop too")
 
 
 def _inspect(path: Path, top: int) -> None:

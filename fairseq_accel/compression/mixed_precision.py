@@ -1,11 +1,14 @@
-"""Mixed precision by sensitivity: which linear layers may run in int8 (weights and activations) while the
-model's dev loss rises by at most a given amount; the others keep float32 weights and inputs.
+"""Mixed precision by sensitivity: which linear layers may run in int8 (weights and activations), and
+optionally which of those may store int4 weights, while the model's dev loss rises by at most a given
+amount; the others keep float32 weights and inputs.
 
 Each layer's sensitivity is the rise of the teacher-forced dev loss (nats per target token) when it alone is
 int8. The layers are then taken least sensitive first; the largest such prefix whose joint loss rise stays
-within the budget (found by bisection: the rise grows with the prefix) runs in int8. This is the tuning
-loop of Intel Neural Compressor's accuracy-driven quantization, with one layer as the unit and the loss as
-the criterion.
+within the budget (found by bisection: the rise grows with the prefix) runs in int8. With int4 allowed, each
+of those layers is then measured alone with 4-bit weights, and the largest least-sensitive prefix of them
+whose int4 weights keep the joint rise (with all the int8 layers) within the same budget gets them. This is
+the tuning loop of Intel Neural Compressor's accuracy-driven quantization, with one layer as the unit and the
+loss as the criterion.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ class LayerSensitivity:
     name: str
     params: int
     loss_rise: float  # dev loss with this layer alone in int8, minus the float model's
-    int8: bool = False  # chosen precision: int8, or float32
+    int4_rise: Optional[float] = None  # the same with its weights on the 4-bit grid (measured for int8 layers)
+    precision: str = "float32"  # chosen: int4 (4-bit weights, int8 inputs), int8 or float32
 
 
 def teacher_forced_loss(model: nn.Module, batches: Sequence[Dict], pad: int) -> float:
@@ -70,45 +74,64 @@ def int8_layers(model: nn.Module, names: Sequence[str], quantizers: Dict[str, Qu
             setattr(parent, child, layer)
 
 
-def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], batches: Sequence[Dict],
-                         pad: int, max_loss_rise: float,
-                         progress: Optional[Callable[[int], None]] = None) -> Tuple[float, List[LayerSensitivity]]:
-    """The float model's dev loss, and every layer of ``quantizers`` with its sensitivity and chosen
-    precision (most sensitive first), such that all int8 layers together raise the loss by at most
-    ``max_loss_rise``. The loss is the decoder's: a CTC head shows no rise (measuring by WER through the
-    generator is the next step)."""
-    if max_loss_rise < 0:
-        raise CalibrationError(f"--max-accuracy-drop must be >= 0, got {max_loss_rise}")
-    model.eval()
-    call_projection_modules(model)
-    base = teacher_forced_loss(model, batches, pad)
-    rows = []
-    for name in quantizers:
-        with int8_layers(model, [name], quantizers):
-            rise = teacher_forced_loss(model, batches, pad) - base
-        rows.append(LayerSensitivity(name, model.get_submodule(name).weight.numel(), rise))
-        if progress is not None:
-            progress(1)
-    rows.sort(key=lambda row: row.loss_rise)
-
-    def fits(count: int) -> bool:
-        with int8_layers(model, [row.name for row in rows[:count]], quantizers):
-            return teacher_forced_loss(model, batches, pad) - base <= max_loss_rise
-
-    low, high = 0, len(rows)  # fits(low) holds (no int8 layer); find the largest count that fits
+def _largest_fitting_prefix(length: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``count <= length`` with ``fits(count)``, given that ``fits(0)`` holds and that a prefix
+    that does not fit has no longer prefix that fits (bisection)."""
+    low, high = 0, length
     while low < high:
         middle = (low + high + 1) // 2
         if fits(middle):
             low = middle
         else:
             high = middle - 1
-    for row in rows[:low]:
-        row.int8 = True
-    return base, rows[::-1]
+    return low
+
+
+def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], batches: Sequence[Dict],
+                         pad: int, max_loss_rise: float, progress: Optional[Callable[[int], None]] = None,
+                         allow_int4: bool = False) -> Tuple[float, List[LayerSensitivity]]:
+    """The float model's dev loss, and every layer of ``quantizers`` with its sensitivity and chosen
+    precision (most sensitive first), such that all int8 (and, with ``allow_int4``, int4) layers together raise
+    the loss by at most ``max_loss_rise``. The loss is the decoder's: a CTC head shows no rise (measuring by WER
+    through the generator is the next step)."""
+    if max_loss_rise < 0:
+        raise CalibrationError(f"--max-accuracy-drop must be >= 0, got {max_loss_rise}")
+    model.eval()
+    call_projection_modules(model)
+    base = teacher_forced_loss(model, batches, pad)
+    int4_grid = {name: (4, *quantizer[1:]) for name, quantizer in quantizers.items()}
+
+    def rise(int8: Sequence[str], int4: Sequence[str] = ()) -> float:
+        """The loss rise with the layers ``int8`` on their grid of ``quantizers`` and ``int4`` on the 4-bit one."""
+        with int8_layers(model, [*int8, *int4], {**quantizers, **{name: int4_grid[name] for name in int4}}):
+            return teacher_forced_loss(model, batches, pad) - base
+
+    rows = []
+    for name in quantizers:
+        rows.append(LayerSensitivity(name, model.get_submodule(name).weight.numel(), rise([name])))
+        if progress is not None:
+            progress(1)
+    rows.sort(key=lambda row: row.loss_rise)
+    int8 = rows[:_largest_fitting_prefix(len(rows), lambda count: rise([r.name for r in rows[:count]]) <= max_loss_rise)]
+    for row in int8:
+        row.precision = "int8"
+    if allow_int4:
+        for row in int8:
+            row.int4_rise = rise([], [row.name])
+        int8.sort(key=lambda row: row.int4_rise)
+        names = [row.name for row in int8]
+        count = _largest_fitting_prefix(len(int8), lambda k: rise(names[k:], names[:k]) <= max_loss_rise)
+        for row in int8[:count]:
+            row.precision = "int4"
+    rows.sort(key=lambda row: row.loss_rise, reverse=True)
+    return base, rows
 
 
 def format_sensitivity_table(base: float, rows: Sequence[LayerSensitivity]) -> str:
-    lines = [f"float model dev loss {base:.4f}; int8 layers: {sum(r.int8 for r in rows)} of {len(rows)}",
-             "| layer | params | loss rise alone in int8 | precision |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.params:,} | {r.loss_rise:+.4f} | {'int8' if r.int8 else 'float32'} |" for r in rows]
+    counts = {precision: sum(r.precision == precision for r in rows) for precision in ("int4", "int8", "float32")}
+    lines = [f"float model dev loss {base:.4f}; int4 layers: {counts['int4']}, int8 layers: {counts['int8']}, "
+             f"float32 layers: {counts['float32']} (of {len(rows)})",
+             "| layer | params | loss rise alone in int8 | alone with int4 weights | precision |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.params:,} | {r.loss_rise:+.4f} | "
+              f"{'-' if r.int4_rise is None else f'{r.int4_rise:+.4f}'} | {r.precision} |" for r in rows]
     return "\n".join(lines)
