@@ -308,8 +308,7 @@ def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, cal
         assert all(storage[name] == "fp32" for name in chosen["float32"] if name in storage)
         assert all(storage[name].startswith("int4") for name in chosen["int4"])
         assert all(storage[name].startswith("int8") for name in chosen["int8"])
-        if not int4:  # int4 rises are measured only with --mixed-int4
-            assert all(row[3] == "-" for row in rows)
+        assert all((row[3] != "-") == bool(int4) for row in rows)  # int4 rises are measured with --mixed-int4
         plans[budget, bool(int4)] = (chosen, [float(row[2]) for row in rows])
     assert len(plans["1000", False][0]["int8"]) == len(rows)  # any loss allowed: every layer in int8
     assert len(plans["1000", True][0]["int4"]) == len(rows)  # ... or with --mixed-int4 in int4

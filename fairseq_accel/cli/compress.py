@@ -223,7 +223,8 @@ def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator
                   for layer, quantizer in calibrator.quantizers(args.act_calib, stored_name).items()}
     subset = args.sensitivity_subset or args.calib_subset
     batches = list(calibration_batches(task, model, subset, args.sensitivity_batches, args.max_tokens))
-    with tqdm(total=len(quantizers), desc="sensitivity", unit="layer", file=sys.stderr, mininterval=1) as progress:
+    probes = len(quantizers) * (2 if args.mixed_int4 else 1)  # each layer alone in int8 (and with int4 weights)
+    with tqdm(total=probes, desc="sensitivity", unit="probe", file=sys.stderr, mininterval=1) as progress:
         base, rows = plan_mixed_precision(model, quantizers, batches, task.target_dictionary.pad(),
                                           args.max_accuracy_drop, progress.update, allow_int4=args.mixed_int4)
     table = format_sensitivity_table(base, rows)

@@ -5,8 +5,8 @@ amount; the others keep float32 weights and inputs.
 Each layer's sensitivity is the rise of the teacher-forced dev loss (nats per target token) when it alone is
 int8. The layers are then taken least sensitive first; the largest such prefix whose joint loss rise stays
 within the budget (found by bisection: the rise grows with the prefix) runs in int8. With int4 allowed, each
-of those layers is then measured alone with 4-bit weights, and the largest least-sensitive prefix of them
-whose int4 weights keep the joint rise (with all the int8 layers) within the same budget gets them. This is
+layer is also measured alone with 4-bit weights, and the largest prefix of the int8 layers, least sensitive to
+int4 first, whose int4 weights keep the joint rise (with all the int8 layers) within the same budget gets them. This is
 the tuning loop of Intel Neural Compressor's accuracy-driven quantization, with one layer as the unit and the
 loss as the criterion.
 """
@@ -32,7 +32,7 @@ class LayerSensitivity:
     name: str
     params: int
     loss_rise: float  # dev loss with this layer alone in int8, minus the float model's
-    int4_rise: Optional[float] = None  # the same with its weights on the 4-bit grid (measured for int8 layers)
+    int4_rise: Optional[float] = None  # the same with its weights on the 4-bit grid (measured when int4 is allowed)
     precision: str = "float32"  # chosen: int4 (4-bit weights, int8 inputs), int8 or float32
 
 
@@ -107,17 +107,18 @@ def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], bat
             return teacher_forced_loss(model, batches, pad) - base
 
     rows = []
-    for name in quantizers:
-        rows.append(LayerSensitivity(name, model.get_submodule(name).weight.numel(), rise([name])))
+    for name in quantizers:  # each layer alone: int8, and with int4 allowed also 4-bit weights (2 steps of progress)
+        row = LayerSensitivity(name, model.get_submodule(name).weight.numel(), rise([name]))
+        if allow_int4:
+            row.int4_rise = rise([], [name])
+        rows.append(row)
         if progress is not None:
-            progress(1)
+            progress(2 if allow_int4 else 1)
     rows.sort(key=lambda row: row.loss_rise)
     int8 = rows[:_largest_fitting_prefix(len(rows), lambda count: rise([r.name for r in rows[:count]]) <= max_loss_rise)]
     for row in int8:
         row.precision = "int8"
     if allow_int4:
-        for row in int8:
-            row.int4_rise = rise([], [row.name])
         int8.sort(key=lambda row: row.int4_rise)
         names = [row.name for row in int8]
         count = _largest_fitting_prefix(len(int8), lambda k: rise(names[k:], names[:k]) <= max_loss_rise)

@@ -23,7 +23,8 @@
 #   2-5 the shared ASR pipeline (egs/tools/asr.sh): fbank + CMVN + speed perturbation + sentencepiece
 #      units + manifests, fairseq-train per config, fairseq-generate (CTC best path), jiwer WER/CER table
 #   6  compression (egs/tools/asr.sh): fine-tune the trained --compress_base model (250 updates) with each of
-#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
+#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM,
+#      65 % + 4-bit ADMM of everything: the >= 10x model),
 #      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
 #      (exp/<base>__<compress name>/)
 #   7  sparsity sweep (egs/tools/asr.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
@@ -31,7 +32,7 @@
 #   8  post-training compression (egs/tools/asr.sh): fairseq-accel-compress of the --compress_base model and
 #      of each fine-tune stage 6 trained (calibration on dev, int8), decoded in int8: bytes, CER and
 #      utterances/s before and after in exp/COMPRESSION.md, CER against size in exp/compression.png
-# Stages 6-8 are not run by default (stop_stage 5; 15 fine-tunes of the mini model). After stages 0-5:
+# Stages 6-8 are not run by default (stop_stage 5; 16 fine-tunes of the mini model). After stages 0-5:
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
 #   ./run.sh --stage 8 --stop_stage 8    # int8 checkpoints of the base and the stage-6 models
@@ -53,7 +54,7 @@ decode_args=""          # extra fairseq-generate arguments for every config
 average_checkpoints=0   # decode the average of the last N epoch checkpoints (0: the best; a config must keep them)
 train_jobs=2            # trainings run at a time, one thread each (faster here than one after the other)
 compress_base=conf/s2t_sanm_mini.yaml  # trained experiment that stages 6-7 fine-tune
-compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 6
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml conf/compress/sparse65_admm4_all.yaml"  # compression fine-tunes of stage 6
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 6-7 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 7)
 quantize_args=""        # extra fairseq-accel-compress arguments of stage 8 (post-training compression)

@@ -19,7 +19,8 @@
 #      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md,
 #      its rows in benchmark.json and BLEU against decoded tokens/s of every system in frontier.png)
 #   8  compression (egs/tools/nmt.sh): fine-tune the trained --compress_base model (200 updates) with each of
-#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM),
+#      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM,
+#      55 % + 4-bit ADMM of everything: the >= 10x model),
 #      decode it like the base, add its row with the sparsity reached to exp/RESULTS.md
 #      (exp/<base>__<compress name>/)
 #   9  sparsity sweep (egs/tools/nmt.sh): the same fine-tune at 0 (no pruning), 50, 70, 80, 90 % unstructured
@@ -28,7 +29,7 @@
 #      of each fine-tune stage 8 trained (calibration on valid, int8; conf/compress/sparse50_admm4_all.yaml
 #      adds int4), decoded in int8: bytes, BLEU and tokens/s before and after in exp/COMPRESSION.md,
 #      BLEU against size in exp/compression.png (`make demo` runs it on the base model)
-# Stages 8-10 are not run by default (stop_stage 7; 15 fine-tunes of the mini model). After stages 1-7:
+# Stages 8-10 are not run by default (stop_stage 7; 16 fine-tunes of the mini model). After stages 1-7:
 #   ./run.sh --stage 8 --stop_stage 8    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 9 --stop_stage 9    # the sweep: exp/lite_transformer_mini/sparsity_sweep.{md,json,png}
 #   ./run.sh --stage 10 --stop_stage 10  # int8 (and int4) checkpoints of the base and the stage-8 models
@@ -57,7 +58,7 @@ bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed s
 bench_sentences=100     # test sentences the stage-7 benchmark decodes (0: all)
 bench_args="--threads 2 --ct2-threads 1 --repeats 2 --systems fast fast-int8 ct2-float32 ct2-int8"  # thread counts measured best here (see the README); the demo's systems and repeats
 compress_base=conf/lite_transformer_mini.yaml  # trained experiment that stages 8-9 fine-tune
-compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml"  # compression fine-tunes of stage 8
+compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml conf/compress/sparse55_admm4_all.yaml"  # compression fine-tunes of stage 8
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
 sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsity sweep point (stage 9)
 quantize_args=""        # extra fairseq-accel-compress arguments of stage 10 (post-training compression)
