@@ -109,7 +109,7 @@ compress_checkpoint() {
   local exp=$1 out=$2 checkpoint config_args=()
   shift 2
   checkpoint=$(decoded_checkpoint "${exp}")
-  log "compress $(basename "${exp}") into ${out}/compressed.pt (calibration, int8 weights)"
+  log "compress $(basename "${exp}") into ${out}/compressed.pt (calibration, integer weights: int8, or int4 where its config says)"
   stage_done "${out}/compressed.pt" "compressing $(basename "${exp}")" && return 0
   require fairseq-accel-compress
   if [ ! -f "${checkpoint}" ]; then
