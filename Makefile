@@ -5,6 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # --no-warn-conflicts: ve-fairseq declares torchaudio, which is left out on purpose (see FAIRSEQ_DEPS).
 PIP_INSTALL := $(PY) -m pip --disable-pip-version-check -q install --no-warn-conflicts
+# pip warns once per package about every configured index folder that does not exist (a pip.conf of the
+# machine, not ours): dozens of lines that bury the install's real messages. Its exit status survives
+# (pipefail).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Pinned CPU torch (a local wheel on these machines); nothing may resolve torch freely.
 TORCH_VERSION := 2.13.0
 # Official fairseq 0.12.2 does not import on Python 3.11; ve-fairseq ships cp311/cp312 wheels of the same
@@ -42,10 +48,10 @@ venv: system-deps $(VENV)/.installed
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
-	$(PIP_INSTALL) --no-deps "ve-fairseq==0.12.3"
-	$(PIP_INSTALL) "torch==$(TORCH_VERSION)" $(FAIRSEQ_DEPS) $(PLUGIN_DEPS)
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)" $(PIP_QUIET)
+	$(PIP_INSTALL) --no-deps "ve-fairseq==0.12.3" $(PIP_QUIET)
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)" $(FAIRSEQ_DEPS) $(PLUGIN_DEPS) $(PIP_QUIET)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e . $(PIP_QUIET)
 	$(PY) -c "import fairseq_accel, torch; print('fairseq_accel ready, torch', torch.__version__)"
 	touch $@
 

@@ -36,6 +36,11 @@
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
 #   ./run.sh --stage 8 --stop_stage 8    # int8 checkpoints of the base and the stage-6 models
+#
+# The default configs fit the demo budget; conf/tuning/*_long.yaml train 10 epochs (~40 minutes), keep their
+# last 3 epoch checkpoints and are decoded as their average:
+#   ./run.sh --stage 3 --average_checkpoints 3 \
+#     --configs "conf/tuning/s2t_sanm_mini_long.yaml conf/tuning/s2t_transformer_mini_long.yaml"
 set -euo pipefail
 
 stage=0                 # first stage to run

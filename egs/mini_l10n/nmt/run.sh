@@ -35,9 +35,9 @@
 #   ./run.sh --stage 10 --stop_stage 10  # int8 (and int4) checkpoints of the base and the stage-8 models
 #
 # The default configs fit the demo budget (a few minutes of CPU each); conf/tuning/*_long.yaml train
-# longer, keep their last 5 epoch checkpoints and score higher, decoded as the average of those 5:
-#   ./run.sh --configs "conf/tuning/lite_transformer_mini_long.yaml conf/tuning/transformer_mini_long.yaml" \
-#     --average_checkpoints 5
+# longer (6 epochs, ~40 minutes), keep their last 3 epoch checkpoints and are decoded as their average:
+#   ./run.sh --stage 4 --stop_stage 6 --average_checkpoints 3 \
+#     --configs "conf/tuning/lite_transformer_mini_long.yaml conf/tuning/transformer_mini_long.yaml"
 set -euo pipefail
 
 stage=1                 # first stage to run
