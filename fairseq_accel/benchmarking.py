@@ -31,6 +31,7 @@ from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 
+from fairseq_accel.decoding_metrics import corpus_score, token_decoder
 from fairseq_accel.inference.int8_execution import convert_to_int8
 from fairseq_accel.modules.int8_linear import Int8Linear
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator
@@ -111,17 +112,11 @@ def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.
     batches = [dataset.collater([dataset[i] for i in indices[start : start + batch_size]])
                for start in range(0, limit, batch_size)]
     batches = [batch for batch in batches if batch]
-    tgt_dict = task.target_dictionary
-    bpe = task.build_bpe(argparse.Namespace(bpe=None)) if hasattr(task, "data_cfg") else None
-
-    def to_text(tokens: torch.Tensor) -> str:
-        text = tgt_dict.string(tokens.int().cpu(), args.remove_bpe, extra_symbols_to_ignore={tgt_dict.eos()})
-        return bpe.decode(text) if bpe is not None else text
-
+    to_text = token_decoder(task, args.remove_bpe)
     references = {}
     for batch in batches:
         for sample_id, target in zip(batch["id"].tolist(), batch["target"]):
-            references[sample_id] = to_text(target[target.ne(tgt_dict.pad())])
+            references[sample_id] = to_text(target)
     score_name = "WER" if hasattr(task, "data_cfg") else "BLEU"
     return Workload(task, models, batches, references, to_text, score_name, args.beam, batch_size,
                     args.max_len_a, args.max_len_b, int8)
@@ -130,13 +125,7 @@ def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.
 def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
     ids = sorted(work.references)
     refs, hyps = [work.references[i] for i in ids], [hypotheses.get(i, "") for i in ids]
-    if work.score_name == "WER":
-        import jiwer
-
-        return 100.0 * jiwer.wer(refs, hyps)
-    import sacrebleu
-
-    return sacrebleu.corpus_bleu(hyps, [refs]).score
+    return corpus_score(work.score_name.lower(), refs, hyps)
 
 
 def take_int8_model(task, models: List[torch.nn.Module], min_weights: int) -> Optional[torch.nn.Module]:

@@ -6,18 +6,22 @@ import re
 from pathlib import Path
 from typing import List
 
+import jiwer
 import numpy as np
 import pytest
 import torch
+from fairseq import checkpoint_utils
 from fairseq.data.indexed_dataset import make_builder
+from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 from fairseq_accel.cli.compress import main as compress_main
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
-from fairseq_accel.compression.activation_calibration import LinearInputCalibrator
+from fairseq_accel.compression.activation_calibration import LinearInputCalibrator, calibration_batches
 from fairseq_accel.compression.compressed_format import pack, size_rows
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
+from fairseq_accel.compression.sensitivity_measures import sensitivity_measure
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -322,12 +326,49 @@ def test_mixed_precision_keeps_the_sensitive_layers_float(pruned_lsra: Path, cal
     with pytest.raises(SystemExit):
         compress_main([str(a) for a in (*common, "--max-accuracy-drop", "-0.1", "--out", tmp_path / "no.pt")])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "fairseq-accel-compress: error: --max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got -0.1")
+        "fairseq-accel-compress: error: --max-accuracy-drop needs --data and a value >= 0 (loss damage), got -0.1")
     with pytest.raises(SystemExit):
         compress_main([str(a) for a in (*common, "--mixed-int4", "--out", tmp_path / "no.pt")])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fairseq-accel-compress: error: --mixed-int4 lets --max-accuracy-drop choose int4 layers; give "
         "--max-accuracy-drop too")
+
+
+def test_mixed_precision_by_a_decoded_metric(pruned_lsra: Path, calibrated: "tuple[Path, str]",
+                                             tiny_translation_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """--sensitivity-metric cer (the toy model scores 0 BLEU): the table's base is the float model's CER on the
+    sensitivity batches, as jiwer scores the hypotheses of a stock SequenceGenerator, its damages are in CER
+    points, and the measure decodes the model as it is at each probe (a changed layer changes the CER)."""
+    out = tmp_path / "cer.pt"
+    activations, _ = calibration_section(
+        capsys, "--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE, "--sensitivity-batches", "2",
+        "--calib-state", calibrated[0].with_suffix(".calib"), "--sensitivity-metric", "cer", "--sensitivity-beam", "2",
+        "--max-accuracy-drop", "1000", "--out", out)
+    table = out.with_suffix(".sensitivity.md").read_text().splitlines()
+    base = float(re.fullmatch(r"float model dev cer (\d+\.\d{4}); int4 layers: 0, int8 layers: (\d+), float32 "
+                              r"layers: 0 \(of \2\)", table[0]).group(1))
+    assert table[1].startswith("| layer | params | cer damage alone in int8 (CER points) |")
+    assert len(activations["scales"]) == len(table) - 3  # any damage allowed: every layer int8
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(pruned_lsra)], arg_overrides={"data": str(tiny_translation_data)})
+    model = models[0].eval()
+    batches = list(calibration_batches(task, model, "valid", 2, 60))
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=2)
+    strings = lambda tokens: task.target_dictionary.string(tokens[tokens.ne(task.target_dictionary.pad())])  # noqa: E731
+    references, hypotheses = [], []
+    for sample in batches:
+        for target, hypos in zip(sample["target"], generator.generate([model], sample)):
+            references.append(strings(target).replace(" ", ""))
+            hypotheses.append(strings(hypos[0]["tokens"]).replace(" ", ""))
+    assert base == pytest.approx(100 * jiwer.cer(references, hypotheses), abs=1e-4)
+
+    measure = sensitivity_measure("cer", model, task, batches, beam=2, remove_bpe=None)
+    assert measure.cost() == pytest.approx(base, abs=1e-4)
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight.neg_()  # tied output projection: other tokens win
+    assert measure.cost() != pytest.approx(base, abs=1e-4)
 
 
 def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_lsra: Path,

@@ -1,6 +1,6 @@
 """The int8 linear layer (fairseq_accel/modules/int8_linear.py): its arithmetic is exactly the documented
 integer formula (no int16 saturation even at the extreme levels), rows do not depend on each other, fusing
-layers is exact, and the float emulation used off x86 computes the same."""
+layers is exact, and the float emulation used off x86 and the CUDA path (torch._int_mm) compute the same."""
 import pytest
 import torch
 
@@ -91,6 +91,27 @@ def test_float_emulation_matches_the_int8_gemm(zero_point: int) -> None:
     int8 = layer(x)
     layer._packed = None
     assert torch.allclose(layer(x), int8, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int_mm_path_is_the_integer_formula(rows: int) -> None:
+    """The CUDA path's arithmetic, run by the same op on the CPU: sizes that are not multiples of 8 and fewer
+    than 17 rows are padded for cuBLASLt and sliced back without changing a value."""
+    layer = random_layer(93, 61, seed=20 + rows)
+    x = torch.randn(rows, 61, generator=torch.Generator().manual_seed(rows)) * 1.5
+    assert layer.int_mm_forward(x).shape == (rows, 93)
+    assert torch.allclose(layer.int_mm_forward(x).double(), reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("rows", [5, 160])
+def test_cuda_runs_the_integer_formula(rows: int) -> None:
+    """On a GPU the layer is a cuBLASLt int8 GEMM (torch._int_mm) with the CPU's arithmetic."""
+    layer = random_layer(1000, 256, seed=30)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(31))
+    on_gpu = layer.cuda()(x.cuda()).cpu()
+    assert torch.allclose(on_gpu.double(), reference(layer.cpu(), x), rtol=1e-5, atol=1e-4)
 
 
 def test_weight_is_the_dequantized_levels() -> None:

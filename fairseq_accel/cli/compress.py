@@ -37,6 +37,7 @@ from fairseq_accel.compression.compressed_format import (
     storage_aliases,
 )
 from fairseq_accel.compression.mixed_precision import format_sensitivity_table, plan_mixed_precision
+from fairseq_accel.compression.sensitivity_measures import SENSITIVITY_METRICS, sensitivity_measure
 from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
 
 PROG = "fairseq-accel-compress"
@@ -52,6 +53,10 @@ EXAMPLES = """examples:
   fairseq-accel-compress --path ckpt.pt --data data/bin --calib-shard 0/2 --calib-state part0.pt   # machine A
   fairseq-accel-compress --path ckpt.pt --data data/bin --calib-shard 1/2 --calib-state part1.pt   # machine B
   fairseq-accel-compress --path ckpt.pt --calib-from part0.pt part1.pt --out compressed.pt
+  # mixed precision: int8 where it costs at most 0.5 BLEU on 4 batches of valid (beam search per probe),
+  # the other layers float32; the per-layer table is printed and saved as exp/lite/compressed.sensitivity.md
+  fairseq-accel-compress --path ckpt.pt --data data/bin --max-accuracy-drop 0.5 --sensitivity-metric bleu \
+      --sensitivity-batches 4 --remove-bpe sentencepiece --out exp/lite/compressed.pt
   # weights only (no --data): decodes with the weights expanded to float32
   # the output projection and embeddings in int4, the rest int8
   fairseq-accel-compress --path ckpt.pt --out small.pt --int4 "embed_tokens|output_projection"
@@ -96,14 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     calibration.add_argument("--calib-from", type=Path, nargs="+", metavar="FILE",
                              help="merge these calibration states (of --calib-shard runs) instead of calibrating")
     mixed = parser.add_argument_group(
-        "mixed precision by sensitivity", "each calibrated layer alone in int8, its rise of the teacher-forced "
-        "dev loss measured; the least sensitive layers run in int8 as long as together they raise the loss by at "
-        "most --max-accuracy-drop, the others keep float32 weights (needs --data)")
-    mixed.add_argument("--max-accuracy-drop", type=float, metavar="NATS",
-                       help="largest rise of the dev loss (nats per target token) the int8 layers may cause")
+        "mixed precision by sensitivity", "each calibrated layer alone in int8, the damage to a dev metric measured; "
+        "the least sensitive layers run in int8 as long as together they do at most --max-accuracy-drop of damage, "
+        "the others keep float32 weights (needs --data)")
+    mixed.add_argument("--max-accuracy-drop", type=float, metavar="AMOUNT",
+                       help="the most damage the int8 layers may do together, in the units of --sensitivity-metric: "
+                            "nats per target token of loss, or BLEU, WER or CER points")
+    mixed.add_argument("--sensitivity-metric", choices=SENSITIVITY_METRICS, default="loss",
+                       help="loss: the teacher-forced loss (fast; default); bleu, wer, cer: decoded by the real "
+                            "generator, beam search, or the CTC head's best path for wer/cer of a model that has one "
+                            "(a CTC-decoded speech model needs these: its decoder's loss does not see the CTC branch)")
+    mixed.add_argument("--sensitivity-beam", type=int, default=5, help="beam size of bleu/wer/cer decoding (default 5)")
+    mixed.add_argument("--remove-bpe", metavar="POST_PROCESS",
+                       help="as fairseq-generate's --post-process before bleu/wer/cer scoring, e.g. sentencepiece for "
+                            "translation data (speech tasks decode their own BPE)")
     mixed.add_argument("--mixed-int4", action="store_true",
                        help="also give 4-bit weights (inputs stay int8) to the least sensitive int8 layers, as long "
-                            "as the loss rise stays within --max-accuracy-drop; the plan decides every calibrated "
+                            "as the damage stays within --max-accuracy-drop; the plan decides every calibrated "
                             "linear layer's bits, --int4 the others'")
     mixed.add_argument("--sensitivity-subset", help="the subset to measure it on (default: --calib-subset)")
     mixed.add_argument("--sensitivity-batches", type=int, default=10, help="batches to measure on (default 10)")
@@ -224,10 +238,11 @@ def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator
     subset = args.sensitivity_subset or args.calib_subset
     batches = list(calibration_batches(task, model, subset, args.sensitivity_batches, args.max_tokens))
     probes = len(quantizers) * (2 if args.mixed_int4 else 1)  # each layer alone in int8 (and with int4 weights)
+    measure = sensitivity_measure(args.sensitivity_metric, model, task, batches, args.sensitivity_beam, args.remove_bpe)
     with tqdm(total=probes, desc="sensitivity", unit="probe", file=sys.stderr, mininterval=1) as progress:
-        base, rows = plan_mixed_precision(model, quantizers, batches, task.target_dictionary.pad(),
-                                          args.max_accuracy_drop, progress.update, allow_int4=args.mixed_int4)
-    table = format_sensitivity_table(base, rows)
+        base, rows = plan_mixed_precision(model, quantizers, measure, args.max_accuracy_drop, progress.update,
+                                          allow_int4=args.mixed_int4)
+    table = format_sensitivity_table(measure, base, rows)
     print(table)
     args.out.with_suffix(".sensitivity.md").write_text(table + "\n")
     fixed_bits = {"int4": 4, "float32": None}  # int8 layers keep their grid of --int4 (or 8 with --mixed-int4)
@@ -260,10 +275,10 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("give --data (calibrate) or --calib-from (merge calibrations), not both")
     if sharded and (args.calib_state is None or args.data is None):
         parser.error("--calib-shard calibrates one part of --data into --calib-state; give both")
-    if args.calib_batches < 1 or args.sensitivity_batches < 1:
-        parser.error("--calib-batches and --sensitivity-batches must be at least 1")
+    if min(args.calib_batches, args.sensitivity_batches, args.sensitivity_beam) < 1:
+        parser.error("--calib-batches, --sensitivity-batches and --sensitivity-beam must be at least 1")
     if args.max_accuracy_drop is not None and (args.max_accuracy_drop < 0 or not args.data):
-        parser.error(f"--max-accuracy-drop needs --data and a value >= 0 (nats of dev loss), got "
+        parser.error(f"--max-accuracy-drop needs --data and a value >= 0 ({args.sensitivity_metric} damage), got "
                      f"{args.max_accuracy_drop}{'' if args.data else ' without --data'}")
     if args.mixed_int4 and args.max_accuracy_drop is None:
         parser.error("--mixed-int4 lets --max-accuracy-drop choose int4 layers; give --max-accuracy-drop too")

@@ -1,14 +1,14 @@
 """Mixed precision by sensitivity: which linear layers may run in int8 (weights and activations), and
-optionally which of those may store int4 weights, while the model's dev loss rises by at most a given
-amount; the others keep float32 weights and inputs.
+optionally which of those may store int4 weights, while the model's dev cost (the teacher-forced loss, or
+-BLEU, WER or CER through the generator: sensitivity_measures.py) rises by at most a given amount; the others
+keep float32 weights and inputs.
 
-Each layer's sensitivity is the rise of the teacher-forced dev loss (nats per target token) when it alone is
-int8. The layers are then taken least sensitive first; the largest such prefix whose joint loss rise stays
-within the budget (found by bisection: the rise grows with the prefix) runs in int8. With int4 allowed, each
-layer is also measured alone with 4-bit weights, and the largest prefix of the int8 layers, least sensitive to
-int4 first, whose int4 weights keep the joint rise (with all the int8 layers) within the same budget gets them. This is
-the tuning loop of Intel Neural Compressor's accuracy-driven quantization, with one layer as the unit and the
-loss as the criterion.
+Each layer's sensitivity is the rise of the cost when it alone is int8. The layers are then taken least
+sensitive first; the largest such prefix whose joint rise stays within the budget (found by bisection: the
+rise grows with the prefix) runs in int8. With int4 allowed, each layer is also measured alone with 4-bit
+weights, and the largest prefix of the int8 layers, least sensitive to int4 first, whose int4 weights keep the
+joint rise (with all the int8 layers) within the same budget gets them. This is the tuning loop of Intel Neural
+Compressor's accuracy-driven quantization, with one layer as the unit.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
-from fairseq_accel.compression.activation_calibration import teacher_forced_forward
 from fairseq_accel.compression.calibration import CalibrationError
+from fairseq_accel.compression.sensitivity_measures import SensitivityMeasure
 from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import Int8Linear
 
@@ -31,24 +30,9 @@ Quantizer = Tuple[int, float, int]  # weight bits, input scale, input zero point
 class LayerSensitivity:
     name: str
     params: int
-    loss_rise: float  # dev loss with this layer alone in int8, minus the float model's
+    rise: float  # dev cost with this layer alone in int8, minus the float model's
     int4_rise: Optional[float] = None  # the same with its weights on the 4-bit grid (measured when int4 is allowed)
     precision: str = "float32"  # chosen: int4 (4-bit weights, int8 inputs), int8 or float32
-
-
-def teacher_forced_loss(model: nn.Module, batches: Sequence[Dict], pad: int) -> float:
-    """Mean negative log-likelihood per target token of ``batches`` (fairseq samples)."""
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for sample in batches:
-            log_probs = model.get_normalized_probs(teacher_forced_forward(model, sample["net_input"]), log_probs=True)
-            target = sample["target"]
-            keep = target.ne(pad)
-            total -= float(log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum())
-            tokens += int(keep.sum())
-    if tokens == 0:
-        raise CalibrationError("the sensitivity set has no target tokens (check --sensitivity-subset)")
-    return total / tokens
 
 
 def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
@@ -87,24 +71,23 @@ def _largest_fitting_prefix(length: int, fits: Callable[[int], bool]) -> int:
     return low
 
 
-def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], batches: Sequence[Dict],
-                         pad: int, max_loss_rise: float, progress: Optional[Callable[[int], None]] = None,
+def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], measure: SensitivityMeasure,
+                         max_rise: float, progress: Optional[Callable[[int], None]] = None,
                          allow_int4: bool = False) -> Tuple[float, List[LayerSensitivity]]:
-    """The float model's dev loss, and every layer of ``quantizers`` with its sensitivity and chosen
-    precision (most sensitive first), such that all int8 (and, with ``allow_int4``, int4) layers together raise
-    the loss by at most ``max_loss_rise``. The loss is the decoder's: a CTC head shows no rise (measuring by WER
-    through the generator is the next step)."""
-    if max_loss_rise < 0:
-        raise CalibrationError(f"--max-accuracy-drop must be >= 0, got {max_loss_rise}")
+    """The float model's dev cost (``measure``, of ``model``), and every layer of ``quantizers`` with its
+    sensitivity and chosen precision (most sensitive first), such that all int8 (and, with ``allow_int4``, int4)
+    layers together raise the cost by at most ``max_rise``."""
+    if max_rise < 0:
+        raise CalibrationError(f"--max-accuracy-drop must be >= 0, got {max_rise}")
     model.eval()
     call_projection_modules(model)
-    base = teacher_forced_loss(model, batches, pad)
+    base = measure.cost()
     int4_grid = {name: (4, *quantizer[1:]) for name, quantizer in quantizers.items()}
 
     def rise(int8: Sequence[str], int4: Sequence[str] = ()) -> float:
-        """The loss rise with the layers ``int8`` on their grid of ``quantizers`` and ``int4`` on the 4-bit one."""
+        """The cost rise with the layers ``int8`` on their grid of ``quantizers`` and ``int4`` on the 4-bit one."""
         with int8_layers(model, [*int8, *int4], {**quantizers, **{name: int4_grid[name] for name in int4}}):
-            return teacher_forced_loss(model, batches, pad) - base
+            return measure.cost() - base
 
     rows = []
     for name in quantizers:  # each layer alone: int8, and with int4 allowed also 4-bit weights (2 steps of progress)
@@ -114,25 +97,26 @@ def plan_mixed_precision(model: nn.Module, quantizers: Dict[str, Quantizer], bat
         rows.append(row)
         if progress is not None:
             progress(2 if allow_int4 else 1)
-    rows.sort(key=lambda row: row.loss_rise)
-    int8 = rows[:_largest_fitting_prefix(len(rows), lambda count: rise([r.name for r in rows[:count]]) <= max_loss_rise)]
+    rows.sort(key=lambda row: row.rise)
+    int8 = rows[:_largest_fitting_prefix(len(rows), lambda count: rise([r.name for r in rows[:count]]) <= max_rise)]
     for row in int8:
         row.precision = "int8"
     if allow_int4:
         int8.sort(key=lambda row: row.int4_rise)
         names = [row.name for row in int8]
-        count = _largest_fitting_prefix(len(int8), lambda k: rise(names[k:], names[:k]) <= max_loss_rise)
+        count = _largest_fitting_prefix(len(int8), lambda k: rise(names[k:], names[:k]) <= max_rise)
         for row in int8[:count]:
             row.precision = "int4"
-    rows.sort(key=lambda row: row.loss_rise, reverse=True)
+    rows.sort(key=lambda row: row.rise, reverse=True)
     return base, rows
 
 
-def format_sensitivity_table(base: float, rows: Sequence[LayerSensitivity]) -> str:
+def format_sensitivity_table(measure: SensitivityMeasure, base: float, rows: Sequence[LayerSensitivity]) -> str:
     counts = {precision: sum(r.precision == precision for r in rows) for precision in ("int4", "int8", "float32")}
-    lines = [f"float model dev loss {base:.4f}; int4 layers: {counts['int4']}, int8 layers: {counts['int8']}, "
-             f"float32 layers: {counts['float32']} (of {len(rows)})",
-             "| layer | params | loss rise alone in int8 | alone with int4 weights | precision |", "|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.params:,} | {r.loss_rise:+.4f} | "
+    lines = [f"float model dev {measure.metric} {measure.shown(base):.4f}; int4 layers: {counts['int4']}, int8 layers: "
+             f"{counts['int8']}, float32 layers: {counts['float32']} (of {len(rows)})",
+             f"| layer | params | {measure.metric} damage alone in int8 ({measure.unit}) | alone with int4 weights | "
+             "precision |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.params:,} | {r.rise:+.4f} | "
               f"{'-' if r.int4_rise is None else f'{r.int4_rise:+.4f}'} | {r.precision} |" for r in rows]
     return "\n".join(lines)

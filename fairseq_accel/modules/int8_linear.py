@@ -14,6 +14,11 @@ fp32 ``F.linear`` at 5 / 40 / 160 rows): 256x8000 6.8 / 3.0 / 1.9, 256x1024 1.7 
 than fbgemm at every shape there (0.3-2.6) and faster only at >= 160 rows on AMX machines
 (``../shared/design.md`` §6). One backend everywhere keeps outputs identical from machine to machine.
 
+On CUDA the layer runs ``torch._int_mm`` (cuBLASLt int8 GEMM with int32 accumulation) on the same levels and
+the same 7-bit activation levels, then rescales in float32: the same integer formula as on the CPU. cuBLASLt's
+int8 GEMM wants more than 16 rows and inner and output sizes that are multiples of 8, so the layer pads
+(zero rows and columns, which add nothing) and slices the result back.
+
 Activations use 7 bits (stored as uint8 0..127 with zero point z): without VNNI, x86 int8 GEMMs add pairs of uint8 x int8 products in saturating int16, and full 8-bit
 activations overflow it (measured: 255 * 127 * 2 > 32767 gave 3.26 for 412.9). With 7 bits they cannot.
 Static (calibrated) scales rather than per-batch ones keep every sentence's output independent of the
@@ -25,6 +30,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_accel.compression.quantization_grid import quantize_to_levels
@@ -33,6 +39,8 @@ ACTIVATION_LEVELS = 128  # 7 bits; see the module docstring
 SIGNED_ZERO_POINT = 64  # levels -64..63 for inputs of both signs
 UNSIGNED_ZERO_POINT = 0  # levels 0..127 for non-negative inputs
 BACKEND = "fbgemm"
+CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: more than 16 rows
+CUDA_MULTIPLE = 8  # ... and inner and output sizes that are multiples of 8
 
 
 def activation_max_level(zero_point: int) -> int:
@@ -41,8 +49,8 @@ def activation_max_level(zero_point: int) -> int:
 
 
 def int8_gemm_available() -> bool:
-    """Whether torch has the fbgemm int8 kernels (x86 with AVX2); elsewhere :class:`Int8Linear` emulates
-    the same arithmetic in float32."""
+    """Whether torch has the fbgemm int8 kernels (x86 with AVX2); on other CPUs :class:`Int8Linear` emulates
+    the same arithmetic in float32 (on CUDA it runs ``torch._int_mm``)."""
     return BACKEND in torch.backends.quantized.supported_engines
 
 
@@ -121,6 +129,27 @@ class Int8Linear(nn.Module):
         return torch.clamp(torch.round(x / self.input_scale), -self.input_zero_point,
                            activation_max_level(self.input_zero_point))
 
+    def _padded_levels_t(self) -> Tensor:
+        """``levels`` transposed to ``[in, out]`` and zero-padded to multiples of 8 (``torch._int_mm``'s
+        layout and CUDA's size rule), made once per device."""
+        cached = getattr(self, "_levels_t", None)
+        if cached is None or cached.device != self.levels.device:
+            pad_in, pad_out = (-self.in_features) % CUDA_MULTIPLE, (-self.out_features) % CUDA_MULTIPLE
+            cached = F.pad(self.levels.t(), (0, pad_out, 0, pad_in)).contiguous()
+            self._levels_t = cached
+        return cached
+
+    def int_mm_forward(self, x: Tensor) -> Tensor:
+        """``x [rows, in]`` through ``torch._int_mm``: int8 activation levels times int8 weight levels, int32
+        accumulation, float32 rescale (the CUDA path; on the CPU the same op computes the same, for tests)."""
+        levels_t = self._padded_levels_t()
+        q = self.quantize_input(x.float()).to(torch.int8)
+        rows = q.size(0)
+        q = F.pad(q, (0, levels_t.size(0) - self.in_features, 0, max(CUDA_MIN_ROWS - rows, 0)))
+        accumulated = torch._int_mm(q, levels_t)[:rows, : self.out_features]
+        y = accumulated.float() * (self.row_scales * self.input_scale)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
@@ -130,6 +159,8 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 x, self.input_scale, self.input_zero_point, self._packed
             )
+        elif x.device.type == "cuda":
+            y = self.int_mm_forward(x).to(x.dtype)
         else:
             y = (self.quantize_input(x.float()) @ self.levels.float().t()) * (self.row_scales * self.input_scale)
             if self.bias is not None:
