@@ -3,7 +3,7 @@
 #   bash scripts/gpu_generator_check.sh [WHEEL_DIR]
 # 1. the kernel checks (scripts/gpu_kernel_check.sh: NVRTC for this device, tests marked gpu, kernel timings);
 # 2. if fairseq is importable, or can be installed offline from WHEEL_DIR (ve-fairseq and its pure
-#    dependencies as cp312 wheels), the generator's tests marked gpu and a side-by-side timing of stock
+#    dependencies as cp312 wheels), the generator's and the int8 linear layer's tests marked gpu and a side-by-side timing of stock
 #    SequenceGenerator and the fast generator (fp32 / int8 cache) on a random 6-layer transformer on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +21,8 @@ if ! "$PYTHON" -c "import fairseq_accel" > /tmp/import.log 2>&1; then
   exit "${status}"
 fi
 
-echo "== generator tests marked gpu"
-"$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/test_fast_generator.py -v -rs || status=$?
+echo "== generator and int8 linear (torch._int_mm) tests marked gpu"
+"$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/test_fast_generator.py tests/test_int8_linear.py -v -rs || status=$?
 
 echo "== decoding timing on CUDA (random weights, beam 5, 40 steps; median of 5)"
 "$PYTHON" - <<'PY' || status=$?
