@@ -28,6 +28,7 @@ from fairseq_accel.compat import (  # noqa: E402
     background_consumer,
     batch_tail,
     checkpoint_loading,
+    compressed_stock_task,
     cpu_distributed,
     s2t_config_check,
 )
@@ -39,6 +40,7 @@ COMPAT_PATCHES = (
     s2t_config_check,  # clear errors for files a speech_to_text config.yaml names but that are missing
     background_consumer,  # fairseq's batch-loading thread is stopped before exit (no SIGABRT after a run)
     cpu_distributed,  # --cpu --distributed-world-size N trains N gloo ranks (fairseq 0.12 counts CUDA devices)
+    compressed_stock_task,  # a compressed checkpoint under a stock task: one warning that it decodes in float32
 )
 for _patch in COMPAT_PATCHES:
     _patch.install()

@@ -102,6 +102,14 @@ def test_compressed_checkpoint_decodes_like_the_model_on_its_grid(pruned_lsra: P
     with_plugin = ("--user-dir", str(USER_DIR))
     decoded = hypotheses(tiny_translation_data, compressed, *with_plugin)
     assert len(decoded) == 40 and decoded == hypotheses(tiny_translation_data, projected, *with_plugin)
+    # the stock task decodes it in float32, and says once which task runs the int8 layers
+    stock_task = run_cli(["fairseq-generate", tiny_translation_data, "--path", compressed, "--gen-subset", "test",
+                          "--cpu", "--max-sentences", "4", *with_plugin])
+    notices = [line for line in stock_task.stderr.splitlines() if "under the stock task" in line]
+    assert stock_task.returncode == 0 and len(notices) == 1, cli_output(stock_task)
+    assert notices[0].endswith("a compressed checkpoint (fairseq-accel-compress) under the stock task TranslationTask: "
+                               "its weights run expanded to float32; --task translation_accel (speech: "
+                               "speech_to_text_accel) runs its int8 layers")
 
     inspected = run_cli(["fairseq-accel-compress", "--inspect", compressed, "--top", "3"])
     assert inspected.returncode == 0, cli_output(inspected)
@@ -182,7 +190,7 @@ def test_calibrated_checkpoint_decodes_in_int8_with_both_generators(
                           "3", "--cpu", "--batch-size", "16", *accel, *every_layer, *extra])
         assert result.returncode == 0, cli_output(result)
         # every linear layer, the tied output projection included (shared layers counted where they are used)
-        assert int8_layer_count(result.stderr) >= calibrated_layers
+        assert int8_layer_count(result.stderr) >= calibrated_layers and "under the stock task" not in result.stderr
         runs[name] = sorted(line for line in result.stdout.splitlines() if line.startswith("H-"))
     assert len(runs["fast"]) == 40 and runs["fast"] == runs["stock"]
 
