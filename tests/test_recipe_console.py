@@ -244,6 +244,25 @@ def test_option_value_gives_the_max_update_of_the_run(tmp_path):
     assert result.stdout == "7\n20\n\n", result.stderr
 
 
+def test_averaging_more_epochs_than_kept_names_the_recipe_option(tmp_path):
+    """--average_checkpoints 3 with two epoch checkpoints: one line naming the folder, the counts and the option,
+    before fairseq-accel-average runs."""
+    checkpoints = tmp_path / "exp" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("checkpoint1.pt", "checkpoint2.pt", "checkpoint_last.pt", "checkpoint_best.pt"):
+        (checkpoints / name).write_bytes(b"")
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {}\n")
+    script = (f'log() {{ echo "$*"; }}; require() {{ :; }}; configs="{config}"; average_checkpoints=3; train_jobs=1; '
+              f'. "{TOOLS}/fairseq_stages.sh"; average_last_checkpoints "{tmp_path / "exp"}"')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout.strip() == (
+        f"error: {checkpoints} holds 2 epoch checkpoints, fewer than --average_checkpoints 3: lower "
+        "--average_checkpoints, or train at least 3 epochs with a config that keeps them (keep_last_epochs, no "
+        "no_epoch_checkpoints)")
+
+
 #: The tables of the demo summary, by file below the tmp folder, in the order it prints them.
 SUMMARY_TABLES = {"nmt/exp/RESULTS.md": "| nmt table |", "nmt/exp/transformer_mini/BENCHMARK.md": "| speed table |",
                   "nmt/exp/COMPRESSION.md": "| compression table |", "asr/exp/RESULTS.md": "| asr table |"}

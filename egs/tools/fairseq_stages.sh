@@ -82,6 +82,14 @@ average_last_checkpoints() {
   [ "${average_checkpoints}" -gt 0 ] || return 0
   stage_done "${averaged}" "averaging $(basename "${exp}")" && return 0
   require fairseq-accel-average
+  local kept
+  kept=$(find "${exp}/checkpoints" -maxdepth 1 -regex '.*/checkpoint[0-9]+\.pt' 2>/dev/null | wc -l)
+  if [ "${kept}" -lt "${average_checkpoints}" ]; then
+    log "error: ${exp}/checkpoints holds ${kept} epoch checkpoints, fewer than --average_checkpoints ${average_checkpoints}:" \
+      "lower --average_checkpoints, or train at least ${average_checkpoints} epochs with a config that keeps them" \
+      "(keep_last_epochs, no no_epoch_checkpoints)"
+    exit 1
+  fi
   log "average the last ${average_checkpoints} epoch checkpoints of $(basename "${exp}")"
   run_logged "${exp}/average.log" -- fairseq-accel-average --inputs "${exp}/checkpoints" \
     --num-epoch-checkpoints "${average_checkpoints}" --output "${averaged}"
