@@ -6,7 +6,7 @@ speech model decoded by its CTC head, whose decoder loss does not see the CTC br
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from fairseq.dataclass.configs import GenerationConfig
@@ -57,7 +57,7 @@ def _generator(model: nn.Module, task, metric: str, beam: int):
 
 
 def decoded_metric(model: nn.Module, task, batches: Sequence[Dict], metric: str, beam: int,
-                   remove_bpe: str) -> float:
+                   remove_bpe: Optional[str]) -> float:
     """``metric`` of the model's hypotheses for ``batches`` (the generator of :func:`_generator`)."""
     generator = _generator(model, task, metric, beam)
     to_text = token_decoder(task, remove_bpe)
@@ -73,7 +73,7 @@ def decoded_metric(model: nn.Module, task, batches: Sequence[Dict], metric: str,
 
 
 def sensitivity_measure(metric: str, model: nn.Module, task, batches: Sequence[Dict], beam: int = 5,
-                        remove_bpe: str = "sentencepiece") -> SensitivityMeasure:
+                        remove_bpe: Optional[str] = None) -> SensitivityMeasure:
     """The measure ``metric`` (one of :data:`SENSITIVITY_METRICS`) of ``model`` on ``batches``."""
     if metric == "loss":
         pad = task.target_dictionary.pad()
