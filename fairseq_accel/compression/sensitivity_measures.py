@@ -58,7 +58,8 @@ def _generator(model: nn.Module, task, metric: str, beam: int):
 
 def decoded_metric(model: nn.Module, task, batches: Sequence[Dict], metric: str, beam: int,
                    remove_bpe: Optional[str]) -> float:
-    """``metric`` of the model's hypotheses for ``batches`` (the generator of :func:`_generator`)."""
+    """``metric`` of the model's hypotheses for ``batches`` (the generator of :func:`_generator`, built for
+    every probe: a generator keeps references to the modules it runs, e.g. the CTC head, which a probe swaps)."""
     generator = _generator(model, task, metric, beam)
     to_text = token_decoder(task, remove_bpe)
     references, hypotheses = [], []
