@@ -146,8 +146,11 @@ class Int8Linear(nn.Module):
         q = self.quantize_input(x.float()).to(torch.int8)
         rows = q.size(0)
         q = F.pad(q, (0, levels_t.size(0) - self.in_features, 0, max(CUDA_MIN_ROWS - rows, 0)))
-        accumulated = torch._int_mm(q, levels_t)[:rows, : self.out_features]
-        y = accumulated.float() * (self.row_scales * self.input_scale)
+        return self._rescaled(torch._int_mm(q, levels_t)[:rows, : self.out_features].float())
+
+    def _rescaled(self, accumulated: Tensor) -> Tensor:
+        """Float32 outputs of the integer products ``accumulated`` (activation levels times weight levels)."""
+        y = accumulated * (self.row_scales * self.input_scale)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,10 +165,7 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cuda":
             y = self.int_mm_forward(x).to(x.dtype)
         else:
-            y = (self.quantize_input(x.float()) @ self.levels.float().t()) * (self.row_scales * self.input_scale)
-            if self.bias is not None:
-                y = y + self.bias
-            y = y.to(x.dtype)
+            y = self._rescaled(self.quantize_input(x.float()) @ self.levels.float().t()).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
