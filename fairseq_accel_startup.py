@@ -53,7 +53,7 @@ def _install_checkpoint_loading() -> None:
     """Load ``fairseq_accel.compat.checkpoint_loading`` (and what it imports) and call its ``install()``.
 
     The packages' ``__init__`` files are skipped on purpose (the plugin's imports all of fairseq and
-    registers its models); a later ``import fairseq_accel`` reuses these modules from ``sys.modules``.
+    registers its models); a later ``import fairseq_accel.plugin`` reuses these modules from ``sys.modules``.
     On failure the modules registered here are removed again, so that import starts afresh.
     """
     loaded: list[str] = []

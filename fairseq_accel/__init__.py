@@ -1,54 +1,6 @@
 """fairseq_accel: a fairseq plugin for smaller and faster Transformer ASR and NMT.
 
-Importing this package registers every model, architecture, criterion and task of the plugin with
-fairseq (``--user-dir user_dir`` does it from a checkout) and makes fairseq checkpoints load under
-torch >= 2.6.
+Importing the package itself loads nothing of fairseq; ``import fairseq_accel.plugin`` (what
+``--user-dir user_dir`` does) registers the plugin's models, criteria and tasks with fairseq.
 """
-import logging
-
-# fairseq's text_to_speech task (imported by `import fairseq`) logs "Please install tensorboardX" at
-# INFO on import; it says nothing about this plugin's work and would stand before every one-line error
-# of our CLIs. Only that logger is quietened.
-logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
-
-try:
-    import fairseq  # noqa: F401
-except ImportError as err:  # pragma: no cover - exercised only without fairseq installed
-    raise ImportError(
-        "fairseq_accel needs fairseq, which is not installed in this Python. On Python 3.11/3.12 install "
-        "the maintained build without touching torch:\n"
-        "    pip install --no-deps ve-fairseq==0.12.3\n"
-        "then its dependencies (see the Makefile's FAIRSEQ_DEPS), without torchaudio. "
-        "`make test` or `make demo` set all of this up in .venv."
-    ) from err
-
 __version__ = "0.1.0"
-
-from fairseq_accel.compat import (  # noqa: E402
-    background_consumer,
-    batch_tail,
-    checkpoint_loading,
-    compressed_stock_task,
-    cpu_distributed,
-    s2t_config_check,
-)
-
-#: The fairseq 0.12 patches the plugin installs (fairseq_accel/compat/; importing them patches nothing).
-COMPAT_PATCHES = (
-    checkpoint_loading,  # torch>=2.6 checkpoint loading: per-load allowlist, trust, one-line errors
-    batch_tail,  # fairseq 0.12 drops a last batch that is not a multiple of --required-batch-size-multiple
-    s2t_config_check,  # clear errors for files a speech_to_text config.yaml names but that are missing
-    background_consumer,  # fairseq's batch-loading thread is stopped before exit (no SIGABRT after a run)
-    cpu_distributed,  # --cpu --distributed-world-size N trains N gloo ranks (fairseq 0.12 counts CUDA devices)
-    compressed_stock_task,  # a compressed checkpoint under a stock task: one warning that it decodes in float32
-)
-for _patch in COMPAT_PATCHES:
-    _patch.install()
-
-from fairseq_accel.compression.compressed_format import read_compressed_checkpoint  # noqa: E402
-
-checkpoint_loading.set_compressed_reader(read_compressed_checkpoint)  # fairseq-accel-compress output loads too
-
-from fairseq_accel import models  # noqa: E402,F401  (registers models and architectures)
-from fairseq_accel import criterions  # noqa: E402,F401
-from fairseq_accel import tasks  # noqa: E402,F401  (translation_accel, speech_to_text_accel)

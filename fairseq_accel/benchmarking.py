@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-import fairseq_accel  # noqa: F401  (registers the plugin, makes checkpoints load)
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, makes checkpoints load)
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig

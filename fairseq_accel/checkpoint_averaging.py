@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
-from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
+from fairseq_accel.compression import COMPRESSION_KEY
 
 EPOCH_CHECKPOINT = re.compile(r"checkpoint(\d+)\.pt")  # fairseq's name of an end-of-epoch checkpoint
 UPDATE_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")  # --save-interval-updates: checkpoint_<epoch>_<update>.pt

@@ -16,7 +16,7 @@ if [ -n "${wheels}" ] && ! "$PYTHON" -c "import fairseq" 2>/dev/null; then
   echo "== installing fairseq offline from ${wheels}"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation "${wheels}"/*.whl "${wheels}"/*.tar.gz || status=$?
 fi
-if ! "$PYTHON" -c "import fairseq_accel" > /tmp/import.log 2>&1; then
+if ! "$PYTHON" -c "import fairseq_accel.plugin" > /tmp/import.log 2>&1; then
   echo "== skipping the generator checks: fairseq_accel does not import here:"; tail -3 /tmp/import.log
   exit "${status}"
 fi
@@ -29,7 +29,7 @@ echo "== decoding timing on CUDA (random weights, beam 5, 40 steps; median of 5)
 import statistics, sys, time
 import torch
 sys.path.insert(0, "tests")
-import fairseq_accel  # noqa: F401
+import fairseq_accel.plugin  # noqa: F401
 from fairseq.sequence_generator import SequenceGenerator
 from model_builders import build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator

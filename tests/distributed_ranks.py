@@ -87,7 +87,7 @@ def script_main(argv: Sequence[str]) -> None:
     """``distributed_ranks.py OUT_DIR ARGS...``: ``fairseq-train ARGS...`` with every rank dumping."""
     out_dir, *fairseq_args = argv
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    import fairseq_accel  # noqa: F401  (installs the plugin's call_main first: ours must wrap it)
+    import fairseq_accel.plugin  # noqa: F401  (installs the plugin's call_main first: ours must wrap it)
     from fairseq.distributed import utils as distributed_utils
     from fairseq_cli import train
 

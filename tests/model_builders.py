@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 
 
 class DictionaryTask:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from fairseq.data import data_utils
 
-import fairseq_accel  # noqa: F401  (installs the fix)
+import fairseq_accel.plugin  # noqa: F401  (installs the fix)
 from conftest import USER_DIR, cli_output, run_cli
 
 

@@ -238,9 +238,9 @@ def test_startup_hook_is_lazy_and_registers_no_models() -> None:
         "assert 'fairseq_accel.models' not in sys.modules and 'fairseq_accel' not in sys.modules\n"
         "assert 'fairseq_accel.compat' not in sys.modules\n"
         f"hooked = {{name: sys.modules['fairseq_accel.compat.' + name] for name in {COMPAT_MODULES!r}}}\n"
-        "import fairseq_accel, fairseq_accel.compat.checkpoint_loading as loading\n"
+        "import fairseq_accel.plugin, fairseq_accel.compat.checkpoint_loading as loading\n"
         "from fairseq_accel.compat import checkpoint_files, checkpoint_trust, pickle_globals\n"
-        "assert loading is hooked['checkpoint_loading'] and fairseq_accel.COMPAT_PATCHES[0] is loading\n"
+        "assert loading is hooked['checkpoint_loading'] and fairseq_accel.plugin.COMPAT_PATCHES[0] is loading\n"
         "assert checkpoint_trust is hooked['checkpoint_trust'] and pickle_globals is hooked['pickle_globals']\n"
         "assert checkpoint_files is hooked['checkpoint_files']\n"
         "print('ok')\n"
@@ -252,7 +252,7 @@ def test_startup_hook_is_lazy_and_registers_no_models() -> None:
 def test_startup_hook_failure_is_one_warning_and_leaves_no_modules(tmp_path: Path) -> None:
     """A compat module that fails to execute (here the third of four) gives one warning, fairseq stays
     stock, and none of the modules the hook registered stays in sys.modules (not even the two
-    that executed), so a later ``import fairseq_accel`` starts afresh. The packages' ``__init__``
+    that executed), so a later ``import fairseq_accel.plugin`` starts afresh. The packages' ``__init__``
     files raise if run: the hook must load the modules by path alone."""
     package = tmp_path / "fairseq_accel"
     (package / "compat").mkdir(parents=True)

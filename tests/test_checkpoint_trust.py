@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from fairseq import checkpoint_utils
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from fairseq_accel.compat import checkpoint_loading, checkpoint_trust, pickle_globals
 from fairseq_accel.compat.checkpoint_files import CheckpointLoadError
 from fairseq_accel.compat.pickle_globals import GlobalKind

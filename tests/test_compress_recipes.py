@@ -12,7 +12,7 @@ import torch
 import yaml
 from fairseq import checkpoint_utils, options
 
-import fairseq_accel  # noqa: F401  (registers the tasks and models; safe checkpoint loading)
+import fairseq_accel.plugin  # noqa: F401  (registers the tasks and models; safe checkpoint loading)
 from conftest import REPO_ROOT, USER_DIR, cli_output, run_cli, write_toy_corpus
 from fairseq_accel.compression.config import check_compression_options
 

@@ -15,6 +15,7 @@ from fairseq.data.indexed_dataset import make_builder
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from fairseq_accel.cli.compress import main as compress_main
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint

@@ -8,13 +8,13 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import fairseq_accel  # noqa: F401  (registers the tasks; checkpoint loading)
+import fairseq_accel.plugin  # noqa: F401  (registers the tasks; checkpoint loading)
 from conftest import TINY_TRAIN, TINY_TRANSFORMER, USER_DIR, cli_output, run_cli
 from distributed_ranks import train_on_two_ranks
 from fairseq_accel.compression.config import CompressionTrainingConfig, check_compression_options
 from fairseq_accel.compression.errors import CompressionOptionError
 from fairseq_accel.compression.quantization_grid import project_to_grid
-from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
+from fairseq_accel.compression import COMPRESSION_KEY
 
 TRAIN = ["--user-dir", USER_DIR, "--task", "translation_accel", *TINY_TRANSFORMER, *TINY_TRAIN]
 PRUNE = ["--sparsity-end-update", "6", "--sparsity-frequency", "2", "--max-update", "8"]

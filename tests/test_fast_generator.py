@@ -18,6 +18,7 @@ from fairseq.dataclass.configs import GenerationConfig
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.beam_cache import AttentionKVCache

@@ -18,7 +18,7 @@ from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import metrics
 
-import fairseq_accel  # noqa: F401  (registers the criterion)
+import fairseq_accel.plugin  # noqa: F401  (registers the criterion)
 from conftest import USER_DIR, cli_output, run_cli
 from fairseq_accel.criterions.joint_ctc_attention import (
     JointCTCAttentionCriterion,

@@ -18,6 +18,7 @@ from fairseq import checkpoint_utils
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
 from test_fast_generator import compare, fast_from, generate, outputs, speech_sample
 from fairseq_accel.modules.layer_sharing import LayerSharingError

@@ -5,7 +5,7 @@ from fairseq.data import data_utils
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-import fairseq_accel  # noqa: F401  (registers the plugin)
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin)
 from fairseq_accel.models.lite_transformer import LiteTransformerModel
 from model_builders import build_translation_model, random_tokens
 

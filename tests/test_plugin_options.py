@@ -22,6 +22,7 @@ from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from model_builders import SPEECH_TASK_ARGS, DictionaryTask, build_translation_model, random_tokens, toy_dictionary
 from fairseq_accel.inference import cuda_kernels
 from fairseq_accel.tasks.accel_generation import (

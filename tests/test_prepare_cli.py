@@ -4,6 +4,8 @@ the package only through console scripts."""
 import argparse
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,14 @@ def test_recipes_enter_the_package_only_through_console_scripts():
             if re.search(r"python3? -m |scripts/\w+\.py|fairseq_accel\.cli|egs/tools/spm\.py|/spm\.py", line):
                 offending.append(f"{script.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert offending == []
+
+
+@pytest.mark.parametrize("module", ["fairseq_accel.cli.prepare", "fairseq_accel.cli.average"])
+def test_data_commands_start_without_fairseq(module):
+    """Data preparation and checkpoint averaging run many times per recipe: importing their CLI must not
+    import fairseq (~3 s here) nor, for data preparation, torch or scipy.signal (resampling imports it when
+    it first runs)."""
+    heavy = {"fairseq", "scipy.signal"} | ({"torch"} if module.endswith("prepare") else set())
+    code = f"import sys, {module}; print(sorted(set({sorted(heavy)!r}).intersection(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

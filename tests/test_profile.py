@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fairseq_accel  # noqa: F401  (registers the plugin's architectures)
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin's architectures)
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.cli.profile import main
 from fairseq_accel.profiling import (

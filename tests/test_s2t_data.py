@@ -14,6 +14,7 @@ import yaml
 from fairseq import options, tasks
 
 from conftest import USER_DIR, cli_output, run_cli
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from fairseq_accel.cli.prepare import main
 from fairseq_accel.data.audio import resampling_ratio
 from fairseq_accel.data.features import CmvnStats

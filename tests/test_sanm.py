@@ -7,7 +7,7 @@ from fairseq import options
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-import fairseq_accel  # noqa: F401
+import fairseq_accel.plugin  # noqa: F401
 from fairseq_accel.models.s2t_lite_transformer import S2TLiteTransformerModel
 from fairseq_accel.models.s2t_sanm import S2TSANMModel
 from fairseq_accel.modules.sanm_attention import CausalFSMN, MultiHeadedAttentionSANM

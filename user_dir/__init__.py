@@ -1,3 +1,3 @@
 """Shim for ``--user-dir user_dir``: fairseq imports this folder as a module; importing
-``fairseq_accel`` registers every model, criterion and task of the plugin."""
-import fairseq_accel  # noqa: F401
+``fairseq_accel.plugin`` registers every model, criterion and task of the plugin."""
+import fairseq_accel.plugin  # noqa: F401

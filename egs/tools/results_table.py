@@ -64,7 +64,7 @@ def load_checkpoint(checkpoint: Path) -> Dict[str, Any]:
     """A fairseq checkpoint, read with the plugin's safe loader (torch >= 2.6)."""
     if not checkpoint.is_file():
         raise ResultsError(f"{checkpoint} not found; run the training stage for this experiment first")
-    import fairseq_accel  # noqa: F401  (registers the models and tasks; safe checkpoint loading)
+    import fairseq_accel.plugin  # noqa: F401  (registers the models and tasks; safe checkpoint loading)
     from fairseq import checkpoint_utils
 
     return checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
@@ -73,7 +73,7 @@ def load_checkpoint(checkpoint: Path) -> Dict[str, Any]:
 def sparsity_of(state: Dict[str, Any]) -> Optional[float]:
     """Share of zeros in the weights a compression fine-tune pruned (those its saved sparsity masks name),
     counted in the saved weights themselves; None for a checkpoint trained without pruning."""
-    from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
+    from fairseq_accel.compression import COMPRESSION_KEY
 
     compression = (state.get("task_state") or {}).get(COMPRESSION_KEY) or {}
     masks = (compression.get("sparsity") or {}).get("masks")

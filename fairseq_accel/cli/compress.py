@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
 
 from tqdm import tqdm
 
-import fairseq_accel  # noqa: F401  (safe checkpoint loading; the compressed-checkpoint reader)
+import fairseq_accel.plugin  # noqa: F401  (safe checkpoint loading; the compressed-checkpoint reader)
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY, CheckpointLoadError, write_checkpoint
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import (
@@ -38,7 +38,7 @@ from fairseq_accel.compression.compressed_format import (
 )
 from fairseq_accel.compression.mixed_precision import format_sensitivity_table, plan_mixed_precision
 from fairseq_accel.compression.sensitivity_measures import SENSITIVITY_METRICS, sensitivity_measure
-from fairseq_accel.tasks.compression_training import COMPRESSION_KEY
+from fairseq_accel.compression import COMPRESSION_KEY
 
 PROG = "fairseq-accel-compress"
 

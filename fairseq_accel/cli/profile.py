@@ -10,7 +10,7 @@ import sys
 import textwrap
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import fairseq_accel  # noqa: F401  (registers the plugin's architectures)
+import fairseq_accel.plugin  # noqa: F401  (registers the plugin's architectures)
 from fairseq_accel.profiling import (
     SENTENCE_LENGTH,
     ModelProfile,

@@ -315,7 +315,7 @@ def _expand_compressed(path: str, state: Dict[str, Any]) -> Dict[str, Any]:
         return state
     if _compressed_reader is None:
         raise CheckpointLoadError(f"{path} is a compressed checkpoint (fairseq-accel-compress); load it with the "
-                                  "plugin: --user-dir user_dir (or import fairseq_accel)")
+                                  "plugin: --user-dir user_dir (or import fairseq_accel.plugin)")
     try:
         return _compressed_reader(path, state)
     except ValueError as error:  # the format's own one-line errors (version, malformed tensor)

@@ -19,7 +19,6 @@ from typing import Union
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from fairseq_accel.data.errors import CorpusError
 
@@ -96,6 +95,8 @@ def resample(samples: np.ndarray, ratio: Fraction) -> np.ndarray:
     """Polyphase resampling of 1-D ``samples`` by ``ratio`` (= up / down, already reduced)."""
     if ratio == 1:
         return samples
+    from scipy.signal import resample_poly  # here, not at the top: scipy.signal takes ~1 s to import
+
     return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
 
 

@@ -34,13 +34,14 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
+from fairseq_accel.data.audio import resample
 from fairseq_accel.data.errors import CorpusError
 from fairseq_accel.data.gettext_corpus import (
     FilterConfig,
@@ -308,8 +309,7 @@ def synthesize(espeak: str, speaker: Speaker, text: str) -> np.ndarray:
     if not len(audio):
         error = result.stderr.decode("utf-8", "replace").strip()
         raise CorpusError(f"'{' '.join(command)}' failed for the text {text!r}: {error or 'no audio'}")
-    divisor = math.gcd(SAMPLE_RATE, rate)
-    return resample_poly(audio, SAMPLE_RATE // divisor, rate // divisor).astype(np.float32)
+    return resample(audio, Fraction(SAMPLE_RATE, rate))
 
 
 def add_noise(audio: np.ndarray, noise: Noise) -> np.ndarray:

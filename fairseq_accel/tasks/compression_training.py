@@ -10,11 +10,10 @@ weights themselves are saved pruned/projected.
 """
 from typing import Any, Dict, Optional
 
+from fairseq_accel.compression import COMPRESSION_KEY
 from fairseq_accel.compression.config import check_compression_options, compression_enabled
 from fairseq_accel.compression.fine_tuning import CompressionFineTuning
 from fairseq_accel.tasks.task_options import TaskOptionsMixin
-
-COMPRESSION_KEY = "fairseq_accel_compression"
 
 
 class CompressionTrainingMixin(TaskOptionsMixin):
