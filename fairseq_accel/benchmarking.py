@@ -3,8 +3,10 @@
 Every system decodes the same batches of the same subset in one process: fairseq's ``SequenceGenerator``
 (stock), the fast generator with an fp32 and an int8 key/value cache, for a calibrated compressed checkpoint
 (``fairseq-accel-compress --data``) the fast generator with its int8 layers (those of at least
-``--int8-min-weights``; w8a8, and w8a8-kv8 with the int8 cache too; the other systems run its weights in
-float32), and for a stock
+``--int8-min-weights``; w8a8, w8a8-kv8 with the int8 self-attention cache too, w8a8-kv8-cross with int8
+cross-attention keys/values as well; where the checkpoint has calibrated output ranges, the int8 caches
+take the int8 projections' output levels as they are; the other systems run its weights in float32), and
+for a stock
 ``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when ``ctranslate2`` is
 installed). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
 decoder at its row counts (batch x beam).
@@ -46,8 +48,9 @@ FAIRSEQ_SYSTEMS = {
     "fast-int8-cross": {"kv_cache_dtype": "int8", "quantize_cross_kv": True},
     "fast-w8a8": {"kv_cache_dtype": "fp32"},
     "fast-w8a8-kv8": {"kv_cache_dtype": "int8"},
+    "fast-w8a8-kv8-cross": {"kv_cache_dtype": "int8", "quantize_cross_kv": True},
 }
-INT8_LINEAR_SYSTEMS = ("fast-w8a8", "fast-w8a8-kv8")  # the compressed checkpoint's int8 layers
+INT8_LINEAR_SYSTEMS = ("fast-w8a8", "fast-w8a8-kv8", "fast-w8a8-kv8-cross")  # the compressed checkpoint's int8 layers
 CT2_SYSTEMS = {"ct2-float32": "float32", "ct2-int8": "int8"}
 DEFAULT_SYSTEMS = ["stock", "fast", "fast-int8", "fast-int8-cross", *INT8_LINEAR_SYSTEMS, "ct2-float32", "ct2-int8"]
 

@@ -195,6 +195,22 @@ def test_calibrated_checkpoint_decodes_in_int8_with_both_generators(
         runs[name] = sorted(line for line in result.stdout.splitlines() if line.startswith("H-"))
     assert len(runs["fast"]) == 40 and runs["fast"] == runs["stock"]
 
+    # the int8 attention path: the decoder's attention projections have calibrated output ranges, so their
+    # keys/values go into int8 self- and cross-attention caches as the int8 GEMM's output levels
+    attentions = {name.rsplit(".", 2)[0] for name in activations["output_absmax"]}
+    assert attentions and all(re.fullmatch(r"decoder\.layers\.\d+\.(self_attn\.branches\.\d+|encoder_attn)", a)
+                              for a in attentions), attentions
+    assert all(len(r) == 3 for r in (sorted(n for n in activations["output_absmax"] if n.startswith(a + "."))
+                                     for a in attentions))  # query, key, value
+    result = run_cli(["fairseq-generate", tiny_translation_data, "--path", path, "--gen-subset", "test", "--beam", "3",
+                      "--cpu", "--batch-size", "16", *accel, *every_layer, "--accel-generator", "fast",
+                      "--kv-cache-dtype", "int8", "--quantize-cross-kv"])
+    assert result.returncode == 0, cli_output(result)
+    assert f"int8 attention path: {len(attentions)} attention layers write int8 keys/values" in result.stderr
+    on_levels = sorted(line for line in result.stdout.splitlines() if line.startswith("H-"))
+    same = sum(a.split("\t")[-1] == b.split("\t")[-1] for a, b in zip(on_levels, runs["fast"]))
+    assert len(on_levels) == 40 and same >= 30, f"int8 keys/values changed {40 - same} of 40 hypotheses"
+
     as_float = hypotheses(tiny_translation_data, path, *accel, "--compressed-exec", "float")
     assert as_float == hypotheses(tiny_translation_data, compressed[0], *accel)  # the weights-only decode
     same = sum(a.split("\t")[-1] == b.split("\t")[-1] for a, b in zip(runs["stock"], as_float))
@@ -223,6 +239,8 @@ def test_calibration_resumes_and_merges_across_shards(pruned_lsra: Path, calibra
     fresh, _ = calibration_section(capsys, *common, "--calib-batches", "4", "--out", tmp_path / "fresh.pt")
     assert resumed["batches"] == fresh["batches"] == 4
     assert resumed["scales"] == fresh["scales"] and resumed["zero_points"] == fresh["zero_points"]
+    assert resumed["output_absmax"].keys() == fresh["output_absmax"].keys()
+    assert all(torch.equal(resumed["output_absmax"][k], fresh["output_absmax"][k]) for k in fresh["output_absmax"])
 
     parts = [tmp_path / f"part{k}.calib" for k in range(2)]
     for k, part in enumerate(parts):
@@ -233,12 +251,14 @@ def test_calibration_resumes_and_merges_across_shards(pruned_lsra: Path, calibra
     merged, _ = calibration_section(capsys, "--path", pruned_lsra, "--calib-from", *parts, "--out", tmp_path / "m.pt")
     assert merged["batches"] == 4
     shard_states = [read_checkpoint(str(part)) for part in parts]
-    merged_state = LinearInputCalibrator(shard_states[0]["histograms"])
+    merged_state = LinearInputCalibrator(shard_states[0]["histograms"], shard_states[0]["output_absmax"])
     for part, shard in zip(parts, shard_states):
         merged_state.load_state_dict(shard, str(part))
     for name in ("encoder.layers.0.fc1", "decoder.output_projection"):
         counts = sum(int(np.asarray(shard["histograms"][name]["counts"]).sum()) for shard in shard_states)
         assert merged_state.histograms[name].total == counts > 0  # nothing lost in the merge
+    for name, absmax in merged_state.output_absmax.items():  # output ranges merge as the larger of the two
+        assert torch.equal(absmax, torch.maximum(*(shard["output_absmax"][name] for shard in shard_states)))
 
 
 def refused_after_progress(capsys: pytest.CaptureFixture, *args: object) -> str:
@@ -398,5 +418,5 @@ def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_
 
     plain = run_cli([*common, "--path", pruned_lsra])
     assert plain.returncode == 0, cli_output(plain)
-    assert "skipping fast-w8a8 fast-w8a8-kv8: the checkpoint has no int8 layers" in plain.stderr
+    assert "skipping fast-w8a8 fast-w8a8-kv8 fast-w8a8-kv8-cross: the checkpoint has no int8 layers" in plain.stderr
     assert "| fast-w8a8 |" not in plain.stdout and "| decoder." not in plain.stdout

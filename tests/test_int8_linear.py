@@ -119,3 +119,55 @@ def test_weight_is_the_dequantized_levels() -> None:
     assert torch.equal(layer.weight, layer.levels.float() * layer.row_scales[:, None])
     with pytest.raises(ValueError, match="one scale per row"):
         Int8Linear(layer.levels, layer.row_scales[:4], None, 0.1)
+
+
+def with_output_ranges(layer: Int8Linear, x: torch.Tensor, shrink: float = 1.0) -> Int8Linear:
+    """``layer`` with output ranges calibrated on ``x`` (times ``shrink``, so that some outputs lie beyond)."""
+    ranges = layer(x).abs().amax(dim=0) * shrink
+    return Int8Linear(layer.levels, layer.row_scales, layer.bias, layer.input_scale, layer.input_zero_point, ranges)
+
+
+def level_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's output levels, from the float64 formula."""
+    return torch.clamp(torch.round(reference(layer, x) * 127 / layer.output_absmax.double()), -128, 127)
+
+
+@pytest.mark.parametrize("gemm", ["fbgemm", "float"])
+def test_output_levels_are_the_calibrated_ranges_on_127_levels(gemm: str) -> None:
+    """int8 outputs: the calibrated range of each channel is level 127, outputs beyond it clamp; fbgemm's
+    requantization inside the GEMM and the float path (CUDA, other CPUs) give the formula's levels."""
+    if gemm == "fbgemm" and not int8_gemm_available():
+        pytest.skip("torch without fbgemm int8 kernels (not x86)")
+    x = torch.randn(9, 48, generator=torch.Generator().manual_seed(40)) * 2
+    layer = with_output_ranges(random_layer(64, 48, seed=41), x, shrink=0.8)
+    if gemm == "float":
+        layer._packed = None
+    levels = layer.forward_levels(x)
+    assert levels.dtype == torch.int8 and levels.shape == (9, 64)
+    difference = (levels.double() - level_reference(layer, x)).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01  # ties of float rounding only
+    assert levels.max() == 127 and levels.min() == -128  # the 0.8 ranges: the largest outputs clamp
+    with pytest.raises(ValueError, match="needs calibrated output ranges"):
+        random_layer(4, 48, seed=42).forward_levels(x)
+
+
+def test_fused_output_levels_are_each_layers_levels() -> None:
+    """Fusing scales each layer's output ranges by its row factor, so the levels do not change."""
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(43))
+    layers = [with_output_ranges(random_layer(16, 24, seed=s), x) for s in (44, 45)]
+    factors = [torch.full((16,), 0.125), torch.rand(16, generator=torch.Generator().manual_seed(46)) + 0.5]
+    fused = Int8Linear.fuse(layers, factors)
+    expected = torch.cat([layer.forward_levels(x) for layer in layers], dim=-1)
+    assert (fused.forward_levels(x).int() - expected.int()).abs().max() <= 1
+    layers[1] = random_layer(16, 24, seed=45)  # one layer without ranges: the fused layer has none
+    assert Int8Linear.fuse(layers, factors).output_absmax is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_output_levels_are_the_cpu_levels() -> None:
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(47))
+    layer = with_output_ranges(random_layer(512, 256, seed=48), x, shrink=0.9)
+    on_cpu = layer.forward_levels(x)
+    on_gpu = layer.cuda().forward_levels(x.cuda()).cpu()
+    assert (on_gpu.int() - on_cpu.int()).abs().max() <= 1

@@ -23,6 +23,7 @@ from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY, CheckpointLoad
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import (
     LinearInputCalibrator,
+    cached_projections,
     calibration_batches,
     linear_layers,
     run_calibration,
@@ -184,12 +185,12 @@ def _calibrated(args: argparse.Namespace) -> Tuple[LinearInputCalibrator, Option
     ``--calib-from``)."""
     if args.calib_from:
         states = [(str(path), read_checkpoint(str(path))) for path in args.calib_from]
-        calibrator = LinearInputCalibrator(states[0][1].get("histograms", {}))
+        calibrator = LinearInputCalibrator(states[0][1].get("histograms", {}), states[0][1].get("output_absmax", {}))
         for source, state in states:
             calibrator.load_state_dict(state, source)
         return calibrator, None
     model, task = _load_model_and_task(args)
-    calibrator = LinearInputCalibrator(linear_layers(model))
+    calibrator = LinearInputCalibrator(linear_layers(model), cached_projections(model))
     meta = {"checkpoint": args.path.name, "subset": args.calib_subset, "max_tokens": args.max_tokens,
             "shard": "/".join(map(str, args.calib_shard))}
     if args.calib_state is not None and args.calib_state.exists():
@@ -224,7 +225,9 @@ def _activation_record(calibrator: LinearInputCalibrator, model_state: Dict[str,
     quantizers = calibrator.quantizers(args.act_calib, stored_name)
     return {"method": args.act_calib, "batches": calibrator.batches, "subset": args.calib_subset,
             "scales": {stored_name[layer]: scale for layer, (scale, _) in quantizers.items()},
-            "zero_points": {stored_name[layer]: zero for layer, (_, zero) in quantizers.items()}}
+            "zero_points": {stored_name[layer]: zero for layer, (_, zero) in quantizers.items()},
+            "output_absmax": {stored_name[layer]: absmax.half() for layer, absmax in calibrator.output_absmax.items()
+                              if layer in stored_name and absmax is not None}}
 
 
 def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator, model: Any, task: Any,

@@ -1,6 +1,8 @@
 """Calibration of the inputs of every linear layer: forward pre-hooks fill one |x| histogram per layer
 while calibration batches run through the model (teacher-forced, as in training), and the histograms give
-each layer's activation scale (:mod:`~fairseq_accel.compression.calibration`).
+each layer's activation scale (:mod:`~fairseq_accel.compression.calibration`). The outputs of the decoder's
+attention projections are calibrated too (the largest |y| per output channel): the fast generator writes
+them into its int8 key/value caches straight from the int8 GEMM (``Int8Linear.forward_levels``).
 
 The state (histograms and the number of batches seen) is saved as the run goes, so a run that stops resumes
 where it stopped; states of different batch shards, calibrated by different processes or machines, merge
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from fairseq.modules import MultiheadAttention
 
 from fairseq_accel.compat.checkpoint_files import write_checkpoint
 from fairseq_accel.compression.calibration import AbsHistogram, CalibrationError, int8_scale
 from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT, activation_max_level
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: with the output ranges of the attention projections
 
 
 def linear_layers(model: nn.Module) -> Dict[str, nn.Linear]:
@@ -28,12 +32,22 @@ def linear_layers(model: nn.Module) -> Dict[str, nn.Linear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
-class LinearInputCalibrator:
-    """One :class:`AbsHistogram` per linear layer input (by the layer's module name)."""
+def cached_projections(model: nn.Module) -> List[str]:
+    """Names of the query, key and value projections of the decoder's attention layers (fairseq
+    ``MultiheadAttention``): the layers whose outputs go into the fast generator's key/value caches."""
+    return [f"{name}.{projection}" for name, module in model.named_modules()
+            if name.startswith("decoder.") and isinstance(module, MultiheadAttention)
+            for projection in ("q_proj", "k_proj", "v_proj")]
 
-    def __init__(self, names: Iterable[str]):
+
+class LinearInputCalibrator:
+    """One :class:`AbsHistogram` per linear layer input (by the layer's module name), and the largest |y| per
+    output channel of the layers in ``output_names``."""
+
+    def __init__(self, names: Iterable[str], output_names: Iterable[str] = ()):
         self.histograms = {name: AbsHistogram(name) for name in names}
         self.minima = {name: float("inf") for name in self.histograms}  # non-negative inputs get unsigned levels
+        self.output_absmax: Dict[str, Optional[Tensor]] = {name: None for name in output_names}
         self.batches = 0  # calibration batches seen (resumed runs skip them)
 
     def _record(self, name: str, x: Tensor) -> None:
@@ -41,12 +55,22 @@ class LinearInputCalibrator:
         if x.numel():
             self.minima[name] = min(self.minima[name], float(x.min()))
 
+    def _record_output(self, name: str, y: Tensor) -> None:
+        absmax = y.detach().float().abs().reshape(-1, y.size(-1)).amax(dim=0)
+        seen = self.output_absmax[name]
+        self.output_absmax[name] = absmax if seen is None else torch.maximum(seen, absmax)
+
     @contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
-        """Record the inputs of ``model``'s linear layers while the context is open."""
+        """Record the inputs of ``model``'s linear layers (and the outputs of those in ``output_absmax``)
+        while the context is open."""
+        layers = linear_layers(model)
         handles = [
             layer.register_forward_pre_hook(lambda module, inputs, name=name: self._record(name, inputs[0]))
-            for name, layer in linear_layers(model).items()
+            for name, layer in layers.items()
+        ] + [
+            layers[name].register_forward_hook(lambda module, inputs, y, name=name: self._record_output(name, y))
+            for name in self.output_absmax
         ]
         try:
             yield
@@ -56,21 +80,26 @@ class LinearInputCalibrator:
 
     def state_dict(self, meta: Dict[str, Any]) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "batches": self.batches, "meta": dict(meta), "minima": dict(self.minima),
-                "histograms": {name: h.state_dict() for name, h in self.histograms.items()}}
+                "histograms": {name: h.state_dict() for name, h in self.histograms.items()},
+                "output_absmax": dict(self.output_absmax)}
 
     def load_state_dict(self, state: Dict[str, Any], source: str) -> None:
         """Resume from (or merge in, when this calibrator has seen batches already) a saved state."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CalibrationError(f"{source}: not a calibration state of version {STATE_VERSION} "
                                    f"(got {state.get('version') if isinstance(state, dict) else type(state).__name__})")
-        missing = sorted(set(self.histograms) - set(state["histograms"]))
-        unknown = sorted(set(state["histograms"]) - set(self.histograms))
+        ours = set(self.histograms) | {f"{name} (output)" for name in self.output_absmax}
+        theirs = set(state["histograms"]) | {f"{name} (output)" for name in state["output_absmax"]}
+        missing, unknown = sorted(ours - theirs), sorted(theirs - ours)
         if missing or unknown:
             raise CalibrationError(f"{source}: calibrated another model (layers missing there: {missing[:3]}, "
                                    f"layers this model lacks: {unknown[:3]})")
         for name, saved in state["histograms"].items():
             self.histograms[name].merge(AbsHistogram.from_state_dict(saved))
             self.minima[name] = min(self.minima[name], float(state["minima"][name]))
+        for name, absmax in state["output_absmax"].items():
+            if absmax is not None:
+                self._record_output(name, absmax[None])
         self.batches += int(state["batches"])
 
     def save(self, path: Path, meta: Dict[str, Any]) -> None:

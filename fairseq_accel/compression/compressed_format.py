@@ -192,8 +192,12 @@ class SizeRow:
     fp32_nbytes: int
 
 
+OUTPUT_RANGES_ROW = "(calibrated output ranges)"  # size row of the int8 attention path's per-channel ranges
+
+
 def size_rows(section: Dict[str, Any]) -> List[SizeRow]:
-    """Bytes of every stored tensor (aliases cost nothing) beside its fp32 size."""
+    """Bytes of every stored tensor (aliases cost nothing) beside its fp32 size, and of the calibrated
+    output ranges (which the float32 model does not have)."""
     rows = []
     for name, packed in packed_tensors(section).items():
         levels = packed.levels()
@@ -203,6 +207,10 @@ def size_rows(section: Dict[str, Any]) -> List[SizeRow]:
     for name, tensor in section["float"].items():
         size = tensor.numel() * tensor.element_size()
         rows.append(SizeRow(name, list(tensor.shape), "fp32", 0.0, size, tensor.numel() * FP32_BYTES))
+    ranges = list(section.get("activations", {}).get("output_absmax", {}).values())
+    if ranges:
+        count = sum(r.numel() for r in ranges)
+        rows.append(SizeRow(OUTPUT_RANGES_ROW, [count], "fp16", 0.0, count * ranges[0].element_size(), 0))
     return rows
 
 

@@ -160,24 +160,27 @@ def _beams_to_rows(x: Tensor) -> Tensor:
 
 class AttentionKVCache:
     """Self-attention keys and values of every hypothesis: ``[B, H, T, beam, D]``, fp32, fp16 or int8 with
-    one scale per (head, token) (``[B, H, T, beam]``), dequantized inside the attention."""
+    one scale per (head, token) (``[B, H, T, beam]``), dequantized inside the attention. With
+    ``int8_levels``, int8 keys/values are written as given, levels whose fixed per-channel scales the caller
+    folds into the query and the output (the int8 attention path): no scales are stored."""
 
     def __init__(
         self, indirection: BeamIndirection, heads: int, head_dim: int, dtype: str, compute_dtype: torch.dtype,
-        device: torch.device, kernels=None,
+        device: torch.device, kernels=None, int8_levels: bool = False,
     ):
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
         self.indirection = indirection
         self.dtype = dtype
-        self.kernels = kernels if dtype == "int8" else None  # the CUDA kernels serve the int8 cache only
+        scaled_int8 = dtype == "int8" and not int8_levels
+        self.kernels = kernels if scaled_int8 else None  # the CUDA kernels serve the per-token int8 cache only
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
         # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
         self.keys = torch.empty(shape, dtype=storage, device=device)
         self.values = torch.empty(shape, dtype=storage, device=device)
         self.key_scale = self.value_scale = None
-        if dtype == "int8":
+        if scaled_int8:
             self.key_scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
             self.value_scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
         self.compute_dtype = compute_dtype
@@ -269,18 +272,19 @@ class WindowCache:
 
 class CrossAttentionMemory:
     """One cross-attention layer's encoder keys/values ``[B, H, S, D]``, computed once per sentence and
-    shared by its beams; int8 optionally (values per token, keys per token or per channel)."""
+    shared by its beams; int8 optionally (values per token, keys per token or per channel). Keys and values
+    that are int8 already are levels whose per-channel scales the caller applies (the int8 attention path)."""
 
     def __init__(self, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor], beam: int, dtype: str, key_scale_axis: str = "token"):
         self.beam = beam
-        self.compute_dtype = keys.dtype
+        self.compute_dtype = keys.dtype if keys.is_floating_point() else torch.float32
         self.mask = None
         if padding_mask is not None and padding_mask.any():
-            self.mask = torch.zeros(padding_mask.shape, dtype=keys.dtype, device=keys.device)
+            self.mask = torch.zeros(padding_mask.shape, dtype=self.compute_dtype, device=keys.device)
             self.mask.masked_fill_(padding_mask, -math.inf)
             self.mask = self.mask[:, None, None, :]
         self.key_scale = self.value_scale = self.query_scale = None
-        if dtype == "int8":
+        if dtype == "int8" and keys.is_floating_point():
             if padding_mask is not None:  # padded positions are masked out; keep them out of the scales too
                 keep = ~padding_mask[:, None, :, None]
                 keys, values = keys * keep, values * keep

@@ -42,6 +42,7 @@ def convert_to_int8(model: nn.Module, section: Dict, source: str, min_weights: i
     packed = packed_tensors(section)
     activations = section.get("activations", {})
     input_scales, zero_points = activations.get("scales", {}), activations.get("zero_points", {})
+    output_ranges = activations.get("output_absmax", {})  # absent in checkpoints of earlier plugin versions
     replaced: Dict[int, Int8Linear] = {}
     names = []
     parents = list(model.named_modules(remove_duplicate=False))
@@ -55,7 +56,7 @@ def convert_to_int8(model: nn.Module, section: Dict, source: str, min_weights: i
                 continue
             if id(child) not in replaced:
                 int8 = Int8Linear(packed[key].levels(), packed[key].scales, child.bias, input_scales[key],
-                                  zero_points[key])
+                                  zero_points[key], output_ranges.get(key))
                 replaced[id(child)] = int8.to(child.weight.device)
             setattr(parent, child_name, replaced[id(child)])
             names.append(full_name)

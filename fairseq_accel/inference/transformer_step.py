@@ -5,7 +5,14 @@ The step reads the fairseq modules' weights (nothing is converted or copied, exc
 and value projections of self-attention are concatenated once into one matmul with the query scaling
 folded in) and runs one token per hypothesis through the same computation as
 ``TransformerDecoderLayerBase.forward`` in incremental mode.
+
+The int8 attention path (arXiv 2104.05784): when the model runs int8 layers with calibrated output ranges
+(a compressed checkpoint, ``Int8Linear.forward_levels``) and the cache is int8, the query/key/value
+projections return int8 levels, keys and values go into the caches as they are, and Q.K^T, softmax and .V
+run in float32 on them; each channel's fixed scale is folded into the query (the keys') and into the
+attention output (the values').
 """
+import logging
 from types import ModuleType
 from typing import Callable, Dict, List, Optional
 
@@ -28,12 +35,23 @@ from fairseq_accel.inference.fast_decoder import (
 )
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
 from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
+from fairseq_accel.modules.int8_linear import OUTPUT_LEVEL, Int8Linear
 from fairseq_accel.modules.multibranch import MultiBranch
+
+logger = logging.getLogger(__name__)
 
 
 def _check_plain_attention(attention: MultiheadAttention, where: str) -> None:
     if attention.bias_k is not None or attention.add_zero_attn:
         raise FastDecodingUnsupported(f"{where} uses add_bias_kv/add_zero_attn")
+
+
+def level_steps(layer: object, heads: int, head_dim: int) -> Optional[Tensor]:
+    """``[..., heads, head_dim]``: the value of one output level of each channel of an int8 layer with
+    calibrated output ranges (``output_absmax / 127``), or None where the layer has none."""
+    if not isinstance(layer, Int8Linear) or layer.output_absmax is None:
+        return None
+    return (layer.output_absmax / OUTPUT_LEVEL).view(-1, heads, head_dim)
 
 
 def key_channel_balance(k_proj: nn.Linear) -> Tensor:
@@ -49,7 +67,7 @@ def key_channel_balance(k_proj: nn.Linear) -> Tensor:
 class SelfAttentionStep:
     """fairseq ``MultiheadAttention`` as decoder self-attention, over an ``AttentionKVCache``."""
 
-    def __init__(self, attention: MultiheadAttention, balance_keys: bool = False):
+    def __init__(self, attention: MultiheadAttention, options: FastDecodingOptions):
         _check_plain_attention(attention, "decoder self-attention")
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
@@ -58,23 +76,34 @@ class SelfAttentionStep:
         q_weight = attention.q_proj.weight.detach()
         q_scale = q_weight.new_full((q_weight.size(0),), attention.scaling)
         k_scale = torch.ones_like(q_scale)
-        if balance_keys:
+        if options.key_scale == "channel" and options.kv_cache_dtype == "int8":
             balance = key_channel_balance(attention.k_proj)
             q_scale, k_scale = q_scale * balance, 1.0 / balance
         self.qkv = fused_linear_step(projections, (q_scale, k_scale, torch.ones_like(q_scale)))
         self.out = linear_step(attention.out_proj)
         self.cache: Optional[AttentionKVCache] = None
+        steps = level_steps(self.qkv, self.heads, self.head_dim)  # int8 attention path, if the layer allows it
+        self.level_factors = None if steps is None else (steps[0] * steps[1], steps[2])  # (query.key, value)
+        self.int8_levels = self.level_factors is not None and options.kv_cache_dtype == "int8"
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
-        self.cache = state.add(
-            AttentionKVCache(state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, state.kernels)
-        )
+        self.cache = state.add(AttentionKVCache(
+            state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, state.kernels,
+            int8_levels=self.int8_levels,
+        ))
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
-        q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
-        self.cache.write(k, v)
-        return self.out(self.cache.attend(q).reshape(rows, self.heads * self.head_dim))
+        if self.int8_levels:
+            query_key, value = self.level_factors
+            q, k, v = self.qkv.forward_levels(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
+            self.cache.write(k, v)
+            attended = self.cache.attend(q.to(x.dtype) * query_key) * value
+        else:
+            q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
+            self.cache.write(k, v)
+            attended = self.cache.attend(q)
+        return self.out(attended.reshape(rows, self.heads * self.head_dim))
 
 
 class ConvBranchStep:
@@ -123,10 +152,10 @@ class ConvBranchStep:
 class MultiBranchStep:
     """LSRA self-attention: each branch on its slice of the channels, outputs concatenated."""
 
-    def __init__(self, multibranch: MultiBranch, balance_keys: bool = False):
+    def __init__(self, multibranch: MultiBranch, options: FastDecodingOptions):
         self.dims = multibranch.dims
         self.branches = [
-            SelfAttentionStep(b, balance_keys) if isinstance(b, MultiheadAttention) else ConvBranchStep(b)
+            SelfAttentionStep(b, options) if isinstance(b, MultiheadAttention) else ConvBranchStep(b)
             for b in multibranch.branches
         ]
 
@@ -141,7 +170,7 @@ class MultiBranchStep:
 class CrossAttentionStep:
     """fairseq ``MultiheadAttention`` over the encoder output: K/V once per sentence, shared by its beams."""
 
-    def __init__(self, attention: MultiheadAttention):
+    def __init__(self, attention: MultiheadAttention, options: FastDecodingOptions):
         _check_plain_attention(attention, "decoder cross-attention")
         self.attention = attention
         self.heads, self.head_dim = attention.num_heads, attention.head_dim
@@ -150,14 +179,18 @@ class CrossAttentionStep:
         self.q = fused_linear_step([q_proj], [q_weight.new_full((q_weight.size(0),), attention.scaling)])
         self.out = linear_step(attention.out_proj)
         self.memory: Optional[CrossAttentionMemory] = None
+        key_steps, value_steps = (level_steps(p, self.heads, self.head_dim) for p in (attention.k_proj, attention.v_proj))
+        # int8 attention path: the level steps of the keys (folded into the query) and of the values
+        self.level_factors = None if key_steps is None or value_steps is None else (key_steps[0], value_steps[0])
+        self.int8_levels = self.level_factors is not None and options.cross_kv_dtype == "int8"
 
     def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor]) -> None:
         """``encoder_out``: ``[S, B, C]`` (fairseq's layout); ``padding_mask``: ``[B, S]``."""
         source_len, batch, _ = encoder_out.shape
         attention = self.attention
 
-        def heads(projection: nn.Linear) -> Tensor:
-            x = projection(encoder_out)
+        def heads(projection: nn.Module) -> Tensor:
+            x = projection.forward_levels(encoder_out) if self.int8_levels else projection(encoder_out)
             return x.view(source_len, batch, self.heads, self.head_dim).permute(1, 2, 0, 3).contiguous()
 
         self.memory = state.add(
@@ -170,13 +203,18 @@ class CrossAttentionStep:
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
         q = self.q(x).view(rows, self.heads, self.head_dim)
-        return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
+        if self.int8_levels:
+            key, value = self.level_factors
+            attended = self.memory.attend(q * key) * value
+        else:
+            attended = self.memory.attend(q)
+        return self.out(attended.reshape(rows, self.heads * self.head_dim))
 
 
 class TransformerLayerStep:
     """``TransformerDecoderLayerBase`` (pre- or post-norm) for one token per hypothesis."""
 
-    def __init__(self, layer: nn.Module, balance_keys: bool = False):
+    def __init__(self, layer: nn.Module, options: FastDecodingOptions):
         for extra in ("c_attn", "attn_ln", "ffn_layernorm", "w_resid"):
             if getattr(layer, extra, None) is not None:
                 raise FastDecodingUnsupported(f"decoder layers use {extra} (NormFormer options)")
@@ -184,16 +222,22 @@ class TransformerLayerStep:
             raise FastDecodingUnsupported("decoder layers use --cross-self-attention")
         self.pre_norm = layer.normalize_before
         if isinstance(layer.self_attn, MultiBranch):
-            self.self_attn = MultiBranchStep(layer.self_attn, balance_keys)
+            self.self_attn = MultiBranchStep(layer.self_attn, options)
         elif isinstance(layer.self_attn, MultiheadAttention):
-            self.self_attn = SelfAttentionStep(layer.self_attn, balance_keys)
+            self.self_attn = SelfAttentionStep(layer.self_attn, options)
         else:
             raise FastDecodingUnsupported(f"decoder self-attention {type(layer.self_attn).__name__} has no fast step")
-        self.cross_attn = None if layer.encoder_attn is None else CrossAttentionStep(layer.encoder_attn)
+        self.cross_attn = None if layer.encoder_attn is None else CrossAttentionStep(layer.encoder_attn, options)
         self.activation: Callable[[Tensor], Tensor] = layer.activation_fn
         self.self_attn_norm, self.final_norm = layer.self_attn_layer_norm, layer.final_layer_norm
         self.cross_attn_norm = layer.encoder_attn_layer_norm
         self.fc1, self.fc2 = linear_step(layer.fc1), linear_step(layer.fc2)
+
+    def attention_steps(self) -> List:
+        """The layer's self- and cross-attention steps (an LSRA layer's attention branch included)."""
+        self_attn = self.self_attn.branches if isinstance(self.self_attn, MultiBranchStep) else [self.self_attn]
+        steps = [step for step in self_attn if isinstance(step, SelfAttentionStep)]
+        return steps + ([self.cross_attn] if self.cross_attn is not None else [])
 
     def start(self, state, options, encoder_out, padding_mask, dtype, device) -> None:
         self.self_attn.start(state, options, dtype, device)
@@ -226,8 +270,11 @@ class FastTransformerDecoder(FastDecoder):
             raise FastDecodingUnsupported("the decoder uses quant-noise")
         self.decoder = decoder
         self.options = options
-        balance_keys = options.key_scale == "channel" and options.kv_cache_dtype == "int8"
-        self.layers = [TransformerLayerStep(layer, balance_keys) for layer in decoder.layers]
+        self.layers = [TransformerLayerStep(layer, options) for layer in decoder.layers]
+        on_levels = sum(step.int8_levels for layer in self.layers for step in layer.attention_steps())
+        if on_levels:
+            logger.info(f"int8 attention path: {on_levels} attention layers write int8 keys/values straight from "
+                        "their int8 projections into the caches")
         self.output_projection = VocabularyProjection(decoder.output_projection)
         self.kernels = kernels  # for the int8 self-attention cache
         self.positions: Optional[Tensor] = None

@@ -19,6 +19,13 @@ the same 7-bit activation levels, then rescales in float32: the same integer for
 int8 GEMM wants more than 16 rows and inner and output sizes that are multiples of 8, so the layer pads
 (zero rows and columns, which add nothing) and slices the result back.
 
+With calibrated output ranges (``output_absmax``: the largest |y[c]| calibration saw, per output channel) the
+layer can also return int8 outputs (:meth:`Int8Linear.forward_levels`): ``q[c] = clamp(round(y[c] * 127 /
+absmax[c]), -128, 127)``, requantized inside fbgemm's GEMM (its output stage, with the factors 127 / absmax[c]
+folded into the packed rows), so int8 keys and values go into the decoder's cache without a float32 tensor
+in between (the int8 attention path of arXiv 2104.05784). Max calibration of the cached K/V ranges is what
+TensorRT-LLM's int8 KV cache uses too (one amax per tensor there; per channel here).
+
 Activations use 7 bits (stored as uint8 0..127 with zero point z): without VNNI, x86 int8 GEMMs add pairs of uint8 x int8 products in saturating int16, and full 8-bit
 activations overflow it (measured: 255 * 127 * 2 > 32767 gave 3.26 for 412.9). With 7 bits they cannot.
 Static (calibrated) scales rather than per-batch ones keep every sentence's output independent of the
@@ -41,6 +48,8 @@ UNSIGNED_ZERO_POINT = 0  # levels 0..127 for non-negative inputs
 BACKEND = "fbgemm"
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: more than 16 rows
 CUDA_MULTIPLE = 8  # ... and inner and output sizes that are multiples of 8
+OUTPUT_LEVEL = 127  # int8 outputs: level 127 is the calibrated absmax of the channel
+OUTPUT_ZERO_POINT = 128  # fbgemm writes uint8 outputs; 128 is level 0 (XOR 128 turns them into int8)
 
 
 def activation_max_level(zero_point: int) -> int:
@@ -74,14 +83,18 @@ def _prepack(levels: Tensor, row_scales: Tensor, bias: Optional[Tensor]):
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 ``levels`` ``[out, in]`` and per-row ``row_scales`` (weight = row_scales[:,
     None] * levels), ``input_scale``: the calibrated activation step (threshold / max level), and
-    ``input_zero_point``: 64 for inputs of both signs, 0 for non-negative ones."""
+    ``input_zero_point``: 64 for inputs of both signs, 0 for non-negative ones, and optionally
+    ``output_absmax`` ``[out]``: the calibrated output ranges that :meth:`forward_levels` maps onto int8."""
 
     def __init__(self, levels: Tensor, row_scales: Tensor, bias: Optional[Tensor], input_scale: float,
-                 input_zero_point: int = SIGNED_ZERO_POINT):
+                 input_zero_point: int = SIGNED_ZERO_POINT, output_absmax: Optional[Tensor] = None):
         super().__init__()
         if levels.dtype != torch.int8 or levels.dim() != 2 or row_scales.numel() != levels.size(0):
             raise ValueError(f"Int8Linear needs int8 levels [out, in] and one scale per row, got {levels.dtype} "
                              f"{list(levels.shape)} and {row_scales.numel()} scales")
+        if output_absmax is not None and output_absmax.numel() != levels.size(0):
+            raise ValueError(f"Int8Linear needs one output range per row, got {output_absmax.numel()} for "
+                             f"{levels.size(0)} rows")
         if not input_scale > 0 or input_zero_point not in (SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT):
             raise ValueError(f"Int8Linear needs a positive activation scale and zero point {SIGNED_ZERO_POINT} or "
                              f"{UNSIGNED_ZERO_POINT}, got {input_scale} and {input_zero_point}")
@@ -95,6 +108,9 @@ class Int8Linear(nn.Module):
         self._input_range = (-self.input_zero_point * self.input_scale,
                              activation_max_level(self.input_zero_point) * self.input_scale)
         self._packed = _prepack(self.levels, self.row_scales, self.bias) if int8_gemm_available() else None
+        self.register_buffer("output_absmax", None if output_absmax is None else
+                             output_absmax.float().reshape(-1).clamp(min=torch.finfo(torch.float32).tiny))
+        self._packed_to_levels = None  # the rows times 127 / output_absmax, packed when first needed
 
     @classmethod
     def from_linear(cls, layer: nn.Module, bits: int, input_scale: float,
@@ -109,15 +125,18 @@ class Int8Linear(nn.Module):
         same calibrated input scale), e.g. the query, key and value projections; exact: each factor only
         multiplies its rows' scales (and biases)."""
         quantizers = {(layer.input_scale, layer.input_zero_point) for layer in layers}
+        ranges = [layer.output_absmax for layer in layers]
         if len(quantizers) != 1:
             raise ValueError(f"fused int8 layers must share their input scale and zero point, got {sorted(quantizers)}")
         biases = [layer.bias for layer in layers]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             raise ValueError("fused int8 layers must all have biases or none")
         bias = None if biases[0] is None else torch.cat([b * f for b, f in zip(biases, row_factors)])
+        output_absmax = None if any(r is None for r in ranges) else torch.cat(
+            [r * f.abs() for r, f in zip(ranges, row_factors)])
         return cls(torch.cat([layer.levels for layer in layers]),
                    torch.cat([layer.row_scales * f for layer, f in zip(layers, row_factors)]), bias,
-                   *quantizers.pop())
+                   *quantizers.pop(), output_absmax=output_absmax)
 
     @property
     def weight(self) -> Tensor:
@@ -167,6 +186,27 @@ class Int8Linear(nn.Module):
         else:
             y = self._rescaled(self.quantize_input(x.float()) @ self.levels.float().t()).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_levels(self, x: Tensor) -> Tensor:
+        """int8 outputs ``q [..., out]``, ``y[c] ~ q[c] * output_absmax[c] / 127`` (module docstring): on the
+        CPU requantized by fbgemm inside the GEMM, elsewhere rounded from the float32 outputs (same formula)."""
+        if self.output_absmax is None:
+            raise ValueError("Int8Linear.forward_levels needs calibrated output ranges (output_absmax)")
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            if self._packed_to_levels is None:
+                factors = OUTPUT_LEVEL / self.output_absmax
+                bias = None if self.bias is None else self.bias * factors
+                self._packed_to_levels = _prepack(self.levels, self.row_scales * factors, bias)
+            x = torch.quantize_per_tensor(torch.clamp(x, *self._input_range), self.input_scale,
+                                          self.input_zero_point, torch.quint8)
+            y = torch.ops.quantized.linear(x, self._packed_to_levels, 1.0, OUTPUT_ZERO_POINT)
+            q = y.int_repr().bitwise_xor_(OUTPUT_ZERO_POINT).view(torch.int8)
+        else:
+            y = self.forward(x).float() * (OUTPUT_LEVEL / self.output_absmax)
+            q = torch.clamp(torch.round(y), -OUTPUT_ZERO_POINT, OUTPUT_LEVEL).to(torch.int8)
+        return q.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -50,7 +50,9 @@ class AccelGenerationConfig(FairseqDataclass):
     kv_cache_dtype: ChoiceEnum(list(KV_CACHE_DTYPES)) = field(
         default="fp32",
         metadata={"help": "storage of the fast generator's self-attention key/value cache; int8: symmetric, one "
-                          "scale per head and token, dequantized inside the attention (about 4x smaller)"},
+                          "scale per head and token, dequantized inside the attention (about 4x smaller); for a "
+                          "compressed checkpoint with calibrated output ranges, the int8 levels of its int8 "
+                          "projections as they are, one fixed scale per channel (the int8 attention path)"},
     )
     quantize_cross_kv: bool = field(
         default=False, metadata={"help": "store the cross-attention keys/values in --kv-cache-dtype too"}
