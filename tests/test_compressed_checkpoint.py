@@ -20,7 +20,7 @@ from fairseq_accel.cli.compress import main as compress_main
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import LinearInputCalibrator, calibration_batches
-from fairseq_accel.compression.compressed_format import pack, size_rows
+from fairseq_accel.compression.compressed_format import OUTPUT_RANGES_ROW, pack, size_rows
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
 from fairseq_accel.compression.sensitivity_measures import sensitivity_measure
 
@@ -200,8 +200,13 @@ def test_calibrated_checkpoint_decodes_in_int8_with_both_generators(
     attentions = {name.rsplit(".", 2)[0] for name in activations["output_absmax"]}
     assert attentions and all(re.fullmatch(r"decoder\.layers\.\d+\.(self_attn\.branches\.\d+|encoder_attn)", a)
                               for a in attentions), attentions
-    assert all(len(r) == 3 for r in (sorted(n for n in activations["output_absmax"] if n.startswith(a + "."))
-                                     for a in attentions))  # query, key, value
+    projections = {a: {n.split(".")[-2] for n in activations["output_absmax"] if n.startswith(a + ".")}
+                   for a in attentions}  # self-attention: one fused query/key/value GEMM; cross: keys, values
+    assert all(p == ({"k_proj", "v_proj"} if a.endswith("encoder_attn") else {"q_proj", "k_proj", "v_proj"})
+               for a, p in projections.items()), projections
+    section = read_checkpoint(str(path))[COMPRESSED_KEY]
+    ranges_row = next(row for row in size_rows(section) if row.name == OUTPUT_RANGES_ROW)  # counted in the size
+    assert ranges_row.nbytes == 2 * sum(r.numel() for r in activations["output_absmax"].values()) > 0
     result = run_cli(["fairseq-generate", tiny_translation_data, "--path", path, "--gen-subset", "test", "--beam", "3",
                       "--cpu", "--batch-size", "16", *accel, *every_layer, "--accel-generator", "fast",
                       "--kv-cache-dtype", "int8", "--quantize-cross-kv"])

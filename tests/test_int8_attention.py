@@ -2,7 +2,7 @@
 projections that have calibrated output ranges and int8 caches, keys and values are stored as the int8
 GEMM's output levels (no scales, no float32 copy) and the attention folds each channel's level step into the
 query and the output. Checked step by step against the same int8 layers with float32 caches, over a beam
-reordering, for self- and cross-attention."""
+reordering, for self- and cross-attention (fairseq's, and SAN-M's with its fused key/value projection)."""
 from typing import List
 
 import pytest
@@ -10,10 +10,14 @@ import torch
 from fairseq.modules import MultiheadAttention
 
 import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
+from model_builders import build_speech_model
+from fairseq_accel.compression.activation_calibration import cached_projections
 from fairseq_accel.inference.beam_cache import BeamState
 from fairseq_accel.inference.fast_decoder import FastDecodingOptions
+from fairseq_accel.inference.sanm_step import SANMCrossAttentionStep
 from fairseq_accel.inference.transformer_step import CrossAttentionStep, SelfAttentionStep
 from fairseq_accel.modules.int8_linear import Int8Linear
+from fairseq_accel.modules.sanm_attention import MultiHeadedCrossAttention
 
 EMBED, HEADS, BATCH, BEAM, STEPS, SOURCE = 32, 4, 2, 3, 5, 7
 LEVELS = FastDecodingOptions(kv_cache_dtype="int8", quantize_cross_kv=True)
@@ -70,19 +74,32 @@ def test_self_attention_on_output_levels_is_the_float_cache_attention() -> None:
     assert max(errors) < 0.02, errors  # 8-bit keys/values per channel: ~1 % of the attention output
 
 
-def test_cross_attention_on_output_levels_is_the_float_memory_attention() -> None:
+def sanm_cross_attention(queries: torch.Tensor, memory: torch.Tensor) -> MultiHeadedCrossAttention:
+    torch.manual_seed(0)
+    attention = MultiHeadedCrossAttention(HEADS, EMBED, 0.0, EMBED)
+    attention.linear_q = calibrated_int8(attention.linear_q, queries)
+    attention.linear_k_v = calibrated_int8(attention.linear_k_v, memory)
+    return attention
+
+
+@pytest.mark.parametrize("kind", ["fairseq", "sanm"])
+def test_cross_attention_on_output_levels_is_the_float_memory_attention(kind: str) -> None:
     generator = torch.Generator().manual_seed(2)
-    memory = torch.randn(SOURCE, BATCH, EMBED, generator=generator)
+    memory = torch.randn(SOURCE, BATCH, EMBED, generator=generator)  # fairseq's layout; SAN-M's is batch first
     padding = torch.zeros(BATCH, SOURCE, dtype=torch.bool)
     padding[1, -2:] = True  # the second sentence is shorter
     queries = torch.randn(BATCH * BEAM, EMBED, generator=generator)
-    attention = int8_attention(queries, memory.reshape(-1, EMBED))
+    if kind == "fairseq":
+        attention, step_class, step_memory = int8_attention(queries, memory.reshape(-1, EMBED)), CrossAttentionStep, memory
+    else:
+        attention, step_class = sanm_cross_attention(queries, memory.reshape(-1, EMBED)), SANMCrossAttentionStep
+        step_memory = memory.transpose(0, 1)
     results = {}
     for name, options in (("float", FLOAT), ("levels", LEVELS)):
-        step = CrossAttentionStep(attention, options)
-        step.start(BeamState(BATCH, BEAM, 1, torch.device("cpu")), options, memory, padding)
+        step = step_class(attention, options)
+        step.start(BeamState(BATCH, BEAM, 1, torch.device("cpu")), options, step_memory, padding)
         results[name] = step(queries)
-        assert step.int8_levels == (options is LEVELS)
+        assert (step.level_steps is not None) == (options is LEVELS)
     assert step.memory.keys.dtype == torch.int8 and step.memory.key_scale is None and step.memory.value_scale is None
     assert relative_error(results["levels"], results["float"]) < 0.02
 
@@ -95,4 +112,17 @@ def test_layers_without_output_ranges_keep_the_float_path(options: FastDecodingO
         layer = getattr(attention, name)
         setattr(attention, name, Int8Linear(layer.levels, layer.row_scales, layer.bias, layer.input_scale))
     step = SelfAttentionStep(attention, options)
-    assert not step.int8_levels and step.level_factors is None
+    assert not step.int8_levels and step.level_steps is None
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("s2t_sanm_mini", {"src_attn.linear_k_v"}),  # SAN-M's FSMN decoder: no self-attention cache
+    ("s2t_transformer_xs", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "encoder_attn.k_proj",
+                            "encoder_attn.v_proj"}),
+])
+def test_calibration_records_the_outputs_the_caches_take(arch: str, expected: set) -> None:
+    """The output ranges calibration records are those of the projections the fast generator caches."""
+    model = build_speech_model(arch, encoder_layers=1, decoder_layers=2)
+    names = cached_projections(model)
+    assert {name.split(".", 3)[3] for name in names} == expected
+    assert {name.split(".")[2] for name in names} == {"0", "1"} and all(n.startswith("decoder.") for n in names)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
 
 from fairseq_accel.compat.checkpoint_files import write_checkpoint
 from fairseq_accel.compression.calibration import AbsHistogram, CalibrationError, int8_scale
 from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT, activation_max_level
+from fairseq_accel.modules.sanm_attention import MultiHeadedCrossAttention
 
 STATE_VERSION = 2  # 2: with the output ranges of the attention projections
 
@@ -32,12 +32,21 @@ def linear_layers(model: nn.Module) -> Dict[str, nn.Linear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
+def _cached_outputs(attention: nn.Module) -> Tuple[str, ...]:
+    """The projections of a decoder attention layer whose outputs the fast generator caches as int8 levels:
+    keys and values (and the query, which self-attention computes in the same fused int8 GEMM)."""
+    if isinstance(attention, MultiheadAttention):
+        return ("q_proj", "k_proj", "v_proj") if attention.self_attention else ("k_proj", "v_proj")
+    if isinstance(attention, MultiHeadedCrossAttention):  # SAN-M: keys and values in one projection
+        return ("linear_k_v",)
+    return ()
+
+
 def cached_projections(model: nn.Module) -> List[str]:
-    """Names of the query, key and value projections of the decoder's attention layers (fairseq
-    ``MultiheadAttention``): the layers whose outputs go into the fast generator's key/value caches."""
-    return [f"{name}.{projection}" for name, module in model.named_modules()
-            if name.startswith("decoder.") and isinstance(module, MultiheadAttention)
-            for projection in ("q_proj", "k_proj", "v_proj")]
+    """Names of the decoder's attention projections whose outputs go into the fast generator's key/value
+    caches, whose output ranges calibration records."""
+    return [f"{name}.{projection}" for name, module in model.named_modules() if name.startswith("decoder.")
+            for projection in _cached_outputs(module)]
 
 
 class LinearInputCalibrator:

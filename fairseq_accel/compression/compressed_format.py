@@ -140,8 +140,9 @@ def compress_model_state(model: Dict[str, Tensor], bits_of: Callable[[str, Tenso
                          activations: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The compressed section of a checkpoint for the fairseq ``model`` state: every tensor packed at
     ``bits_of(name, tensor)`` bits (None: kept float32), tensors sharing storage stored once, and the
-    calibration record ``activations`` (method, batches, and the input scale of each int8 linear layer by
-    its stored weight name) when the activations were calibrated."""
+    calibration record ``activations`` (method, batches, the input scale of each int8 linear layer and the
+    output ranges of the decoder's attention projections, by stored weight name) when the activations were
+    calibrated."""
     packed: Dict[str, Any] = {}
     kept: Dict[str, Tensor] = {}
     aliases = storage_aliases(model)

@@ -161,18 +161,22 @@ def _beams_to_rows(x: Tensor) -> Tensor:
 class AttentionKVCache:
     """Self-attention keys and values of every hypothesis: ``[B, H, T, beam, D]``, fp32, fp16 or int8 with
     one scale per (head, token) (``[B, H, T, beam]``), dequantized inside the attention. With
-    ``int8_levels``, int8 keys/values are written as given, levels whose fixed per-channel scales the caller
-    folds into the query and the output (the int8 attention path): no scales are stored."""
+    ``level_steps`` (the int8 attention path: the value of one level of each key and value channel, ``[H, D]``
+    each), int8 keys/values are levels written as given, no scales are stored, and the attention folds the
+    key steps into the query and the value steps into its output."""
 
     def __init__(
         self, indirection: BeamIndirection, heads: int, head_dim: int, dtype: str, compute_dtype: torch.dtype,
-        device: torch.device, kernels=None, int8_levels: bool = False,
+        device: torch.device, kernels=None, level_steps: Optional[Tuple[Tensor, Tensor]] = None,
     ):
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
         self.indirection = indirection
         self.dtype = dtype
-        scaled_int8 = dtype == "int8" and not int8_levels
+        if level_steps is not None and dtype != "int8":
+            raise ValueError(f"int8 level steps given for a {dtype} cache")
+        self.level_steps = level_steps
+        scaled_int8 = dtype == "int8" and level_steps is None
         self.kernels = kernels if scaled_int8 else None  # the CUDA kernels serve the per-token int8 cache only
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
@@ -204,6 +208,12 @@ class AttentionKVCache:
 
     def attend(self, q: Tensor) -> Tensor:
         """Attention of the step's queries ``[B * beam, H, D]`` (pre-scaled) over each one's history."""
+        if self.level_steps is not None:
+            key_step, value_step = self.level_steps
+            return self._attend(q * key_step) * value_step
+        return self._attend(q)
+
+    def _attend(self, q: Tensor) -> Tensor:
         ind = self.indirection
         steps = ind.step + 1
         if self.kernels is not None:
@@ -272,11 +282,15 @@ class WindowCache:
 
 class CrossAttentionMemory:
     """One cross-attention layer's encoder keys/values ``[B, H, S, D]``, computed once per sentence and
-    shared by its beams; int8 optionally (values per token, keys per token or per channel). Keys and values
-    that are int8 already are levels whose per-channel scales the caller applies (the int8 attention path)."""
+    shared by its beams; int8 optionally (values per token, keys per token or per channel), or int8 levels
+    with ``level_steps`` (the int8 attention path, as in :class:`AttentionKVCache`)."""
 
-    def __init__(self, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor], beam: int, dtype: str, key_scale_axis: str = "token"):
+    def __init__(self, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor], beam: int, dtype: str,
+                 key_scale_axis: str = "token", level_steps: Optional[Tuple[Tensor, Tensor]] = None):
+        if (level_steps is not None) != (keys.dtype == torch.int8):
+            raise ValueError("int8 keys/values are levels: give their level steps, and only for them")
         self.beam = beam
+        self.level_steps = None if level_steps is None else tuple(s[:, None, :] for s in level_steps)  # H x 1 x D
         self.compute_dtype = keys.dtype if keys.is_floating_point() else torch.float32
         self.mask = None
         if padding_mask is not None and padding_mask.any():
@@ -304,7 +318,11 @@ class CrossAttentionMemory:
         q = _rows_to_beams(q, self.beam)
         if self.query_scale is not None:
             q = q * self.query_scale
+        if self.level_steps is not None:
+            q = q * self.level_steps[0]
         out = beam_attention(q, self.keys, self.values, self.mask, self.key_scale, self.value_scale)
+        if self.level_steps is not None:
+            out = out * self.level_steps[1]
         return _beams_to_rows(out)
 
     def keep(self, sentences: Tensor) -> None:

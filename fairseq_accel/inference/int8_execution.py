@@ -15,7 +15,8 @@ whose steps call :func:`linear_step` / :func:`fused_linear_step` and so pick the
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from fairseq_accel.compression.compressed_format import check_version, packed_tensors
-from fairseq_accel.modules.int8_linear import Int8Linear
+from fairseq_accel.modules.int8_linear import OUTPUT_LEVEL, Int8Linear
 
+logger = logging.getLogger(__name__)
 LinearStep = Callable[[Tensor], Tensor]
 INT8_MIN_WEIGHTS = 256 * 1024  # smallest layer that runs as an int8 GEMM (module docstring)
 
@@ -71,6 +73,22 @@ def call_projection_modules(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MultiheadAttention):
             module._set_skip_embed_dim_check()
+
+
+def output_level_steps(layer: nn.Module, heads: int, head_dim: int) -> Optional[Tensor]:
+    """``[parts, heads, head_dim]``: the value of one int8 output level of each channel of an attention
+    projection (``output_absmax / 127``; ``parts`` = 3 for a fused query/key/value layer), or None unless
+    it is an int8 layer with calibrated output ranges (the int8 attention path needs them)."""
+    if not isinstance(layer, Int8Linear) or layer.output_absmax is None:
+        return None
+    return (layer.output_absmax / OUTPUT_LEVEL).view(-1, heads, head_dim)
+
+
+def log_int8_attention(layers: int) -> None:
+    """The one line a fast decoder logs when ``layers`` of its attention layers take the int8 attention path."""
+    if layers:
+        logger.info(f"int8 attention path: {layers} attention layers write int8 keys/values straight from their "
+                    "int8 projections into the caches")
 
 
 def linear_step(layer: nn.Module) -> LinearStep:

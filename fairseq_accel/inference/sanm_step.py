@@ -18,7 +18,12 @@ from fairseq_accel.inference.fast_decoder import (
     layer_norm,
     register_fast_decoder,
 )
-from fairseq_accel.inference.int8_execution import fused_linear_step, linear_step
+from fairseq_accel.inference.int8_execution import (
+    fused_linear_step,
+    linear_step,
+    log_int8_attention,
+    output_level_steps,
+)
 from fairseq_accel.models.s2t_sanm import SANMDecoder, SANMDecoderLayer
 from fairseq_accel.modules.sanm_attention import CausalFSMN, DecoderFeedForward, MultiHeadedCrossAttention
 
@@ -53,9 +58,10 @@ class FSMNStep:
 
 
 class SANMCrossAttentionStep:
-    """``MultiHeadedCrossAttention``: fused K/V projection of the encoder output once per sentence."""
+    """``MultiHeadedCrossAttention``: fused K/V projection of the encoder output once per sentence (int8
+    levels straight from it on the int8 attention path, as in ``transformer_step.CrossAttentionStep``)."""
 
-    def __init__(self, attention: MultiHeadedCrossAttention):
+    def __init__(self, attention: MultiHeadedCrossAttention, options: FastDecodingOptions):
         self.attention = attention
         self.heads, self.head_dim = attention.h, attention.d_k
         scale = self.head_dim**-0.5  # scaled_dot_product_attention's default scale
@@ -63,13 +69,21 @@ class SANMCrossAttentionStep:
         self.q = fused_linear_step([attention.linear_q], [q_weight.new_full((q_weight.size(0),), scale)])
         self.out = linear_step(attention.linear_out)
         self.memory: Optional[CrossAttentionMemory] = None
+        steps = output_level_steps(attention.linear_k_v, self.heads, self.head_dim)  # [2, H, D]: keys, values
+        self.level_steps = None if steps is None or options.cross_kv_dtype != "int8" else (steps[0], steps[1])
 
     def start(self, state: BeamState, options: FastDecodingOptions, memory: Tensor, padding_mask: Optional[Tensor]) -> None:
         """``memory``: encoder output ``[B, S, C]``."""
-        k, v = self.attention._keys_values(memory)
-        self.memory = state.add(
-            CrossAttentionMemory(k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.key_scale)
-        )
+        if self.level_steps is None:
+            k, v = self.attention._keys_values(memory)
+        else:
+            batch, time, _ = memory.shape
+            levels = self.attention.linear_k_v.forward_levels(memory).view(batch, time, 2, self.heads, self.head_dim)
+            k, v = levels.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x S x D each
+        self.memory = state.add(CrossAttentionMemory(
+            k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.key_scale,
+            self.level_steps,
+        ))
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
@@ -81,11 +95,11 @@ class SANMLayerStep:
     """``SANMDecoderLayer``: ``x + FSMN(norm2(FFN(norm1 x)))``, then ``+ cross-attention(norm3 x)``; the
     FFN-only last layer returns ``FFN(norm1 x)``."""
 
-    def __init__(self, layer: SANMDecoderLayer):
+    def __init__(self, layer: SANMDecoderLayer, options: FastDecodingOptions):
         self.layer = layer
         self.feed_forward = FeedForwardStep(layer.feed_forward)
         self.fsmn = None if layer.self_attn is None else FSMNStep(layer.self_attn)
-        self.cross_attn = None if layer.src_attn is None else SANMCrossAttentionStep(layer.src_attn)
+        self.cross_attn = None if layer.src_attn is None else SANMCrossAttentionStep(layer.src_attn, options)
 
     def start(self, state: BeamState, options: FastDecodingOptions, memory: Tensor, padding_mask: Optional[Tensor]) -> None:
         if self.fsmn is not None:
@@ -108,7 +122,8 @@ class FastSANMDecoder(FastDecoder):
         """``kernels`` is accepted for the builder interface; this decoder has no cache the kernels serve."""
         self.decoder = decoder
         self.options = options
-        self.layers = [SANMLayerStep(layer) for layer in [*decoder.decoders, decoder.final_ffn]]
+        self.layers = [SANMLayerStep(layer, options) for layer in [*decoder.decoders, decoder.final_ffn]]
+        log_int8_attention(sum(layer.cross_attn.level_steps is not None for layer in self.layers if layer.cross_attn))
         self.output_projection = VocabularyProjection(decoder.output_projection)
 
     def has_self_attention_cache(self) -> bool:

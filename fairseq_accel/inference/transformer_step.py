@@ -9,10 +9,8 @@ folded in) and runs one token per hypothesis through the same computation as
 The int8 attention path (arXiv 2104.05784): when the model runs int8 layers with calibrated output ranges
 (a compressed checkpoint, ``Int8Linear.forward_levels``) and the cache is int8, the query/key/value
 projections return int8 levels, keys and values go into the caches as they are, and Q.K^T, softmax and .V
-run in float32 on them; each channel's fixed scale is folded into the query (the keys') and into the
-attention output (the values').
+run in float32 on them (the caches fold each channel's fixed step into the query and the output).
 """
-import logging
 from types import ModuleType
 from typing import Callable, Dict, List, Optional
 
@@ -23,7 +21,12 @@ from fairseq.models.transformer import TransformerDecoder, TransformerDecoderBas
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from fairseq_accel.inference.int8_execution import fused_linear_step, linear_step
+from fairseq_accel.inference.int8_execution import (
+    fused_linear_step,
+    linear_step,
+    log_int8_attention,
+    output_level_steps,
+)
 from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamState, CrossAttentionMemory, WindowCache
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
@@ -35,23 +38,12 @@ from fairseq_accel.inference.fast_decoder import (
 )
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
 from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
-from fairseq_accel.modules.int8_linear import OUTPUT_LEVEL, Int8Linear
 from fairseq_accel.modules.multibranch import MultiBranch
-
-logger = logging.getLogger(__name__)
 
 
 def _check_plain_attention(attention: MultiheadAttention, where: str) -> None:
     if attention.bias_k is not None or attention.add_zero_attn:
         raise FastDecodingUnsupported(f"{where} uses add_bias_kv/add_zero_attn")
-
-
-def level_steps(layer: object, heads: int, head_dim: int) -> Optional[Tensor]:
-    """``[..., heads, head_dim]``: the value of one output level of each channel of an int8 layer with
-    calibrated output ranges (``output_absmax / 127``), or None where the layer has none."""
-    if not isinstance(layer, Int8Linear) or layer.output_absmax is None:
-        return None
-    return (layer.output_absmax / OUTPUT_LEVEL).view(-1, heads, head_dim)
 
 
 def key_channel_balance(k_proj: nn.Linear) -> Tensor:
@@ -82,28 +74,29 @@ class SelfAttentionStep:
         self.qkv = fused_linear_step(projections, (q_scale, k_scale, torch.ones_like(q_scale)))
         self.out = linear_step(attention.out_proj)
         self.cache: Optional[AttentionKVCache] = None
-        steps = level_steps(self.qkv, self.heads, self.head_dim)  # int8 attention path, if the layer allows it
-        self.level_factors = None if steps is None else (steps[0] * steps[1], steps[2])  # (query.key, value)
-        self.int8_levels = self.level_factors is not None and options.kv_cache_dtype == "int8"
+        # the int8 attention path: one level's value per channel of the query, key and value [3, H, D]
+        steps = output_level_steps(self.qkv, self.heads, self.head_dim)
+        self.level_steps = steps if options.kv_cache_dtype == "int8" else None
+
+    @property
+    def int8_levels(self) -> bool:
+        return self.level_steps is not None
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
         self.cache = state.add(AttentionKVCache(
             state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, state.kernels,
-            int8_levels=self.int8_levels,
+            level_steps=None if self.level_steps is None else (self.level_steps[1], self.level_steps[2]),
         ))
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
-        if self.int8_levels:
-            query_key, value = self.level_factors
+        if self.level_steps is not None:
             q, k, v = self.qkv.forward_levels(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
-            self.cache.write(k, v)
-            attended = self.cache.attend(q.to(x.dtype) * query_key) * value
+            q = q.to(x.dtype) * self.level_steps[0]
         else:
             q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
-            self.cache.write(k, v)
-            attended = self.cache.attend(q)
-        return self.out(attended.reshape(rows, self.heads * self.head_dim))
+        self.cache.write(k, v)
+        return self.out(self.cache.attend(q).reshape(rows, self.heads * self.head_dim))
 
 
 class ConvBranchStep:
@@ -179,10 +172,14 @@ class CrossAttentionStep:
         self.q = fused_linear_step([q_proj], [q_weight.new_full((q_weight.size(0),), attention.scaling)])
         self.out = linear_step(attention.out_proj)
         self.memory: Optional[CrossAttentionMemory] = None
-        key_steps, value_steps = (level_steps(p, self.heads, self.head_dim) for p in (attention.k_proj, attention.v_proj))
-        # int8 attention path: the level steps of the keys (folded into the query) and of the values
-        self.level_factors = None if key_steps is None or value_steps is None else (key_steps[0], value_steps[0])
-        self.int8_levels = self.level_factors is not None and options.cross_kv_dtype == "int8"
+        steps = [output_level_steps(p, self.heads, self.head_dim) for p in (attention.k_proj, attention.v_proj)]
+        # the int8 attention path: one level's value per key and value channel, [H, D] each
+        self.level_steps = (None if None in steps or options.cross_kv_dtype != "int8"
+                            else (steps[0][0], steps[1][0]))
+
+    @property
+    def int8_levels(self) -> bool:
+        return self.level_steps is not None
 
     def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor]) -> None:
         """``encoder_out``: ``[S, B, C]`` (fairseq's layout); ``padding_mask``: ``[B, S]``."""
@@ -196,19 +193,14 @@ class CrossAttentionStep:
         self.memory = state.add(
             CrossAttentionMemory(
                 heads(attention.k_proj), heads(attention.v_proj), padding_mask, state.beam,
-                options.cross_kv_dtype, options.key_scale,
+                options.cross_kv_dtype, options.key_scale, self.level_steps,
             )
         )
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
         q = self.q(x).view(rows, self.heads, self.head_dim)
-        if self.int8_levels:
-            key, value = self.level_factors
-            attended = self.memory.attend(q * key) * value
-        else:
-            attended = self.memory.attend(q)
-        return self.out(attended.reshape(rows, self.heads * self.head_dim))
+        return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
 
 
 class TransformerLayerStep:
@@ -271,10 +263,7 @@ class FastTransformerDecoder(FastDecoder):
         self.decoder = decoder
         self.options = options
         self.layers = [TransformerLayerStep(layer, options) for layer in decoder.layers]
-        on_levels = sum(step.int8_levels for layer in self.layers for step in layer.attention_steps())
-        if on_levels:
-            logger.info(f"int8 attention path: {on_levels} attention layers write int8 keys/values straight from "
-                        "their int8 projections into the caches")
+        log_int8_attention(sum(step.int8_levels for layer in self.layers for step in layer.attention_steps()))
         self.output_projection = VocabularyProjection(decoder.output_projection)
         self.kernels = kernels  # for the int8 self-attention cache
         self.positions: Optional[Tensor] = None

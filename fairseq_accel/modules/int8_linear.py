@@ -125,13 +125,13 @@ class Int8Linear(nn.Module):
         same calibrated input scale), e.g. the query, key and value projections; exact: each factor only
         multiplies its rows' scales (and biases)."""
         quantizers = {(layer.input_scale, layer.input_zero_point) for layer in layers}
-        ranges = [layer.output_absmax for layer in layers]
         if len(quantizers) != 1:
             raise ValueError(f"fused int8 layers must share their input scale and zero point, got {sorted(quantizers)}")
         biases = [layer.bias for layer in layers]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             raise ValueError("fused int8 layers must all have biases or none")
         bias = None if biases[0] is None else torch.cat([b * f for b, f in zip(biases, row_factors)])
+        ranges = [layer.output_absmax for layer in layers]
         output_absmax = None if any(r is None for r in ranges) else torch.cat(
             [r * f.abs() for r, f in zip(ranges, row_factors)])
         return cls(torch.cat([layer.levels for layer in layers]),
