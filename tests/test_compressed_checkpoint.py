@@ -23,6 +23,8 @@ from fairseq_accel.compression.activation_calibration import LinearInputCalibrat
 from fairseq_accel.compression.compressed_format import OUTPUT_RANGES_ROW, pack, size_rows
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
 from fairseq_accel.compression.sensitivity_measures import sensitivity_measure
+from fairseq_accel.compression.similarity_calibration import SAMPLE_ROWS
+from fairseq_accel.modules.int8_linear import activation_max_level
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -264,6 +266,32 @@ def test_calibration_resumes_and_merges_across_shards(pruned_lsra: Path, calibra
         assert merged_state.histograms[name].total == counts > 0  # nothing lost in the merge
     for name, absmax in merged_state.output_absmax.items():  # output ranges merge as the larger of the two
         assert torch.equal(absmax, torch.maximum(*(shard["output_absmax"][name] for shard in shard_states)))
+
+
+def test_similarity_aware_calibration(pruned_lsra: Path, calibrated: "tuple[Path, str]", tiny_translation_data: Path,
+                                      tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--act-calib pearson, calibrated in two shards and merged: ranges chosen on the sampled input rows, never
+    beyond the largest input calibration saw; a sampled state cannot be resumed by another method."""
+    common = ("--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE)
+    parts = [tmp_path / f"part{k}.calib" for k in range(2)]
+    for k, part in enumerate(parts):
+        assert compress_main([str(a) for a in (*common, "--act-calib", "pearson", "--calib-shard", f"{k}/2",
+                                               "--calib-state", part)]) == 0
+    similar, _ = calibration_section(capsys, "--path", pruned_lsra, "--calib-from", *parts, "--act-calib", "pearson",
+                                     "--out", tmp_path / "merged.pt")
+    assert similar["method"] == "pearson" and similar["batches"] == 4
+    states = [read_checkpoint(str(part)) for part in parts]
+    seen = LinearInputCalibrator(states[0]["histograms"], states[0]["output_absmax"], SAMPLE_ROWS)
+    for part, state in zip(parts, states):
+        seen.load_state_dict(state, str(part))
+    largest = {f"{name}.weight": float(sample.rows.abs().max()) for name, sample in seen.samples.items()}
+    levels = {name: activation_max_level(zero) for name, zero in similar["zero_points"].items()}
+    checked = similar["scales"].keys() & largest.keys()  # (the tied output projection is stored as the embedding)
+    assert len(checked) == len(similar["scales"]) - 1
+    assert all(0 < similar["scales"][name] * levels[name] <= largest[name] * (1 + 1e-6) for name in checked)
+    other = refused_after_progress(capsys, *common, "--act-calib", "mse", "--calib-state", parts[0], "--out",
+                                   tmp_path / "other.pt")
+    assert "holds the calibration of" in other and "'sampled_rows': 512" in other
 
 
 def refused_after_progress(capsys: pytest.CaptureFixture, *args: object) -> str:

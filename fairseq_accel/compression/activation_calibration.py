@@ -1,6 +1,8 @@
 """Calibration of the inputs of every linear layer: forward pre-hooks fill one |x| histogram per layer
 while calibration batches run through the model (teacher-forced, as in training), and the histograms give
-each layer's activation scale (:mod:`~fairseq_accel.compression.calibration`). The outputs of the decoder's
+each layer's activation scale (:mod:`~fairseq_accel.compression.calibration`), or, for similarity-aware
+calibration, a sample of its input rows does (:mod:`~fairseq_accel.compression.similarity_calibration`).
+The outputs of the decoder's
 attention projections are calibrated too (the largest |y| per output channel): the fast generator writes
 them into its int8 key/value caches straight from the int8 GEMM (``Int8Linear.forward_levels``).
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from fairseq_accel.compat.checkpoint_files import write_checkpoint
 from fairseq_accel.compression.calibration import AbsHistogram, CalibrationError, int8_scale
+from fairseq_accel.compression.similarity_calibration import RowSample, similarity_threshold
 from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT, activation_max_level
 from fairseq_accel.modules.sanm_attention import MultiHeadedCrossAttention
@@ -49,18 +52,25 @@ def cached_projections(model: nn.Module) -> List[str]:
             for projection in _cached_outputs(module)]
 
 
-class LinearInputCalibrator:
-    """One :class:`AbsHistogram` per linear layer input (by the layer's module name), and the largest |y| per
-    output channel of the layers in ``output_names``."""
+SIMILARITY = "pearson"  # the --act-calib method that needs row samples (similarity-aware calibration)
 
-    def __init__(self, names: Iterable[str], output_names: Iterable[str] = ()):
+
+class LinearInputCalibrator:
+    """One :class:`AbsHistogram` per linear layer input (by the layer's module name), with ``sample_rows`` a
+    :class:`RowSample` of its input rows too, and the largest |y| per output channel of the layers in
+    ``output_names``."""
+
+    def __init__(self, names: Iterable[str], output_names: Iterable[str] = (), sample_rows: int = 0):
         self.histograms = {name: AbsHistogram(name) for name in names}
         self.minima = {name: float("inf") for name in self.histograms}  # non-negative inputs get unsigned levels
+        self.samples = {name: RowSample(name, sample_rows) for name in self.histograms} if sample_rows else {}
         self.output_absmax: Dict[str, Optional[Tensor]] = {name: None for name in output_names}
         self.batches = 0  # calibration batches seen (resumed runs skip them)
 
     def _record(self, name: str, x: Tensor) -> None:
         self.histograms[name].add(x)
+        if self.samples:
+            self.samples[name].add(x)
         if x.numel():
             self.minima[name] = min(self.minima[name], float(x.min()))
 
@@ -90,7 +100,8 @@ class LinearInputCalibrator:
     def state_dict(self, meta: Dict[str, Any]) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "batches": self.batches, "meta": dict(meta), "minima": dict(self.minima),
                 "histograms": {name: h.state_dict() for name, h in self.histograms.items()},
-                "output_absmax": dict(self.output_absmax)}
+                "output_absmax": dict(self.output_absmax),
+                "samples": {name: sample.state_dict() for name, sample in self.samples.items()}}
 
     def load_state_dict(self, state: Dict[str, Any], source: str) -> None:
         """Resume from (or merge in, when this calibrator has seen batches already) a saved state."""
@@ -109,7 +120,23 @@ class LinearInputCalibrator:
         for name, absmax in state["output_absmax"].items():
             if absmax is not None:
                 self._record_output(name, absmax[None])
+        if bool(self.samples) != bool(state["samples"]):
+            raise CalibrationError(f"{source}: calibrated {'without' if self.samples else 'with'} input samples; "
+                                   f"--act-calib {SIMILARITY} needs them in every part, the other methods in none")
+        for name, sample in state["samples"].items():
+            self.samples[name].merge(RowSample.from_state_dict(sample))
         self.batches += int(state["batches"])
+
+    def _scale(self, method: str, name: str, zero_point: int,
+               weights: Optional[Dict[str, Tuple[Tensor, Optional[Tensor]]]]) -> float:
+        max_level = activation_max_level(zero_point)
+        if method != SIMILARITY:
+            return int8_scale(self.histograms[name], method, max_level)
+        sample = self.samples.get(name)
+        if sample is None or sample.rows is None:
+            raise CalibrationError(f"{name}: no input rows were sampled for --act-calib {SIMILARITY} (the calibration "
+                                   "ran with another method, or no batch reached this layer)")
+        return similarity_threshold(sample, *weights[name], zero_point, max_level) / max_level
 
     def save(self, path: Path, meta: Dict[str, Any]) -> None:
         write_checkpoint(self.state_dict(meta), path)
@@ -120,15 +147,17 @@ class LinearInputCalibrator:
             raise CalibrationError("the calibration set is empty: no batch ran through the model (check "
                                    "--calib-subset, --calib-shard and that the subset has sentences)")
 
-    def quantizers(self, method: str, names: Iterable[str]) -> Dict[str, Tuple[float, int]]:
+    def quantizers(self, method: str, names: Iterable[str],
+                   weights: Optional[Dict[str, Tuple[Tensor, Optional[Tensor]]]] = None) -> Dict[str, Tuple[float, int]]:
         """Input scale and zero point of each layer in ``names`` for :class:`Int8Linear` (unsigned levels where
-        calibration saw no negative input); a layer that no batch ran is a :class:`CalibrationError` naming it."""
+        calibration saw no negative input); a layer that no batch ran is a :class:`CalibrationError` naming it.
+        The similarity-aware method also needs each layer's ``weights`` (weight, bias)."""
         self.require_batches()
         quantizers = {}
         for name in names:
             zero_point = UNSIGNED_ZERO_POINT if self.minima[name] >= 0 else SIGNED_ZERO_POINT
             try:
-                scale = int8_scale(self.histograms[name], method, activation_max_level(zero_point))
+                scale = self._scale(method, name, zero_point, weights)
             except CalibrationError as error:
                 raise CalibrationError(f"{error}; to keep this layer in float32 instead: --keep-float "
                                        f"'{name}\\.'") from None

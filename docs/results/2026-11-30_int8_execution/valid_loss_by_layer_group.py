@@ -1,5 +1,5 @@
 import sys, copy, re, torch, logging
-import fairseq_accel
+import fairseq_accel.plugin  # registers the plugin (its package __init__ stopped doing that on 2026-11-30)
 from fairseq import checkpoint_utils
 from fairseq_accel.inference.int8_execution import convert_to_int8, call_projection_modules
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
@@ -29,7 +29,7 @@ def variant(keep):
     m = copy.deepcopy(model)
     sec = dict(section); act = dict(sec["activations"]); act["scales"] = {k: v for k, v in act["scales"].items() if not re.search(keep, k)} if keep else act["scales"]
     sec["activations"] = act
-    names = convert_to_int8(m, sec, "x")
+    names = convert_to_int8(m, sec, "x", 0)  # every linear layer (the --int8-min-weights floor came later)
     return loss(m), len(names)
 for keep in sys.argv[3:]:
     l, n = variant(keep if keep != "none" else None)
