@@ -66,10 +66,10 @@ def brute_force(sample: RowSample, weight: torch.Tensor) -> float:
 
 def test_range_follows_the_weights_of_the_outlier_channel() -> None:
     ignored_sample, ignored_weight = outlier_inputs(outlier_weight=0.0)  # the outliers meet zero weights
-    clipped = similarity_threshold(ignored_sample, ignored_weight, None, SIGNED_ZERO_POINT, MAX_LEVEL)
+    clipped = similarity_threshold(ignored_sample, [(ignored_weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
     assert clipped < 10  # the N(0, 1) channels get the levels; clipping channel 0 costs nothing
     used_sample, used_weight = outlier_inputs(outlier_weight=1.0)
-    kept = similarity_threshold(used_sample, used_weight, None, SIGNED_ZERO_POINT, MAX_LEVEL)
+    kept = similarity_threshold(used_sample, [(used_weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
     assert kept > 20  # clipping channel 0 would bend every output of those rows
     for sample, weight, chosen in ((ignored_sample, ignored_weight, clipped), (used_sample, used_weight, kept)):
         assert chosen == brute_force(sample, weight)
@@ -82,10 +82,28 @@ def test_calibrator_scales_by_similarity_and_refuses_without_samples() -> None:
     calibrator.batches = 1
     scale, zero_point = calibrator.quantizers(SIMILARITY, ["layer"], {"layer": (weight, None)})["layer"]
     assert zero_point == SIGNED_ZERO_POINT
-    assert scale * MAX_LEVEL == similarity_threshold(sample, weight, None, SIGNED_ZERO_POINT, MAX_LEVEL)
+    assert scale * MAX_LEVEL == similarity_threshold(sample, [(weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
     assert calibrator.quantizers("max", ["layer"])["layer"][0] > 3 * scale  # max keeps the outliers' range
     unsampled = LinearInputCalibrator(["layer"])
     unsampled._record("layer", sample.rows)
     unsampled.batches = 1
     with pytest.raises(CalibrationError, match="no input rows were sampled for --act-calib pearson"):
         unsampled.quantizers(SIMILARITY, ["layer"], {"layer": (weight, None)})
+
+
+def test_layers_reading_one_input_share_one_range() -> None:
+    """A self-attention's query, key and value projections read the same input and run as one fused int8 GEMM:
+    they get one range (found on the first real run: three ranges made the fused layer refuse them)."""
+    sample, weight = outlier_inputs(outlier_weight=0.0)
+    other = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))  # uses the outlier channel
+    calibrator = LinearInputCalibrator(["q", "k", "alone"], sample_rows=400)
+    for name in ("q", "k"):
+        calibrator._record(name, sample.rows)
+    calibrator._record("alone", sample.rows[:200])
+    calibrator.batches = 1
+    weights = {"q": (weight, None), "k": (other, None), "alone": (weight, None)}
+    scales = {name: scale for name, (scale, _) in calibrator.quantizers(SIMILARITY, ["q", "k", "alone"], weights).items()}
+    assert scales["q"] == scales["k"]
+    joint = similarity_threshold(sample, [(weight, None), (other, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
+    assert scales["q"] * MAX_LEVEL == joint
+    assert scales["alone"] != scales["q"]  # other rows, its own range

@@ -55,6 +55,10 @@ def cached_projections(model: nn.Module) -> List[str]:
 SIMILARITY = "pearson"  # the --act-calib method that needs row samples (similarity-aware calibration)
 
 
+def keep_float_hint(name: str) -> str:
+    return f"to keep this layer in float32 instead: --keep-float '{name}\\.'"
+
+
 class LinearInputCalibrator:
     """One :class:`AbsHistogram` per linear layer input (by the layer's module name), with ``sample_rows`` a
     :class:`RowSample` of its input rows too, and the largest |y| per output channel of the layers in
@@ -127,17 +131,6 @@ class LinearInputCalibrator:
             self.samples[name].merge(RowSample.from_state_dict(sample))
         self.batches += int(state["batches"])
 
-    def _scale(self, method: str, name: str, zero_point: int,
-               weights: Optional[Dict[str, Tuple[Tensor, Optional[Tensor]]]]) -> float:
-        max_level = activation_max_level(zero_point)
-        if method != SIMILARITY:
-            return int8_scale(self.histograms[name], method, max_level)
-        sample = self.samples.get(name)
-        if sample is None or sample.rows is None:
-            raise CalibrationError(f"{name}: no input rows were sampled for --act-calib {SIMILARITY} (the calibration "
-                                   "ran with another method, or no batch reached this layer)")
-        return similarity_threshold(sample, *weights[name], zero_point, max_level) / max_level
-
     def save(self, path: Path, meta: Dict[str, Any]) -> None:
         write_checkpoint(self.state_dict(meta), path)
 
@@ -153,16 +146,41 @@ class LinearInputCalibrator:
         calibration saw no negative input); a layer that no batch ran is a :class:`CalibrationError` naming it.
         The similarity-aware method also needs each layer's ``weights`` (weight, bias)."""
         self.require_batches()
+        names = list(names)
+        thresholds = self._similarity_thresholds(names, weights) if method == SIMILARITY else {}
         quantizers = {}
         for name in names:
-            zero_point = UNSIGNED_ZERO_POINT if self.minima[name] >= 0 else SIGNED_ZERO_POINT
+            zero_point = self._zero_point(name)
+            max_level = activation_max_level(zero_point)
             try:
-                scale = self._scale(method, name, zero_point, weights)
+                scale = thresholds[name] / max_level if thresholds else int8_scale(self.histograms[name], method, max_level)
             except CalibrationError as error:
-                raise CalibrationError(f"{error}; to keep this layer in float32 instead: --keep-float "
-                                       f"'{name}\\.'") from None
+                raise CalibrationError(f"{error}; {keep_float_hint(name)}") from None
             quantizers[name] = (scale, zero_point)
         return quantizers
+
+    def _zero_point(self, name: str) -> int:
+        return UNSIGNED_ZERO_POINT if self.minima[name] >= 0 else SIGNED_ZERO_POINT
+
+    def _similarity_thresholds(self, names: List[str],
+                               weights: Dict[str, Tuple[Tensor, Optional[Tensor]]]) -> Dict[str, float]:
+        """The similarity-aware threshold of each layer; layers that read the same input (the same sampled
+        rows: a self-attention's query, key and value projections) get one, best for them together."""
+        groups: Dict[bytes, List[str]] = {}
+        for name in names:
+            sample = self.samples.get(name)
+            if sample is None or sample.rows is None:
+                raise CalibrationError(f"{name}: no input rows were sampled for --act-calib {SIMILARITY} (the "
+                                       f"calibration ran with another method, or no batch reached this layer); "
+                                       f"{keep_float_hint(name)}")
+            groups.setdefault(sample.keys.numpy().tobytes(), []).append(name)
+        thresholds = {}
+        for group in groups.values():
+            zero_point = self._zero_point(group[0])
+            threshold = similarity_threshold(self.samples[group[0]], [weights[name] for name in group], zero_point,
+                                             activation_max_level(zero_point))
+            thresholds.update(dict.fromkeys(group, threshold))
+        return thresholds
 
 
 def teacher_forced_forward(model: nn.Module, net_input: Dict[str, Tensor]) -> Any:

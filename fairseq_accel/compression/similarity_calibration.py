@@ -10,7 +10,7 @@ processes, so the samples of calibration shards merge exactly into the sample of
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +73,14 @@ def fake_quantize(x: Tensor, scale: float, zero_point: int, max_level: int) -> T
     return torch.clamp(torch.round(x / scale), -zero_point, max_level) * scale
 
 
-def similarity_threshold(sample: RowSample, weight: Tensor, bias: Optional[Tensor], zero_point: int,
+def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optional[Tensor]]], zero_point: int,
                          max_level: int) -> float:
     """The threshold (the input the top level stands for) among :data:`CANDIDATES` whose quantized inputs
-    give the outputs ``x W^T + b`` most correlated with the float ones, on ``sample``."""
+    give the outputs ``x W^T + b`` most correlated with the float ones, on ``sample``, on average over
+    ``layers`` (weight, bias) that read this input (one int8 GEMM may fuse them: they need one scale)."""
     x = sample.rows
-    weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-    reference = F.linear(x, weight, bias)
+    layers = [(w.detach().float(), None if b is None else b.detach().float()) for w, b in layers]
+    references = [F.linear(x, w, b) for w, b in layers]
     largest = float(x.abs().max())
     if largest == 0:
         return 1.0  # every sampled input is 0: any range quantizes it exactly
@@ -87,7 +88,7 @@ def similarity_threshold(sample: RowSample, weight: Tensor, bias: Optional[Tenso
     for fraction in torch.linspace(SMALLEST_FRACTION, 1.0, CANDIDATES).tolist():
         threshold = largest * fraction
         quantized = fake_quantize(x, threshold / max_level, zero_point, max_level)
-        similarity = pearson(reference, F.linear(quantized, weight, bias))
+        similarity = sum(pearson(r, F.linear(quantized, w, b)) for r, (w, b) in zip(references, layers)) / len(layers)
         if similarity > best_similarity:
             best_threshold, best_similarity = threshold, similarity
     return best_threshold
