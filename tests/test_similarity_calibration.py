@@ -11,7 +11,6 @@ from fairseq_accel.compression.similarity_calibration import (
     CANDIDATES,
     SMALLEST_FRACTION,
     RowSample,
-    fake_quantize,
     pearson,
     similarity_threshold,
 )
@@ -59,17 +58,18 @@ def brute_force(sample: RowSample, weight: torch.Tensor) -> float:
     largest = float(sample.rows.abs().max())
     scores = {}
     for fraction in torch.linspace(SMALLEST_FRACTION, 1.0, CANDIDATES).tolist():
-        quantized = fake_quantize(sample.rows, largest * fraction / MAX_LEVEL, SIGNED_ZERO_POINT, MAX_LEVEL)
+        scale = largest * fraction / MAX_LEVEL  # the signed 7-bit grid, levels -64..63, written out here
+        quantized = torch.clamp(torch.round(sample.rows / scale), -64, 63) * scale
         scores[largest * fraction] = pearson(sample.rows @ weight.t(), quantized @ weight.t())
     return max(scores, key=scores.get)
 
 
 def test_range_follows_the_weights_of_the_outlier_channel() -> None:
     ignored_sample, ignored_weight = outlier_inputs(outlier_weight=0.0)  # the outliers meet zero weights
-    clipped = similarity_threshold(ignored_sample, [(ignored_weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
+    clipped = similarity_threshold(ignored_sample, [(ignored_weight, None)], SIGNED_ZERO_POINT)
     assert clipped < 10  # the N(0, 1) channels get the levels; clipping channel 0 costs nothing
     used_sample, used_weight = outlier_inputs(outlier_weight=1.0)
-    kept = similarity_threshold(used_sample, [(used_weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
+    kept = similarity_threshold(used_sample, [(used_weight, None)], SIGNED_ZERO_POINT)
     assert kept > 20  # clipping channel 0 would bend every output of those rows
     for sample, weight, chosen in ((ignored_sample, ignored_weight, clipped), (used_sample, used_weight, kept)):
         assert chosen == brute_force(sample, weight)
@@ -82,7 +82,7 @@ def test_calibrator_scales_by_similarity_and_refuses_without_samples() -> None:
     calibrator.batches = 1
     scale, zero_point = calibrator.quantizers(SIMILARITY, ["layer"], {"layer": (weight, None)})["layer"]
     assert zero_point == SIGNED_ZERO_POINT
-    assert scale * MAX_LEVEL == similarity_threshold(sample, [(weight, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
+    assert scale * MAX_LEVEL == similarity_threshold(sample, [(weight, None)], SIGNED_ZERO_POINT)
     assert calibrator.quantizers("max", ["layer"])["layer"][0] > 3 * scale  # max keeps the outliers' range
     unsampled = LinearInputCalibrator(["layer"])
     unsampled._record("layer", sample.rows)
@@ -104,6 +104,6 @@ def test_layers_reading_one_input_share_one_range() -> None:
     weights = {"q": (weight, None), "k": (other, None), "alone": (weight, None)}
     scales = {name: scale for name, (scale, _) in calibrator.quantizers(SIMILARITY, ["q", "k", "alone"], weights).items()}
     assert scales["q"] == scales["k"]
-    joint = similarity_threshold(sample, [(weight, None), (other, None)], SIGNED_ZERO_POINT, MAX_LEVEL)
+    joint = similarity_threshold(sample, [(weight, None), (other, None)], SIGNED_ZERO_POINT)
     assert scales["q"] * MAX_LEVEL == joint
     assert scales["alone"] != scales["q"]  # other rows, its own range

@@ -153,7 +153,8 @@ class LinearInputCalibrator:
             zero_point = self._zero_point(name)
             max_level = activation_max_level(zero_point)
             try:
-                scale = thresholds[name] / max_level if thresholds else int8_scale(self.histograms[name], method, max_level)
+                scale = (thresholds[name] / max_level if method == SIMILARITY
+                         else int8_scale(self.histograms[name], method, max_level))
             except CalibrationError as error:
                 raise CalibrationError(f"{error}; {keep_float_hint(name)}") from None
             quantizers[name] = (scale, zero_point)
@@ -177,8 +178,7 @@ class LinearInputCalibrator:
         thresholds = {}
         for group in groups.values():
             zero_point = self._zero_point(group[0])
-            threshold = similarity_threshold(self.samples[group[0]], [weights[name] for name in group], zero_point,
-                                             activation_max_level(zero_point))
+            threshold = similarity_threshold(self.samples[group[0]], [weights[name] for name in group], zero_point)
             thresholds.update(dict.fromkeys(group, threshold))
         return thresholds
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairseq_accel.modules.int8_linear import activation_levels, activation_max_level
+
 SAMPLE_ROWS = 512  # input rows kept per layer: enough for a stable correlation, cheap to search over
 CANDIDATES = 64  # thresholds tried per layer, evenly spaced ...
 SMALLEST_FRACTION = 0.05  # ... from this share of the largest |x| in the sample to all of it
@@ -68,13 +70,7 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def fake_quantize(x: Tensor, scale: float, zero_point: int, max_level: int) -> Tensor:
-    """``x`` on the activation grid of an int8 layer: ``clamp(round(x / scale), -zero_point, max_level) * scale``."""
-    return torch.clamp(torch.round(x / scale), -zero_point, max_level) * scale
-
-
-def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optional[Tensor]]], zero_point: int,
-                         max_level: int) -> float:
+def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optional[Tensor]]], zero_point: int) -> float:
     """The threshold (the input the top level stands for) among :data:`CANDIDATES` whose quantized inputs
     give the outputs ``x W^T + b`` most correlated with the float ones, on ``sample``, on average over
     ``layers`` (weight, bias) that read this input (one int8 GEMM may fuse them: they need one scale)."""
@@ -82,12 +78,14 @@ def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optio
     layers = [(w.detach().float(), None if b is None else b.detach().float()) for w, b in layers]
     references = [F.linear(x, w, b) for w, b in layers]
     largest = float(x.abs().max())
+    max_level = activation_max_level(zero_point)
     if largest == 0:
         return 1.0  # every sampled input is 0: any range quantizes it exactly
     best_threshold, best_similarity = largest, -2.0
     for fraction in torch.linspace(SMALLEST_FRACTION, 1.0, CANDIDATES).tolist():
         threshold = largest * fraction
-        quantized = fake_quantize(x, threshold / max_level, zero_point, max_level)
+        scale = threshold / max_level
+        quantized = activation_levels(x, scale, zero_point) * scale
         similarity = sum(pearson(r, F.linear(quantized, w, b)) for r, (w, b) in zip(references, layers)) / len(layers)
         if similarity > best_similarity:
             best_threshold, best_similarity = threshold, similarity

@@ -57,6 +57,11 @@ def activation_max_level(zero_point: int) -> int:
     return ACTIVATION_LEVELS - 1 - zero_point
 
 
+def activation_levels(x: Tensor, scale: float, zero_point: int) -> Tensor:
+    """The activation levels (as float) of ``x``: ``clamp(round(x / scale), -zero_point, 127 - zero_point)``."""
+    return torch.clamp(torch.round(x / scale), -zero_point, activation_max_level(zero_point))
+
+
 def int8_gemm_available() -> bool:
     """Whether torch has the fbgemm int8 kernels (x86 with AVX2); on other CPUs :class:`Int8Linear` emulates
     the same arithmetic in float32 (on CUDA it runs ``torch._int_mm``)."""
@@ -144,9 +149,8 @@ class Int8Linear(nn.Module):
         return self.levels.float() * self.row_scales[:, None]
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """The activation levels (as float) this layer multiplies: ``clamp(round(x / scale), -z, 127 - z)``."""
-        return torch.clamp(torch.round(x / self.input_scale), -self.input_zero_point,
-                           activation_max_level(self.input_zero_point))
+        """The activation levels (as float) this layer multiplies."""
+        return activation_levels(x, self.input_scale, self.input_zero_point)
 
     def _padded_levels_t(self) -> Tensor:
         """``levels`` transposed to ``[in, out]`` and zero-padded to multiples of 8 (``torch._int_mm``'s
