@@ -21,6 +21,7 @@ from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import LinearInputCalibrator, calibration_batches
 from fairseq_accel.compression.compressed_format import OUTPUT_RANGES_ROW, pack, size_rows
+from fairseq_accel.compression.ranking_calibration import SAMPLE_SENTENCES, SentenceSample
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
 from fairseq_accel.compression.sensitivity_measures import sensitivity_measure
 from fairseq_accel.compression.similarity_calibration import SAMPLE_ROWS
@@ -268,22 +269,30 @@ def test_calibration_resumes_and_merges_across_shards(pruned_lsra: Path, calibra
         assert torch.equal(absmax, torch.maximum(*(shard["output_absmax"][name] for shard in shard_states)))
 
 
+@pytest.mark.parametrize("method", ["pearson", "ranking"])
 def test_similarity_aware_calibration(pruned_lsra: Path, calibrated: "tuple[Path, str]", tiny_translation_data: Path,
-                                      tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """--act-calib pearson, calibrated in two shards and merged: ranges chosen on the sampled input rows, never
-    beyond the largest input calibration saw; a sampled state cannot be resumed by another method."""
+                                      tmp_path: Path, capsys: pytest.CaptureFixture, method: str) -> None:
+    """--act-calib pearson (ranking), calibrated in two shards and merged: ranges chosen on the sampled input rows
+    (and attention sentences), never beyond the largest input calibration saw; a sampled state cannot be resumed
+    by another method."""
     common = ("--path", pruned_lsra, "--data", tiny_translation_data, *CALIBRATE)
     parts = [tmp_path / f"part{k}.calib" for k in range(2)]
     for k, part in enumerate(parts):
-        assert compress_main([str(a) for a in (*common, "--act-calib", "pearson", "--calib-shard", f"{k}/2",
+        assert compress_main([str(a) for a in (*common, "--act-calib", method, "--calib-shard", f"{k}/2",
                                                "--calib-state", part)]) == 0
-    similar, _ = calibration_section(capsys, "--path", pruned_lsra, "--calib-from", *parts, "--act-calib", "pearson",
-                                     "--out", tmp_path / "merged.pt")
-    assert similar["method"] == "pearson" and similar["batches"] == 4
+    merged = tmp_path / "merged.pt"
+    similar, _ = calibration_section(capsys, "--path", pruned_lsra, "--calib-from", *parts, "--act-calib", method,
+                                     "--out", merged)
+    assert similar["method"] == method and similar["batches"] == 4
     states = [read_checkpoint(str(part)) for part in parts]
-    seen = LinearInputCalibrator(states[0]["histograms"], states[0]["output_absmax"], SAMPLE_ROWS)
+    seen = LinearInputCalibrator(states[0]["histograms"], states[0]["output_absmax"], SAMPLE_ROWS,
+                                 {name: SentenceSample.from_state_dict(s).layout
+                                  for name, s in states[0]["sentences"].items()})
     for part, state in zip(parts, states):
         seen.load_state_dict(state, str(part))
+    if method == "ranking":  # every attention of the LSRA (encoder and decoder branches, cross) kept sentences
+        assert {name.rsplit(".", 1)[0] for name in seen.histograms if name.endswith(".q_proj")} == set(seen.sentences)
+        assert all(0 < len(sample.queries) <= SAMPLE_SENTENCES for sample in seen.sentences.values())
     largest = {f"{name}.weight": float(sample.rows.abs().max()) for name, sample in seen.samples.items()}
     levels = {name: activation_max_level(zero) for name, zero in similar["zero_points"].items()}
     checked = similar["scales"].keys() & largest.keys()  # (the tied output projection is stored as the embedding)

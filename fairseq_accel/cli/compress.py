@@ -22,7 +22,7 @@ import fairseq_accel.plugin  # noqa: F401  (safe checkpoint loading; the compres
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY, CheckpointLoadError, write_checkpoint
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import (
-    SIMILARITY,
+    SAMPLED_METHODS,
     LinearInputCalibrator,
     cached_projections,
     calibration_batches,
@@ -37,6 +37,13 @@ from fairseq_accel.compression.compressed_format import (
     compress_model_state,
     size_rows,
     storage_aliases,
+)
+from fairseq_accel.compression.ranking_calibration import (
+    RANKING,
+    RANKING_WEIGHT,
+    SAMPLE_SENTENCES,
+    SentenceSample,
+    attention_layouts,
 )
 from fairseq_accel.compression.mixed_precision import format_sensitivity_table, plan_mixed_precision
 from fairseq_accel.compression.sensitivity_measures import SENSITIVITY_METRICS, sensitivity_measure
@@ -92,15 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     calibration.add_argument("--calib-subset", default="valid", help="the subset to calibrate on (default valid)")
     calibration.add_argument("--calib-batches", type=int, default=50, help="batches to run (default 50)")
     calibration.add_argument("--max-tokens", type=int, default=4000, help="tokens (frames) per batch (default 4000)")
-    calibration.add_argument("--act-calib", choices=sorted([*THRESHOLDS, SIMILARITY]), default="mse",
+    calibration.add_argument("--act-calib", choices=sorted([*THRESHOLDS, *SAMPLED_METHODS]), default="mse",
                              help="threshold of each layer's input range: mse (least squared error, default), kl "
                                   "(TensorRT's entropy calibration), percentile (99.99), max, pearson "
                                   "(similarity-aware, arXiv 2106.14156: the range whose quantized input keeps the "
                                   f"layer's outputs most correlated with the float ones, on {SAMPLE_ROWS} sampled "
-                                  "input rows per layer). Measured on the mini LSRA (valid loss, float 2.041): mse "
+                                  "input rows per layer), ranking (pearson, and for the inputs of attention query and "
+                                  "key projections less --ranking-weight times the share of attention-weight order "
+                                  f"quantization reverses, on {SAMPLE_SENTENCES} sampled sentences per attention "
+                                  "layer; arXiv 2106.14156 §3.3). Measured on the mini LSRA (valid loss, float 2.041): mse "
                                   "2.042, max 2.041, percentile 2.043, kl 2.081, pearson 2.136 (with 7-bit "
                                   "activations entropy calibration clips too much, and Pearson correlation does "
                                   "not see the shift clipping makes)")
+    calibration.add_argument("--ranking-weight", type=float, default=RANKING_WEIGHT, metavar="GAMMA",
+                             help=f"--act-calib {RANKING}: weight of the ranking loss against the correlation "
+                                  f"(default {RANKING_WEIGHT})")
     calibration.add_argument("--calib-state", type=Path, metavar="FILE",
                              help="save the histograms here as calibration goes, and resume from it if it exists")
     calibration.add_argument("--calib-shard", type=_shard, metavar="K/N", default=(0, 1),
@@ -192,16 +205,20 @@ def _calibrated(args: argparse.Namespace) -> Tuple[LinearInputCalibrator, Option
     if args.calib_from:
         states = [(str(path), read_checkpoint(str(path))) for path in args.calib_from]
         first = states[0][1]
+        attentions = {name: SentenceSample.from_state_dict(sample).layout
+                      for name, sample in first.get("sentences", {}).items()}
         calibrator = LinearInputCalibrator(first.get("histograms", {}), first.get("output_absmax", {}),
-                                           SAMPLE_ROWS if first.get("samples") else 0)
+                                           SAMPLE_ROWS if first.get("samples") else 0, attentions)
         for source, state in states:
             calibrator.load_state_dict(state, source)
         return calibrator, None
     model, task = _load_model_and_task(args)
-    sample_rows = SAMPLE_ROWS if args.act_calib == SIMILARITY else 0
-    calibrator = LinearInputCalibrator(linear_layers(model), cached_projections(model), sample_rows)
+    sample_rows = SAMPLE_ROWS if args.act_calib in SAMPLED_METHODS else 0
+    attentions = attention_layouts(model) if args.act_calib == RANKING else {}
+    calibrator = LinearInputCalibrator(linear_layers(model), cached_projections(model), sample_rows, attentions)
     meta = {"checkpoint": args.path.name, "subset": args.calib_subset, "max_tokens": args.max_tokens,
-            "shard": "/".join(map(str, args.calib_shard)), "sampled_rows": sample_rows}
+            "shard": "/".join(map(str, args.calib_shard)), "sampled_rows": sample_rows,
+            "sampled_sentences": SAMPLE_SENTENCES if attentions else 0}
     if args.calib_state is not None and args.calib_state.exists():
         saved = read_checkpoint(str(args.calib_state))
         if saved.get("meta") != meta:
@@ -226,12 +243,15 @@ def _stored_names(calibrator: LinearInputCalibrator, model_state: Dict[str, Any]
             if name in model_state and bits_of(name, model_state[name]) is not None}
 
 
-def _quantizers(calibrator: LinearInputCalibrator, method: str, stored_name: Dict[str, str],
+def _quantizers(calibrator: LinearInputCalibrator, args: argparse.Namespace, stored_name: Dict[str, str],
                 model_state: Dict[str, Any]) -> Dict[str, Tuple[float, int]]:
-    """The input quantizer of each calibrated layer by ``method`` (similarity-aware calibration reads the
-    float weights of the checkpoint)."""
-    weights = {layer: (model_state[name], model_state.get(f"{layer}.bias")) for layer, name in stored_name.items()}
-    return calibrator.quantizers(method, stored_name, weights)
+    """The input quantizer of each layer in ``stored_name`` by ``--act-calib`` (similarity- and ranking-aware
+    calibration read the float weights of every calibrated layer in the checkpoint)."""
+    aliases = storage_aliases(model_state)
+    weight_names = {layer: aliases.get(f"{layer}.weight", f"{layer}.weight") for layer in calibrator.histograms}
+    weights = {layer: (model_state[name], model_state.get(f"{layer}.bias"))
+               for layer, name in weight_names.items() if name in model_state}
+    return calibrator.quantizers(args.act_calib, stored_name, weights, args.ranking_weight)
 
 
 def _activation_record(calibrator: LinearInputCalibrator, model_state: Dict[str, Any], bits_of: Any,
@@ -239,7 +259,7 @@ def _activation_record(calibrator: LinearInputCalibrator, model_state: Dict[str,
     """The calibration record of the compressed section: the input scale of every linear layer whose weight
     is stored as integer levels, by that weight's stored name."""
     stored_name = _stored_names(calibrator, model_state, bits_of)
-    quantizers = _quantizers(calibrator, args.act_calib, stored_name, model_state)
+    quantizers = _quantizers(calibrator, args, stored_name, model_state)
     return {"method": args.act_calib, "batches": calibrator.batches, "subset": args.calib_subset,
             "scales": {stored_name[layer]: scale for layer, (scale, _) in quantizers.items()},
             "zero_points": {stored_name[layer]: zero for layer, (_, zero) in quantizers.items()},
@@ -254,7 +274,7 @@ def _mixed_precision(args: argparse.Namespace, calibrator: LinearInputCalibrator
     stored_name = _stored_names(calibrator, model_state, bits_of)
     quantizers = {layer: (8 if args.mixed_int4 else bits_of(stored_name[layer], model_state[stored_name[layer]]),
                           *quantizer)
-                  for layer, quantizer in _quantizers(calibrator, args.act_calib, stored_name, model_state).items()}
+                  for layer, quantizer in _quantizers(calibrator, args, stored_name, model_state).items()}
     subset = args.sensitivity_subset or args.calib_subset
     batches = list(calibration_batches(task, model, subset, args.sensitivity_batches, args.max_tokens))
     probes = len(quantizers) * (2 if args.mixed_int4 else 1)  # each layer alone in int8 (and with int4 weights)

@@ -10,7 +10,7 @@ processes, so the samples of calibration shards merge exactly into the sample of
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +70,12 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optional[Tensor]]], zero_point: int) -> float:
+def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optional[Tensor]]], zero_point: int,
+                         penalty: Optional[Callable[[Callable[[Tensor], Tensor]], float]] = None) -> float:
     """The threshold (the input the top level stands for) among :data:`CANDIDATES` whose quantized inputs
     give the outputs ``x W^T + b`` most correlated with the float ones, on ``sample``, on average over
-    ``layers`` (weight, bias) that read this input (one int8 GEMM may fuse them: they need one scale)."""
+    ``layers`` (weight, bias) that read this input (one int8 GEMM may fuse them: they need one scale),
+    less ``penalty`` of the candidate's quantizer where given (ranking-aware calibration)."""
     x = sample.rows
     layers = [(w.detach().float(), None if b is None else b.detach().float()) for w, b in layers]
     references = [F.linear(x, w, b) for w, b in layers]
@@ -81,12 +83,18 @@ def similarity_threshold(sample: RowSample, layers: Sequence[Tuple[Tensor, Optio
     max_level = activation_max_level(zero_point)
     if largest == 0:
         return 1.0  # every sampled input is 0: any range quantizes it exactly
-    best_threshold, best_similarity = largest, -2.0
+    best_threshold, best_similarity = largest, float("-inf")
     for fraction in torch.linspace(SMALLEST_FRACTION, 1.0, CANDIDATES).tolist():
         threshold = largest * fraction
         scale = threshold / max_level
-        quantized = activation_levels(x, scale, zero_point) * scale
+
+        def quantize(inputs: Tensor) -> Tensor:
+            return activation_levels(inputs, scale, zero_point) * scale
+
+        quantized = quantize(x)
         similarity = sum(pearson(r, F.linear(quantized, w, b)) for r, (w, b) in zip(references, layers)) / len(layers)
+        if penalty is not None:
+            similarity -= penalty(quantize)
         if similarity > best_similarity:
             best_threshold, best_similarity = threshold, similarity
     return best_threshold
