@@ -10,11 +10,15 @@ for a stock
 ``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when ``ctranslate2`` is
 installed). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
 decoder at its row counts (batch x beam).
-Each system runs at every thread count (after a warm-up pass) and ``repeats`` times; a row holds its best
-thread count, the median time, tokens per second, the ratio to stock at the same batch size, and BLEU
-(translation) or WER (speech) of what it produced. Timing covers ``generate`` only (the encoder
+Every system runs at every thread count: first its first batch alone (building and warming up: reported
+apart as "first batch s"), then ``repeats`` timed passes over all batches, the systems taking turns (stock,
+fast, ..., stock, fast, ...), so that a change of the machine's load falls on every system alike. A row holds
+a system's best thread count, its median time, tokens per second, the ratio to stock at the same batch size,
+BLEU (translation) or WER (speech) of what it produced, and the peak resident memory of the process while that
+system ran (Linux: the peak is reset before each of its passes). Timing covers ``generate`` only (the encoder
 included), not data loading or scoring. This machine's noise is why the numbers are ratios measured in
-one run: compare rows, not runs.
+one run: compare rows, not runs. The recipes draw the rows' speed against their score
+(egs/tools/plot_frontier.py, from ``--json``).
 """
 import argparse
 import copy
@@ -70,6 +74,8 @@ class Row:
     seconds: float
     score_name: str
     score: float
+    first_batch_seconds: float  # the first batch alone, before the timed passes: building and warm-up
+    peak_rss_mb: Optional[float]  # the process' peak resident memory while this system decoded (Linux)
     self_kv_bytes: Optional[int] = None  # per decoded sentence, all beams (fast generator only)
     cross_kv_bytes: Optional[int] = None
     ratio: float = field(default=float("nan"))
@@ -177,17 +183,71 @@ def _cache_bytes(generator) -> Tuple[Optional[int], Optional[int]]:
     return round(per_sentence.self_attention), round(per_sentence.cross_attention)
 
 
-def _measure(run: Callable[[Sequence[dict]], Tuple[float, int, Dict[int, str]]], work: Workload, threads: Sequence[int], repeats: int):
-    """Best thread count's (median seconds, tokens, hypotheses)."""
-    best = None
-    for count in threads:
-        torch.set_num_threads(count)
-        run(work.batches[:2])  # warm-up
-        passes = [run(work.batches) for _ in range(repeats)]
-        seconds = statistics.median(p[0] for p in passes)
-        if best is None or seconds < best[1]:
-            best = (count, seconds, passes[0][1], passes[0][2])
-    return best
+Pass = Tuple[float, int, Dict[int, str]]  # seconds, tokens, hypotheses by sample id
+_PEAK_RESET, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak of resident memory (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        _PEAK_RESET.write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> Optional[float]:
+    """The process' peak resident memory since the last reset, in MiB (None where /proc has no VmHWM)."""
+    try:
+        line = next(line for line in _STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+@dataclass
+class _Setting:
+    """One system at one thread count, and what its runs measured."""
+
+    system: str
+    threads: int
+    run: Callable[[Sequence[dict]], Pass]
+    generator: object = None  # the fairseq generator (its cache statistics), None for CTranslate2
+    first_batch_seconds: float = float("nan")
+    passes: List[Pass] = field(default_factory=list)
+    peak_rss_mb: Optional[float] = None
+
+    def _timed(self, batches: Sequence[dict]) -> Pass:
+        torch.set_num_threads(self.threads)
+        _reset_peak_rss()
+        result = self.run(batches)
+        peak = _peak_rss_mb()
+        if peak is not None:
+            self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
+        return result
+
+    def warm_up(self, batches: Sequence[dict]) -> None:
+        start = time.perf_counter()
+        self._timed(batches[:1])
+        self.first_batch_seconds = time.perf_counter() - start
+
+    def timed_pass(self, batches: Sequence[dict]) -> None:
+        self.passes.append(self._timed(batches))
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(p[0] for p in self.passes)
+
+
+def _measure_in_turn(settings: List[_Setting], work: Workload, repeats: int, progress: Callable[[str], None]) -> None:
+    """Each setting's first batch, then ``repeats`` rounds in which every setting decodes all batches."""
+    progress(f"first batches, batch {work.batch_size}: {len(settings)} settings "
+             f"({', '.join(dict.fromkeys(s.system for s in settings))})")
+    for setting in settings:
+        setting.warm_up(work.batches)
+    for round_index in range(repeats):
+        progress(f"round {round_index + 1}/{repeats}, batch {work.batch_size}: {len(settings)} settings in turn")
+        for setting in settings:
+            setting.timed_pass(work.batches)
 
 
 def _ct2_sources(work: Workload) -> List[Tuple[int, List[str]]]:
@@ -231,7 +291,7 @@ def _ct2_convert(args, work: Workload, quantization: str, directory: Path) -> Pa
 
 
 def _ct2_runner(args, work: Workload, model_dir: Path):
-    """A ``run(batches)`` for ``_measure`` translating with CTranslate2 at the current torch thread count."""
+    """A ``run(batches)`` for a :class:`_Setting`, translating with CTranslate2 at the current torch thread count."""
     import ctranslate2
 
     sources = _ct2_sources(work)
@@ -261,33 +321,41 @@ def _ct2_runner(args, work: Workload, model_dir: Path):
     return run
 
 
-def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str], None]) -> List[Row]:
-    rows = []
+def _settings(args, work: Workload, tmp: Path, progress: Callable[[str], None]) -> List[_Setting]:
+    """Every system of ``args.systems`` (stock first) that can run here, at each of its thread counts."""
     fairseq_systems = ["stock"] + [s for s in args.systems if s in FAIRSEQ_SYSTEMS and s != "stock"]
     if work.int8_model is None and any(s in INT8_LINEAR_SYSTEMS for s in fairseq_systems):
         progress(f"skipping {' '.join(INT8_LINEAR_SYSTEMS)}: the checkpoint has no int8 layers (make one with "
                  "fairseq-accel-compress --data ...)")
         fairseq_systems = [s for s in fairseq_systems if s not in INT8_LINEAR_SYSTEMS]
-    sentences = sum(len(batch["id"]) for batch in work.batches)
+    settings = []
     for system in fairseq_systems:
-        progress(f"{system}, batch {work.batch_size}, threads {args.threads}")
         generator = _fairseq_generator(work, system)
-        threads, seconds, tokens, hypotheses = _measure(
-            lambda batches: _run_fairseq(work, generator, batches), work, args.threads, args.repeats
-        )
-        rows.append(Row(system, threads, work.batch_size, work.beam, sentences, tokens, seconds, work.score_name,
-                        _score(work, hypotheses), *_cache_bytes(generator)))
+        run = lambda batches, generator=generator: _run_fairseq(work, generator, batches)  # noqa: E731
+        settings += [_Setting(system, threads, run, generator) for threads in args.threads]
     ct2_systems = [s for s in args.systems if s in CT2_SYSTEMS]
     reason = _ct2_unavailable(work) if ct2_systems else None
     if reason:
         progress(f"skipping {' '.join(ct2_systems)}: {reason}")
-        return rows
+        ct2_systems = []
     for system in ct2_systems:
-        progress(f"{system}, batch {work.batch_size}, threads {args.threads}")
         run = _ct2_runner(args, work, _ct2_convert(args, work, CT2_SYSTEMS[system], tmp))
-        threads, seconds, tokens, hypotheses = _measure(run, work, args.ct2_threads, args.repeats)
-        rows.append(Row(system, threads, work.batch_size, work.beam, sentences, tokens, seconds, work.score_name,
-                        _score(work, hypotheses)))
+        settings += [_Setting(system, threads, run) for threads in args.ct2_threads]
+    return settings
+
+
+def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str], None]) -> List[Row]:
+    """One row per system: its best thread count after all settings took their turns."""
+    settings = _settings(args, work, tmp, progress)
+    _measure_in_turn(settings, work, args.repeats, progress)
+    sentences = sum(len(batch["id"]) for batch in work.batches)
+    rows = []
+    for system in dict.fromkeys(s.system for s in settings):
+        best = min((s for s in settings if s.system == system), key=lambda s: s.median_seconds)
+        _, tokens, hypotheses = best.passes[0]
+        rows.append(Row(system, best.threads, work.batch_size, work.beam, sentences, tokens, best.median_seconds,
+                        work.score_name, _score(work, hypotheses), best.first_batch_seconds, best.peak_rss_mb,
+                        *(_cache_bytes(best.generator) if best.generator is not None else (None, None))))
     return rows
 
 

@@ -8,6 +8,7 @@ filterbanks with trained-looking weights.
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 import pytest
@@ -19,6 +20,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
+from fairseq_accel import benchmarking
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.beam_cache import AttentionKVCache
@@ -313,6 +315,31 @@ def test_benchmark_cli(trained: Path, tiny_translation_data: Path, tmp_path: Pat
         assert by_system["fast-int8", batch]["cross_kv_bytes"] > by_system["fast-int8-cross", batch]["cross_kv_bytes"]
         assert by_system["ct2-float32", batch]["score"] > 10  # CTranslate2 decoded the converted checkpoint
     assert "| fast | 1 | 8 | 5 |" in result.stdout
+    for row in rows:
+        assert row["first_batch_seconds"] > 0 and row["peak_rss_mb"] > 100  # torch and a model are resident
+        assert table[row["system"], row["batch"]][12] == f"{row['first_batch_seconds']:.2f}"
+
+
+def test_benchmark_settings_take_turns() -> None:
+    """Every setting's first batch alone, then rounds of every setting in turn (not each one's repeats back
+    to back, which put a change of load on one system only); the median of each one's passes is its time."""
+    calls = []
+
+    def runner(name: str, seconds: "list[float]"):
+        def run(batches):
+            calls.append((name, len(batches)))
+            return seconds.pop(0), 7, {}
+        return run
+
+    settings = [benchmarking._Setting("stock", 1, runner("stock", [9.0, 3.0, 1.0, 2.0])),
+                benchmarking._Setting("fast", 2, runner("fast", [9.0, 5.0, 4.0, 6.0]))]
+    work = SimpleNamespace(batch_size=4, batches=[{}, {}, {}])
+    messages = []
+    benchmarking._measure_in_turn(settings, work, 3, messages.append)
+    assert calls == [("stock", 1), ("fast", 1)] + [("stock", 3), ("fast", 3)] * 3
+    assert [s.median_seconds for s in settings] == [2.0, 5.0]
+    assert all(s.first_batch_seconds >= 0 for s in settings)
+    assert messages[1:] == [f"round {r}/3, batch 4: 2 settings in turn" for r in (1, 2, 3)]
 
 
 def test_benchmark_cli_bad_checkpoint(tiny_translation_data: Path, tmp_path: Path) -> None:

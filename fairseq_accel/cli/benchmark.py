@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="thread counts to try for the fairseq systems; the best is reported (default: 1 2)")
     parser.add_argument("--ct2-threads", nargs="+", type=int, default=[1],
                         help="CTranslate2 intra_threads to try (default: 1; with 2 it is 5-10x slower on 2-vCPU machines)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the median is reported (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per setting, the settings taking turns; the median is reported (default: 3)")
     parser.add_argument("--max-sentences", type=int, help="decode only the first N sentences of the subset")
     parser.add_argument("--remove-bpe", default=None, help="post-processing before scoring, as fairseq-generate's (e.g. sentencepiece)")
     parser.add_argument("--int8-min-weights", type=int, default=INT8_MIN_WEIGHTS,
@@ -59,13 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_table(rows: List[Row]) -> str:
     header = ("| system | threads | batch | beam | sentences | tokens | seconds | tokens/s | x stock | {score} | "
-              "self-attn KV bytes/sent | cross-attn KV bytes/sent |")
-    lines = [header.format(score=rows[0].score_name if rows else "score"), "|---" * 12 + "|"]
+              "self-attn KV bytes/sent | cross-attn KV bytes/sent | first batch s | peak RSS MiB |")
+    lines = [header.format(score=rows[0].score_name if rows else "score"), "|---" * 14 + "|"]
     for row in rows:
         caches = " | ".join("" if size is None else f"{size:,}" for size in (row.self_kv_bytes, row.cross_kv_bytes))
+        rss = "" if row.peak_rss_mb is None else f"{row.peak_rss_mb:,.0f}"
         lines.append(
             f"| {row.system} | {row.threads} | {row.batch} | {row.beam} | {row.sentences} | {row.tokens} | "
-            f"{row.seconds:.2f} | {row.tokens_per_second:,.0f} | {row.ratio:.2f} | {row.score:.2f} | {caches} |"
+            f"{row.seconds:.2f} | {row.tokens_per_second:,.0f} | {row.ratio:.2f} | {row.score:.2f} | {caches} | "
+            f"{row.first_batch_seconds:.2f} | {rss} |"
         )
     return "\n".join(lines)
 

@@ -113,8 +113,8 @@ if in_stage 7; then
     stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; plot_frontier "${exp}"; continue; }
     require fairseq-accel-benchmark
     # shellcheck disable=SC2086  # ${bench_args} holds several arguments
-    run_logged "${exp}/benchmark.log" --desc "benchmark $(basename "${exp}")" --unit run \
-      --count ', batch [0-9]+, threads' --stdout "${exp}/BENCHMARK.md" -- \
+    run_logged "${exp}/benchmark.log" --desc "benchmark $(basename "${exp}")" --unit round \
+      --count 'round [0-9]+/[0-9]+, batch' --stdout "${exp}/BENCHMARK.md" -- \
       fairseq-accel-benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
       --path "${exp}/checkpoints/checkpoint_best.pt" --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
       --batch-sizes 1 32 --beam 5 --max-sentences "${bench_sentences}" --json "${exp}/benchmark.json" \
