@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "key projections less --ranking-weight times the share of attention-weight order "
                                   f"quantization reverses, on {SAMPLE_SENTENCES} sampled sentences per attention "
                                   "layer; arXiv 2106.14156 §3.3). Measured on the mini LSRA (valid loss, float 2.041): mse "
-                                  "2.042, max 2.041, percentile 2.043, kl 2.081, pearson 2.136 (with 7-bit "
+                                  "2.042, max 2.041, percentile 2.043, kl 2.081, pearson 2.136; test BLEU of a "
+                                  "retrained copy (float 39.88): mse 39.80, pearson 33.43, ranking 34.03 (with 7-bit "
                                   "activations entropy calibration clips too much, and Pearson correlation does "
                                   "not see the shift clipping makes)")
     calibration.add_argument("--ranking-weight", type=float, default=RANKING_WEIGHT, metavar="GAMMA",
