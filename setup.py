@@ -9,6 +9,11 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
+try:  # the CPU kernels build against the torch installed here (pip install --no-build-isolation)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    BuildExtension = CppExtension = None
+
 CONSOLE_SCRIPTS = [
     "fairseq-accel-prepare=fairseq_accel.cli.prepare:main",
     "fairseq-accel-profile=fairseq_accel.cli.profile:main",
@@ -69,6 +74,31 @@ def add_file_to_wheel(wheel, name, data):
     os.replace(rewritten, wheel)
 
 
+CPU_KERNELS = "fairseq_accel._cpu_kernels"
+CPU_KERNELS_FALLBACK = "the fast generator uses its torch path instead (the same results, slower)"
+
+
+def cpu_kernel_extensions():
+    """The C++ CPU kernels of the fast generator (fairseq_accel/csrc), or none where torch is not installed."""
+    if CppExtension is None:
+        print(f"fairseq_accel: torch is not installed, so {CPU_KERNELS} is not built; {CPU_KERNELS_FALLBACK}")
+        return []
+    return [CppExtension(CPU_KERNELS, sorted(glob("fairseq_accel/csrc/*.cpp")), extra_compile_args=["-O3"])]
+
+
+if BuildExtension is not None:
+    class OptionalBuildExtension(BuildExtension):
+        """torch's build_ext, but a machine without a C++ compiler still installs the plugin (one notice line);
+        fairseq_accel.inference.cpu_kernels says the same when the generator starts, and CI's tests fail."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # no compiler, a failing compile: any of distutils' error classes
+                print(f"fairseq_accel: {ext.name} was not built ({type(error).__name__}: {error}); "
+                      f"{CPU_KERNELS_FALLBACK}")
+
+
 setup(
     name="fairseq_accel",
     version="0.1.0",
@@ -78,7 +108,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fairseq_accel", "fairseq_accel.*"]),
     py_modules=["fairseq_accel_startup"],
-    cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook},
+    cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook,
+              **({"build_ext": OptionalBuildExtension} if BuildExtension is not None else {})},
+    ext_modules=cpu_kernel_extensions(),
     # fairseq itself is deliberately not listed: on Python >= 3.11 it comes from the `ve-fairseq`
     # distribution (module `fairseq`), and naming `fairseq` would make pip fetch the official 0.12.2,
     # which does not import there. `fairseq_accel` checks for the module at import time instead.

@@ -1,7 +1,8 @@
 """Decoding speed of one checkpoint under several generators, side by side (``fairseq-accel-benchmark``).
 
 Every system decodes the same batches of the same subset in one process: fairseq's ``SequenceGenerator``
-(stock), the fast generator with an fp32 and an int8 key/value cache, for a calibrated compressed checkpoint
+(stock), the fast generator with an fp32 and an int8 key/value cache (fast-torch: fp32, without its C++ or
+CUDA kernels), for a calibrated compressed checkpoint
 (``fairseq-accel-compress --data``) the fast generator with its int8 layers (those of at least
 ``--int8-min-weights``; w8a8, w8a8-kv8 with the int8 self-attention cache too, w8a8-kv8-cross with int8
 cross-attention keys/values as well; where the checkpoint has calibrated output ranges, the int8 caches
@@ -46,6 +47,7 @@ from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_ac
 FAIRSEQ_SYSTEMS = {
     "stock": None,
     "fast": {"kv_cache_dtype": "fp32"},
+    "fast-torch": {"kv_cache_dtype": "fp32", "accel_kernels": "torch"},  # without the C++/CUDA kernels
     "fast-fp16": {"kv_cache_dtype": "fp16"},
     "fast-int8": {"kv_cache_dtype": "int8"},
     "fast-int8-channel": {"kv_cache_dtype": "int8", "key_scale": "channel"},

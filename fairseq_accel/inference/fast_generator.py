@@ -44,8 +44,8 @@ class FastSequenceGenerator(nn.Module):
     ``generate``); one model, beam search."""
 
     def __init__(self, stock: SequenceGenerator, model: nn.Module, decoder: FastDecoder, kernels=None):
-        """``kernels``: the CUDA kernels module (fused log-softmax + top-k) the decoder was built with, or
-        None for the torch path."""
+        """``kernels``: the module of the fused log-softmax + top-k kernel (the CUDA kernels the decoder was
+        built with, or the C++ CPU kernels), or None for the torch path."""
         super().__init__()
         self.model = model
         self.fast_decoder = decoder
@@ -232,7 +232,7 @@ class _BeamSearch:
         return top_scores, top_index % vocab, torch.div(top_index, vocab, rounding_mode="trunc")
 
     def _fused_candidates(self, logits: Tensor, step: int):
-        """The same candidates from the CUDA kernel's per-row log-softmax + top-k: a sentence's best
+        """The same candidates from the kernels' per-row log-softmax + top-k: a sentence's best
         ``2 * beam`` over ``beam x vocab`` are among the union of its rows' best ``2 * beam``."""
         gen, beam = self.gen, self.beam
         k = min(2 * beam, logits.size(1) - 1)

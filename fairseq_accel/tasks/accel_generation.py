@@ -17,6 +17,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES
+from fairseq_accel.inference.cpu_kernels import resolve_cpu_kernels
 from fairseq_accel.inference.ctc_generator import CTCGreedyGenerator
 from fairseq_accel.inference.fast_decoder import (
     KERNEL_CHOICES,
@@ -66,8 +67,9 @@ class AccelGenerationConfig(FairseqDataclass):
     accel_kernels: ChoiceEnum(list(KERNEL_CHOICES)) = field(
         default="auto",
         metadata={"help": "auto: CUDA kernels (int8 cache attention, fused log-softmax + top-k) when decoding on "
-                          "CUDA with cupy installed (pip install 'fairseq_accel[gpu]'), torch otherwise; cuda: "
-                          "require them; torch: never"},
+                          "CUDA with cupy installed (pip install 'fairseq_accel[gpu]'), the C++ CPU kernel (fused "
+                          "log-softmax + top-k, built by pip install) on CPU, torch otherwise; cuda: require the "
+                          "CUDA kernels; torch: no kernels"},
     )
     no_accel_fallback: bool = field(
         default=False, metadata={"help": "stop with the reason instead of falling back to the stock generator"}
@@ -160,7 +162,8 @@ def build_accel_generator(stock, models: List, cfg) -> object:
         if reason is not None:
             raise FastDecodingUnsupported(reason)
         model = models[0]
-        kernels = resolve_kernels(options.kernel_choice, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        kernels = resolve_kernels(options.kernel_choice, device)
         decoder = build_fast_decoder(model.decoder, options, kernels)
     except FastDecodingUnsupported as unsupported:
         if cfg.no_accel_fallback:
@@ -173,7 +176,7 @@ def build_accel_generator(stock, models: List, cfg) -> object:
             "key/value cache, so there is nothing to store in it; add --quantize-cross-kv to store its "
             "cross-attention keys/values that way"
         )
-    return FastSequenceGenerator(stock, model, decoder, kernels)
+    return FastSequenceGenerator(stock, model, decoder, kernels or resolve_cpu_kernels(options.kernel_choice, device))
 
 
 def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object],

@@ -1,0 +1,52 @@
+"""C++ CPU kernels of the fast generator (``fairseq_accel/csrc``), built by ``pip install`` (setup.py) with the
+machine's C++ compiler against the installed torch.
+
+``log_softmax_topk`` has the contract of the CUDA kernel of the same name (:mod:`.cuda_kernels`): the
+generator's candidate step (log-softmax, fairseq's token rules, the hypothesis' score and the top k) in one
+pass over the logits instead of four. Where the extension was not built (no compiler at install time), the
+generator keeps its torch path and says so in one line.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    from fairseq_accel import _cpu_kernels
+    _UNAVAILABLE = None
+except ImportError as error:  # not built: no C++ compiler when the plugin was installed
+    _cpu_kernels = None
+    _UNAVAILABLE = str(error)
+
+logger = logging.getLogger(__name__)
+_noticed = False
+
+
+def cpu_kernels_available() -> bool:
+    return _cpu_kernels is not None
+
+
+def log_softmax_topk(logits: torch.Tensor, row_bias: torch.Tensor, k: int, pad_idx: int, unk_idx: int, eos_idx: int,
+                     unk_penalty: float = 0.0, eos_mode: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values float32 [N, k], token ids int64 [N, k], logsumexp float32 [N]) of float32 CPU ``logits`` [N, V]
+    and ``row_bias`` [N]; see ``cuda_kernels.log_softmax_topk`` for the rules."""
+    return _cpu_kernels.log_softmax_topk(logits, row_bias, k, pad_idx, unk_idx, eos_idx, unk_penalty, eos_mode)
+
+
+def resolve_cpu_kernels(kernel_choice: str, device: torch.device) -> Optional[ModuleType]:
+    """This module where the decoder runs on CPU, the kernels are built and ``--accel-kernels`` allows them
+    (auto), else None; the first time they are missing, one notice line says why."""
+    global _noticed
+    if kernel_choice != "auto" or device.type != "cpu":
+        return None
+    if _cpu_kernels is None:
+        if not _noticed:
+            logger.warning(f"the fast generator's C++ CPU kernels are not built ({_UNAVAILABLE}); it uses its torch "
+                           "path (the same results, slower). Reinstall with a C++ compiler: pip install -e .")
+            _noticed = True
+        return None
+    return sys.modules[__name__]
