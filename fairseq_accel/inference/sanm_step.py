@@ -14,7 +14,6 @@ from fairseq_accel.inference.beam_cache import BeamState, CrossAttentionMemory, 
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
-    VocabularyProjection,
     layer_norm,
     register_fast_decoder,
 )
@@ -124,7 +123,7 @@ class FastSANMDecoder(FastDecoder):
         self.options = options
         self.layers = [SANMLayerStep(layer, options) for layer in [*decoder.decoders, decoder.final_ffn]]
         log_int8_attention(sum(layer.cross_attn.level_steps is not None for layer in self.layers if layer.cross_attn))
-        self.output_projection = VocabularyProjection(decoder.output_projection)
+        self.output_projection = linear_step(decoder.output_projection)  # W^T stored once: the largest GEMM
 
     def has_self_attention_cache(self) -> bool:
         return False

@@ -32,7 +32,6 @@ from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
     FastDecodingUnsupported,
-    VocabularyProjection,
     layer_norm,
     register_fast_decoder,
 )
@@ -264,7 +263,7 @@ class FastTransformerDecoder(FastDecoder):
         self.options = options
         self.layers = [TransformerLayerStep(layer, options) for layer in decoder.layers]
         log_int8_attention(sum(step.int8_levels for layer in self.layers for step in layer.attention_steps()))
-        self.output_projection = VocabularyProjection(decoder.output_projection)
+        self.output_projection = linear_step(decoder.output_projection)  # W^T stored once: the largest GEMM
         self.kernels = kernels  # for the int8 self-attention cache
         self.positions: Optional[Tensor] = None
 
