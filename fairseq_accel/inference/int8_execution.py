@@ -92,8 +92,9 @@ def log_int8_attention(layers: int) -> None:
 
 def transposed_linear(weight: Tensor, bias: Optional[Tensor]) -> LinearStep:
     """``x @ W^T + b`` for ``x`` of ``[rows, in]``, from ``W^T`` stored contiguous once: ``addmm`` on it is
-    1.1-1.5x ``F.linear`` (which hands MKL the transposed view) at a decoding step's 5-160 rows (256-1024
-    wide layers, 1 thread, 2026-11-30), equal to float rounding (MKL sums in another order at few rows)."""
+    1.2-1.6x ``F.linear`` (which hands MKL the transposed view) at a decoding step's 5 rows, 1.05-1.2x at 160
+    (256-1024 wide layers, 1 thread; docs/results/2026-11-30_decoding_step/gemm_layout.txt), equal to float
+    rounding (MKL sums in another order at few rows)."""
     weight_t = weight.detach().t().contiguous()
     if bias is None:
         return lambda x: torch.mm(x, weight_t)
