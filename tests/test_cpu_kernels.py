@@ -1,6 +1,7 @@
-"""The C++ CPU kernel of the fast generator (fairseq_accel/csrc, fairseq_accel/inference/cpu_kernels.py):
+"""The C++ CPU kernels of the fast generator (fairseq_accel/csrc, fairseq_accel/inference/cpu_kernels.py):
 log-softmax + fairseq's token rules + top-k against the numpy reference of the CUDA kernel (the same
-contract), and the generator's choice of it. Built by pip install; under CI=true its absence fails."""
+contract), the attention over the self-attention cache and over the encoder memory against the torch path of
+beam_cache, and the generator's choice of them. Built by pip install; under CI=true their absence fails."""
 import logging
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import kernel_reference as ref
 from test_cuda_kernels import check_topk
 from fairseq_accel.inference import cpu_kernels
+from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamIndirection, CrossAttentionMemory
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
                                 reason="the C++ CPU kernels are not built (pip install -e . with g++)")
@@ -62,3 +64,57 @@ def test_generator_takes_the_kernel_on_cpu_and_says_once_when_it_is_missing(monk
         assert cpu_kernels.resolve_cpu_kernels("auto", cpu) is None
     notices = [record.message for record in caplog.records if "C++ CPU kernels are not built" in record.message]
     assert len(notices) == 1 and "pip install -e ." in notices[0]
+
+
+def caches(beam: int = 4, batch: int = 3, heads: int = 4, dim: int = 36, steps: int = 9):
+    """The same float32 self-attention cache twice over one indirection: torch path and C++ kernel."""
+    indirection = BeamIndirection(batch, beam, steps, torch.device("cpu"))
+    make = lambda kernels: AttentionKVCache(indirection, heads, dim, "fp32", torch.float32,  # noqa: E731
+                                            torch.device("cpu"), cpu_kernels=kernels)
+    return indirection, make(None), make(cpu_kernels)
+
+
+def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finished_sentences() -> None:
+    """head size 36: the 8-wide dot product and its tail; beams reordered every step, a sentence leaves."""
+    torch.manual_seed(0)
+    indirection, reference, kernel = caches()
+    assert kernel.cpu_kernels is cpu_kernels and reference.cpu_kernels is None
+    for step in range(7):
+        rows = indirection.batch * indirection.beam
+        q, k, v = (torch.randn(rows, 4, 36) for _ in range(3))
+        expected, got = reference.step(q, k, v), kernel.step(q, k, v)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        if step == 3:  # sentence 1 finished
+            keep = torch.tensor([0, 2])
+            indirection.keep(keep)
+            reference.keep(keep)
+            kernel.keep(keep)
+        indirection.advance(torch.randint(0, indirection.beam, (indirection.batch, indirection.beam)))
+
+
+def test_memory_attention_equals_the_torch_memory_and_leaves_padding_out() -> None:
+    torch.manual_seed(1)
+    beam, batch, heads, source, dim = 5, 3, 2, 7, 16
+    keys, values = torch.randn(batch, heads, source, dim), torch.randn(batch, heads, source, dim)
+    padding = torch.zeros(batch, source, dtype=torch.bool)
+    padding[1, 4:] = True
+    for mask in (padding, None):
+        reference = CrossAttentionMemory(keys, values, mask, beam, "fp32")
+        kernel = CrossAttentionMemory(keys, values, mask, beam, "fp32", cpu_kernels=cpu_kernels)
+        q = torch.randn(batch * beam, heads, dim)
+        torch.testing.assert_close(kernel.attend(q), reference.attend(q), rtol=1e-5, atol=1e-5)
+        keep = torch.tensor([1, 2])
+        reference.keep(keep)
+        kernel.keep(keep)
+        q = q[beam:]
+        torch.testing.assert_close(kernel.attend(q), reference.attend(q), rtol=1e-5, atol=1e-5)
+    values[1, :, 4:] = 1e6  # padded positions: any value, none reaches the output
+    kernel = CrossAttentionMemory(keys, values, padding, beam, "fp32", cpu_kernels=cpu_kernels)
+    assert kernel.attend(torch.randn(batch * beam, heads, dim)).abs().max() < 1e3
+
+
+def test_int8_and_half_caches_keep_the_torch_path() -> None:
+    indirection = BeamIndirection(2, 3, 4, torch.device("cpu"))
+    for dtype in ("fp16", "int8"):
+        cache = AttentionKVCache(indirection, 2, 8, dtype, torch.float32, torch.device("cpu"), cpu_kernels=cpu_kernels)
+        assert cache.cpu_kernels is None

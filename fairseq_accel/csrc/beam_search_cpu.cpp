@@ -1,5 +1,10 @@
 // CPU kernels of the fast beam-search generator (fairseq_accel/inference/cpu_kernels.py wraps them).
 //
+// cache_attention_step / memory_attention: one decoding step's attention of every hypothesis over its
+// self-attention cache (read through the beam indirection table: each hypothesis' own history, no mask and
+// no scores against other beams' slots) and over the encoder memory its sentence's beams share. They replace
+// the dozen torch ops (views, copies, matmuls, mask, softmax) each attention layer costs per step.
+//
 // log_softmax_topk: the candidate step of beam search in one pass over each hypothesis' logits, with the
 // contract of the CUDA kernel of the same name (fairseq_accel/kernels/beam_search_kernels.cu): per row,
 // lp = logits - logsumexp(logits), lp[pad] = -inf, lp[unk] -= unk_penalty, eos rules (mode 1: eos -inf,
@@ -11,6 +16,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -117,7 +123,133 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   return {values, indices, lse};
 }
 
+namespace {
+
+// x . y over d floats, in 8 independent sums (vectorizable without reassociating one sum).
+inline float dot(const float* x, const float* y, int64_t d) {
+  float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int j = 0; j < 8; ++j) sums[j] += x[i + j] * y[i + j];
+  }
+  float total = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  for (; i < d; ++i) total += x[i] * y[i];
+  return total;
+}
+
+// softmax(scores[0..n)) in place, then out[0..d) = sum_t p_t * value(t).
+template <typename ValueAt>
+void softmax_weighted_sum(float* scores, int64_t n, ValueAt value_at, float* out, int64_t d) {
+  float largest = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) largest = std::max(largest, scores[t]);
+  float total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    scores[t] = scores[t] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(scores[t] - largest);
+    total += scores[t];
+  }
+  std::fill(out, out + d, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = scores[t] / total;
+    const float* v = value_at(t);
+    for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
+  }
+}
+
+void check_float_cpu(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim, name,
+              " must be a float32 CPU tensor of ", dim, " dimensions");
+}
+
+}  // namespace
+
+// Writes the step's keys and values ([B * beam, H, D]) into each hypothesis' own slot of the caches
+// ([B, H, T, beam, D], contiguous) and returns the attention ([B * beam, H, D]) of the (pre-scaled) queries
+// over each hypothesis' steps 0..step, whose slots table ([B, beam, T], int64) names.
+torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
+                                   int64_t step) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(keys, "keys", 5);
+  check_float_cpu(values, "values", 5);
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "the caches must be contiguous");
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
+                dim = keys.size(4), rows = batch * beam;
+  TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
+  TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
+  auto query = q.contiguous(), key = k.contiguous().to(torch::kFloat32), value = v.contiguous().to(torch::kFloat32);
+  auto slots = table.contiguous();
+  auto out = torch::empty_like(query);
+  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  float *keys_p = keys.data_ptr<float>(), *values_p = values.data_ptr<float>(), *out_p = out.data_ptr<float>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t table_steps = slots.size(2);
+  // cache offset of (b, h, t, slot)
+  auto at_cache = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
+    return (((b * heads + h) * max_steps + t) * beam + slot) * dim;
+  };
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t index = first; index < last; ++index) {  // the write of (row, head)
+      const int64_t row = index / heads, h = index % heads, b = row / beam, slot = row % beam;
+      std::copy(kp + index * dim, kp + (index + 1) * dim, keys_p + at_cache(b, h, step, slot));
+      std::copy(vp + index * dim, vp + (index + 1) * dim, values_p + at_cache(b, h, step, slot));
+    }
+  });
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(step + 1);
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, b = row / beam, own = row % beam;
+      const int64_t* history = slot_p + (b * beam + own) * table_steps;
+      const float* query_row = qp + index * dim;
+      for (int64_t t = 0; t <= step; ++t) scores[t] = dot(query_row, keys_p + at_cache(b, h, t, history[t]), dim);
+      softmax_weighted_sum(scores.data(), step + 1,
+                           [&](int64_t t) { return values_p + at_cache(b, h, t, history[t]); },
+                           out_p + index * dim, dim);
+    }
+  });
+  return out;
+}
+
+// The attention ([B * beam, H, D]) of the (pre-scaled) queries over their sentence's encoder keys and values
+// ([B, H, S, D]), padded positions (padding [B, S], bool, or an empty tensor) left out.
+torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                               const torch::Tensor& padding, int64_t beam) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(keys, "keys", 4);
+  check_float_cpu(values, "values", 4);
+  const int64_t batch = keys.size(0), heads = keys.size(1), source = keys.size(2), dim = keys.size(3);
+  TORCH_CHECK(q.size(0) == batch * beam && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
+  const bool masked = padding.numel() > 0;
+  TORCH_CHECK(!masked || (padding.scalar_type() == torch::kBool && padding.size(0) == batch &&
+                          padding.size(1) == source), "padding must be bool [B, S] or empty");
+  auto query = q.contiguous(), key = keys.contiguous(), value = values.contiguous();
+  auto pad = masked ? padding.contiguous() : padding;
+  auto out = torch::empty_like(query);
+  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  const bool* pad_p = masked ? pad.data_ptr<bool>() : nullptr;
+  float* out_p = out.data_ptr<float>();
+  at::parallel_for(0, batch * beam * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(source);
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, b = row / beam;
+      const float* query_row = qp + index * dim;
+      const float* head_keys = kp + (b * heads + h) * source * dim;
+      for (int64_t s = 0; s < source; ++s) {
+        scores[s] = pad_p != nullptr && pad_p[b * source + s] ? -std::numeric_limits<float>::infinity()
+                                                               : dot(query_row, head_keys + s * dim, dim);
+      }
+      const float* head_values = vp + (b * heads + h) * source * dim;
+      softmax_weighted_sum(scores.data(), source, [&](int64_t s) { return head_values + s * dim; },
+                           out_p + index * dim, dim);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cache_attention_step", &cache_attention_step,
+        "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)");
+  m.def("memory_attention", &memory_attention, "attention of the beams' queries over their encoder memory (CPU)");
   m.def("log_softmax_topk", &log_softmax_topk,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
 }

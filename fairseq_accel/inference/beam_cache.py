@@ -167,7 +167,7 @@ class AttentionKVCache:
 
     def __init__(
         self, indirection: BeamIndirection, heads: int, head_dim: int, dtype: str, compute_dtype: torch.dtype,
-        device: torch.device, kernels=None, level_steps: Optional[Tuple[Tensor, Tensor]] = None,
+        device: torch.device, kernels=None, level_steps: Optional[Tuple[Tensor, Tensor]] = None, cpu_kernels=None,
     ):
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
@@ -178,6 +178,8 @@ class AttentionKVCache:
         self.level_steps = level_steps
         scaled_int8 = dtype == "int8" and level_steps is None
         self.kernels = kernels if scaled_int8 else None  # the CUDA kernels serve the per-token int8 cache only
+        # the C++ CPU kernels serve the float32 cache: write and attention in one call
+        self.cpu_kernels = cpu_kernels if dtype == "fp32" and compute_dtype == torch.float32 else None
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
         # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
@@ -205,6 +207,14 @@ class AttentionKVCache:
                 q, s = quantize_int8(new)
                 cache[:, :, step].copy_(q)
                 scale[:, :, step].copy_(s)
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:meth:`write` the step's keys and values, then :meth:`attend` with its queries."""
+        if self.cpu_kernels is not None:
+            return self.cpu_kernels.cache_attention_step(q, k, v, self.keys, self.values, self.indirection.table,
+                                                         self.indirection.step)
+        self.write(k, v)
+        return self.attend(q)
 
     def attend(self, q: Tensor) -> Tensor:
         """Attention of the step's queries ``[B * beam, H, D]`` (pre-scaled) over each one's history."""
@@ -286,7 +296,8 @@ class CrossAttentionMemory:
     with ``level_steps`` (the int8 attention path, as in :class:`AttentionKVCache`)."""
 
     def __init__(self, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor], beam: int, dtype: str,
-                 key_scale_axis: str = "token", level_steps: Optional[Tuple[Tensor, Tensor]] = None):
+                 key_scale_axis: str = "token", level_steps: Optional[Tuple[Tensor, Tensor]] = None,
+                 cpu_kernels=None):
         if (level_steps is not None) != (keys.dtype == torch.int8):
             raise ValueError("int8 keys/values are levels: give their level steps, and only for them")
         self.beam = beam
@@ -313,8 +324,14 @@ class CrossAttentionMemory:
         elif dtype == "fp16":
             keys, values = keys.half(), values.half()
         self.keys, self.values = keys, values
+        # the C++ CPU kernel serves float32 memories: padded positions are left out by this [B, S] mask
+        self.cpu_kernels = cpu_kernels if keys.dtype == torch.float32 and level_steps is None else None
+        self.padding = (padding_mask if self.mask is not None else torch.empty(0, dtype=torch.bool)) \
+            if self.cpu_kernels is not None else None
 
     def attend(self, q: Tensor) -> Tensor:
+        if self.cpu_kernels is not None:
+            return self.cpu_kernels.memory_attention(q, self.keys, self.values, self.padding, self.beam)
         q = _rows_to_beams(q, self.beam)
         if self.query_scale is not None:
             q = q * self.query_scale
@@ -330,6 +347,8 @@ class CrossAttentionMemory:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, sentences))
+        if self.padding is not None and self.padding.numel():
+            self.padding = self.padding.index_select(0, sentences)
 
     def bytes_per_sentence(self, steps: int) -> CacheBytes:
         tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.query_scale]
@@ -339,9 +358,10 @@ class CrossAttentionMemory:
 class BeamState:
     """Everything a fast decoder keeps for one batch: the indirection and every layer's caches."""
 
-    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device, kernels=None):
+    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device, kernels=None, cpu_kernels=None):
         self.indirection = BeamIndirection(batch, beam, max_steps, device)
         self.kernels = kernels  # the CUDA kernels module for the int8 caches, or None (torch)
+        self.cpu_kernels = cpu_kernels  # the C++ CPU kernels module for float32 attention, or None (torch)
         self.caches: List = []
 
     @property

@@ -3,8 +3,10 @@ machine's C++ compiler against the installed torch.
 
 ``log_softmax_topk`` has the contract of the CUDA kernel of the same name (:mod:`.cuda_kernels`): the
 generator's candidate step (log-softmax, fairseq's token rules, the hypothesis' score and the top k) in one
-pass over the logits instead of four. Where the extension was not built (no compiler at install time), the
-generator keeps its torch path and says so in one line.
+pass over the logits instead of four. ``cache_attention_step`` and ``memory_attention`` are a decoding
+step's attention over the float32 self-attention cache (through the beam indirection) and over the encoder
+memory, one call each instead of a dozen ops. Where the extension was not built (no compiler at install
+time), the generator keeps its torch path and says so in one line.
 """
 from __future__ import annotations
 
@@ -35,6 +37,21 @@ def log_softmax_topk(logits: torch.Tensor, row_bias: torch.Tensor, k: int, pad_i
     """(values float32 [N, k], token ids int64 [N, k], logsumexp float32 [N]) of float32 CPU ``logits`` [N, V]
     and ``row_bias`` [N]; see ``cuda_kernels.log_softmax_topk`` for the rules."""
     return _cpu_kernels.log_softmax_topk(logits, row_bias, k, pad_idx, unk_idx, eos_idx, unk_penalty, eos_mode)
+
+
+def cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         table: torch.Tensor, step: int) -> torch.Tensor:
+    """Write the step's keys/values ``[B * beam, H, D]`` into each hypothesis' slot of the float32 caches
+    ``[B, H, T, beam, D]`` and return the attention of the pre-scaled queries ``[B * beam, H, D]`` over each
+    hypothesis' steps ``0..step`` through the indirection ``table`` ``[B, beam, T]`` (``beam_cache``)."""
+    return _cpu_kernels.cache_attention_step(q, k, v, keys, values, table, step)
+
+
+def memory_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor,
+                     beam: int) -> torch.Tensor:
+    """The attention of the pre-scaled queries ``[B * beam, H, D]`` over their sentence's float32 encoder
+    keys/values ``[B, H, S, D]``, without the positions ``padding`` ``[B, S]`` marks (an empty tensor: none)."""
+    return _cpu_kernels.memory_attention(q, keys, values, padding, beam)
 
 
 def resolve_cpu_kernels(kernel_choice: str, device: torch.device) -> Optional[ModuleType]:

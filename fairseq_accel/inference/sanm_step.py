@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_accel.inference.beam_cache import BeamState, CrossAttentionMemory, WindowCache
+from fairseq_accel.inference.cpu_kernels import resolve_cpu_kernels
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
@@ -81,7 +82,7 @@ class SANMCrossAttentionStep:
             k, v = levels.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x S x D each
         self.memory = state.add(CrossAttentionMemory(
             k.contiguous(), v.contiguous(), padding_mask, state.beam, options.cross_kv_dtype, options.key_scale,
-            self.level_steps,
+            self.level_steps, state.cpu_kernels,
         ))
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -131,7 +132,8 @@ class FastSANMDecoder(FastDecoder):
     def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
         memory = encoder_out["encoder_out"][0].transpose(0, 1)
         padding = encoder_out["encoder_padding_mask"][0] if encoder_out.get("encoder_padding_mask") else None
-        self.state = BeamState(memory.size(0), beam, max_steps, memory.device)
+        self.state = BeamState(memory.size(0), beam, max_steps, memory.device,
+                               cpu_kernels=resolve_cpu_kernels(self.options.kernel_choice, memory.device))
         for layer in self.layers:
             layer.start(self.state, self.options, memory, padding)
 

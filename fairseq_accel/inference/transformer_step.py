@@ -28,6 +28,7 @@ from fairseq_accel.inference.int8_execution import (
     output_level_steps,
 )
 from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamState, CrossAttentionMemory, WindowCache
+from fairseq_accel.inference.cpu_kernels import resolve_cpu_kernels
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
@@ -85,6 +86,7 @@ class SelfAttentionStep:
         self.cache = state.add(AttentionKVCache(
             state.indirection, self.heads, self.head_dim, options.kv_cache_dtype, dtype, device, state.kernels,
             level_steps=None if self.level_steps is None else (self.level_steps[1], self.level_steps[2]),
+            cpu_kernels=state.cpu_kernels,
         ))
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -94,8 +96,7 @@ class SelfAttentionStep:
             q = q.to(x.dtype) * self.level_steps[0]
         else:
             q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
-        self.cache.write(k, v)
-        return self.out(self.cache.attend(q).reshape(rows, self.heads * self.head_dim))
+        return self.out(self.cache.step(q, k, v).reshape(rows, self.heads * self.head_dim))
 
 
 class ConvBranchStep:
@@ -192,7 +193,7 @@ class CrossAttentionStep:
         self.memory = state.add(
             CrossAttentionMemory(
                 heads(attention.k_proj), heads(attention.v_proj), padding_mask, state.beam,
-                options.cross_kv_dtype, options.key_scale, self.level_steps,
+                options.cross_kv_dtype, options.key_scale, self.level_steps, state.cpu_kernels,
             )
         )
 
@@ -278,7 +279,8 @@ class FastTransformerDecoder(FastDecoder):
         memory = encoder_out["encoder_out"][0]
         padding = encoder_out["encoder_padding_mask"][0] if encoder_out.get("encoder_padding_mask") else None
         weight = self.decoder.embed_tokens.weight
-        self.state = BeamState(memory.size(1), beam, max_steps, weight.device, self.kernels)
+        self.state = BeamState(memory.size(1), beam, max_steps, weight.device, self.kernels,
+                               resolve_cpu_kernels(self.options.kernel_choice, weight.device))
         self.positions = self._position_table(max_steps, weight.device)
         for layer in self.layers:
             layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device)
