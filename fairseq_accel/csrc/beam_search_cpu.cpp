@@ -10,8 +10,9 @@
 // lp = logits - logsumexp(logits), lp[pad] = -inf, lp[unk] -= unk_penalty, eos rules (mode 1: eos -inf,
 // mode 2: every token but eos -inf), NaN -> -inf; returns the k largest lp + row_bias (descending, the
 // smaller token id first among equal values), their token ids and the row's logsumexp. The torch path
-// materialises [rows x V] log-probabilities, masks them in place, adds the scores and sorts them: four
-// passes over the largest tensor of the step and as many dispatches; this is one pass after logsumexp.
+// masks the [rows x V] log-probabilities in place, adds the scores and sorts them: three more passes over the
+// largest tensor of the step and as many dispatches; this is one pass after ATen's log-softmax (which is
+// 2x faster than its logsumexp on these rows, and gives the torch path's log-probabilities exactly).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -52,24 +53,26 @@ struct TopK {
   int64_t k;
 };
 
-// The k best tokens of one row of logits under fairseq's rules (before the row's shift and bias). Ordinary
+// The k best tokens of one row of log-probabilities under fairseq's rules (before the row's bias). Ordinary
 // tokens need one comparison each; pad, unk and eos are offered apart with their rules. Tokens never
 // offered (NaN, or rows with fewer than k allowed tokens) leave -inf entries, filled with the lowest ids.
-TopK row_topk(const float* logit, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos, float unk_penalty,
+TopK row_topk(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos, float unk_penalty,
               int64_t eos_mode) {
   TopK best(k);
   if (eos_mode != kEosOnly) {
     float threshold = kNegInf;
     for (int64_t id = 0; id < vocab; ++id) {
-      const float value = logit[id];
+      const float value = log_prob[id];
       if (value > threshold && id != pad && id != unk && id != eos) {
         best.offer(value, id);
         threshold = best.threshold();
       }
     }
-    if (unk != pad && unk != eos && logit[unk] - unk_penalty > best.threshold()) best.offer(logit[unk] - unk_penalty, unk);
+    if (unk != pad && unk != eos && log_prob[unk] - unk_penalty > best.threshold()) {
+      best.offer(log_prob[unk] - unk_penalty, unk);
+    }
   }
-  if (eos_mode != kEosForbidden && eos != pad && logit[eos] > best.threshold()) best.offer(logit[eos], eos);
+  if (eos_mode != kEosForbidden && eos != pad && log_prob[eos] > best.threshold()) best.offer(log_prob[eos], eos);
   for (int64_t id = 0; best.size < k && id < vocab; ++id) {  // -inf entries: the lowest ids not taken
     bool taken = false;
     for (int64_t i = 0; i < best.size; ++i) taken = taken || best.ids[i] == id;
@@ -92,30 +95,25 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   TORCH_CHECK(k >= 1 && k <= vocab, "log_softmax_topk: k must be in [1, vocab], got ", k);
   auto x = logits.contiguous();
   auto bias = row_bias.contiguous();
-  // logsumexp of the raw logits (pad included, as fairseq's log_softmax): ATen's vectorized reduction
-  auto lse = at::logsumexp(x, {1});
+  // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel
+  auto log_probs = at::log_softmax(x, 1);
+  auto lse = torch::empty({rows}, x.options());
   auto values = torch::empty({rows, k}, x.options());
   auto indices = torch::empty({rows, k}, x.options().dtype(torch::kInt64));
-  const float* in = x.data_ptr<float>();
-  const float* shift = lse.data_ptr<float>();
+  const float* in = log_probs.data_ptr<float>();
+  const float* raw = x.data_ptr<float>();
+  float* shift = lse.data_ptr<float>();
   const float* add = bias.data_ptr<float>();
   float* out_values = values.data_ptr<float>();
   int64_t* out_ids = indices.data_ptr<int64_t>();
   const float penalty = static_cast<float>(unk_penalty);
   at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
-      const float row_shift = shift[row];
-      if (std::isnan(row_shift)) {  // a NaN logit: every score of the row is -inf, the lowest ids first
-        for (int64_t i = 0; i < k; ++i) {
-          out_values[row * k + i] = kNegInf;
-          out_ids[row * k + i] = i;
-        }
-        continue;
-      }
+      shift[row] = raw[row * vocab] - in[row * vocab];  // logit - log-probability, of any token
+      // a NaN logit makes the row's log-probabilities NaN: none is offered, the row is -inf, lowest ids first
       const TopK best = row_topk(in + row * vocab, vocab, k, pad, unk, eos, penalty, eos_mode);
       for (int64_t i = 0; i < k; ++i) {
-        // (logit - lse) + bias: the torch path's order of operations
-        out_values[row * k + i] = (best.values[i] - row_shift) + add[row];
+        out_values[row * k + i] = best.values[i] + add[row];  // the torch path's lprobs + scores
         out_ids[row * k + i] = best.ids[i];
       }
     }
