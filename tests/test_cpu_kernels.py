@@ -1,7 +1,8 @@
 """The C++ CPU kernels of the fast generator (fairseq_accel/csrc, fairseq_accel/inference/cpu_kernels.py):
 log-softmax + fairseq's token rules + top-k against the numpy reference of the CUDA kernel (the same
-contract), the attention over the self-attention cache and over the encoder memory against the torch path of
-beam_cache, and the generator's choice of them. Built by pip install; under CI=true their absence fails."""
+contract), the attention over the self-attention cache and over the encoder memory and the causal convolution
+window against the torch paths of beam_cache, and the generator's choice of them. Built by pip install; under
+CI=true their absence fails."""
 import logging
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import kernel_reference as ref
 from test_cuda_kernels import check_topk
 from fairseq_accel.inference import cpu_kernels
-from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamIndirection, CrossAttentionMemory
+from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamIndirection, CrossAttentionMemory, WindowCache
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
                                 reason="the C++ CPU kernels are not built (pip install -e . with g++)")
@@ -118,3 +119,21 @@ def test_int8_and_half_caches_keep_the_torch_path() -> None:
     for dtype in ("fp16", "int8"):
         cache = AttentionKVCache(indirection, 2, 8, dtype, torch.float32, torch.device("cpu"), cpu_kernels=cpu_kernels)
         assert cache.cpu_kernels is None
+
+
+def test_window_convolution_equals_the_torch_window_through_reorders_and_finished_sentences() -> None:
+    """LSRA's lightweight convolution / SAN-M's FSMN step: width 4 reaches into the zero history at first."""
+    torch.manual_seed(2)
+    batch, beam, channels, width = 3, 4, 12, 4
+    indirection = BeamIndirection(batch, beam, 8, torch.device("cpu"))
+    reference, kernel = (WindowCache(indirection, width, channels, torch.float32, torch.device("cpu"), kernels)
+                         for kernels in (None, cpu_kernels))
+    weight = torch.randn(width, channels)
+    for step in range(7):
+        x = torch.randn(indirection.batch * beam, channels)
+        torch.testing.assert_close(kernel.convolve(x, weight), reference.convolve(x, weight), rtol=1e-5, atol=1e-5)
+        if step == 2:
+            keep = torch.tensor([0, 2])
+            for holder in (indirection, reference, kernel):
+                holder.keep(keep)
+        indirection.advance(torch.randint(0, beam, (indirection.batch, beam)))

@@ -5,6 +5,9 @@
 // no scores against other beams' slots) and over the encoder memory its sentence's beams share. They replace
 // the dozen torch ops (views, copies, matmuls, mask, softmax) each attention layer costs per step.
 //
+// window_convolution_step: a causal depthwise convolution's step (LSRA's lightweight convolution, SAN-M's
+// FSMN memory) over each hypothesis' last inputs, gathered through the same table.
+//
 // log_softmax_topk: the candidate step of beam search in one pass over each hypothesis' logits, with the
 // contract of the CUDA kernel of the same name (fairseq_accel/kernels/beam_search_kernels.cu): per row,
 // lp = logits - logsumexp(logits), lp[pad] = -inf, lp[unk] -= unk_penalty, eos rules (mode 1: eos -inf,
@@ -244,7 +247,54 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
   return out;
 }
 
+// Writes the step's inputs x ([B * beam, C]) into each hypothesis' slot of the window buffer ([B, W - 1 + T,
+// beam, C], contiguous; its first W - 1 times are the zero history) and returns, per hypothesis and channel,
+// sum_j weight[j, c] * (its input at step - W + 1 + j), weight [W, C], the slots named by table [B, beam, T].
+torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
+                                      int64_t step, const torch::Tensor& weight) {
+  check_float_cpu(x, "x", 2);
+  check_float_cpu(inputs, "inputs", 4);
+  check_float_cpu(weight, "weight", 2);
+  TORCH_CHECK(inputs.is_contiguous(), "the window buffer must be contiguous");
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const int64_t batch = inputs.size(0), times = inputs.size(1), beam = inputs.size(2), channels = inputs.size(3),
+                width = weight.size(0), rows = batch * beam;
+  TORCH_CHECK(x.size(0) == rows && x.size(1) == channels && weight.size(1) == channels,
+              "x must be [B * beam, C] and weight [W, C]");
+  TORCH_CHECK(step >= 0 && width - 1 + step < times, "step ", step, " outside the window buffer");
+  auto input = x.contiguous(), taps = weight.contiguous(), slots = table.contiguous();
+  auto out = torch::empty_like(input);
+  const float *xp = input.data_ptr<float>(), *wp = taps.data_ptr<float>();
+  float *buffer = inputs.data_ptr<float>(), *out_p = out.data_ptr<float>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t table_steps = slots.size(2);
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t b = row / beam, own = row % beam;
+      std::copy(xp + row * channels, xp + (row + 1) * channels,
+                buffer + ((b * times + width - 1 + step) * beam + own) * channels);
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t b = row / beam, own = row % beam;
+      float* o = out_p + row * channels;
+      std::fill(o, o + channels, 0.f);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t t = step - width + 1 + j;  // the step this tap reads; before 0: the zero history
+        const int64_t slot = t < 0 ? 0 : slot_p[(b * beam + own) * table_steps + t];
+        const float* in = buffer + ((b * times + width - 1 + t) * beam + slot) * channels;
+        const float* tap = wp + j * channels;
+        for (int64_t c = 0; c < channels; ++c) o[c] += in[c] * tap[c];
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("window_convolution_step", &window_convolution_step,
+        "write a step's inputs into the window buffer and convolve each hypothesis' last inputs (CPU)");
   m.def("cache_attention_step", &cache_attention_step,
         "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)");
   m.def("memory_attention", &memory_attention, "attention of the beams' queries over their encoder memory (CPU)");

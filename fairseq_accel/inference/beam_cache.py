@@ -263,9 +263,11 @@ class WindowCache:
     history a sentence starts from), and ``window()`` gathers its last ``width`` steps through the
     indirection, which is all the state such a layer has."""
 
-    def __init__(self, indirection: BeamIndirection, width: int, channels: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, indirection: BeamIndirection, width: int, channels: int, dtype: torch.dtype, device: torch.device,
+                 cpu_kernels=None):
         self.indirection = indirection
         self.width = width
+        self.cpu_kernels = cpu_kernels if dtype == torch.float32 else None  # the C++ step of convolve()
         shape = (indirection.batch, width - 1 + indirection.max_steps, indirection.beam, channels)
         self.inputs = torch.empty(shape, dtype=dtype, device=device)
         self.inputs[:, : width - 1].zero_()
@@ -281,6 +283,15 @@ class WindowCache:
         batch, time_stride, beam, channels = self.inputs.shape
         index = ind.window_index(self.width, time_stride, self.width - 1)
         return self.inputs.view(-1, channels).index_select(0, index).view(batch * beam, self.width, channels)
+
+    def convolve(self, x: Tensor, weight: Tensor) -> Tensor:
+        """:meth:`write` the step's inputs ``[B * beam, C]``, then each hypothesis' depthwise convolution of its
+        last ``width`` inputs with ``weight`` ``[width, C]``."""
+        if self.cpu_kernels is not None:
+            return self.cpu_kernels.window_convolution_step(x, self.inputs, self.indirection.table, self.indirection.step,
+                                                            weight)
+        self.write(x)
+        return (self.window() * weight).sum(dim=1)
 
     def keep(self, sentences: Tensor) -> None:
         self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step)

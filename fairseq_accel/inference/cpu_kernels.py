@@ -5,7 +5,8 @@ machine's C++ compiler against the installed torch.
 generator's candidate step (log-softmax, fairseq's token rules, the hypothesis' score and the top k) in one
 pass over the logits instead of four. ``cache_attention_step`` and ``memory_attention`` are a decoding
 step's attention over the float32 self-attention cache (through the beam indirection) and over the encoder
-memory, one call each instead of a dozen ops. Where the extension was not built (no compiler at install
+memory, one call each instead of a dozen ops; ``window_convolution_step`` a causal depthwise convolution's
+step (LSRA's lightweight convolution, SAN-M's FSMN) over the window buffer. Where the extension was not built (no compiler at install
 time), the generator keeps its torch path and says so in one line.
 """
 from __future__ import annotations
@@ -52,6 +53,13 @@ def memory_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """The attention of the pre-scaled queries ``[B * beam, H, D]`` over their sentence's float32 encoder
     keys/values ``[B, H, S, D]``, without the positions ``padding`` ``[B, S]`` marks (an empty tensor: none)."""
     return _cpu_kernels.memory_attention(q, keys, values, padding, beam)
+
+
+def window_convolution_step(x: torch.Tensor, inputs: torch.Tensor, table: torch.Tensor, step: int,
+                            weight: torch.Tensor) -> torch.Tensor:
+    """Write the step's inputs ``[B * beam, C]`` into the window buffer ``[B, W - 1 + T, beam, C]`` and return
+    each hypothesis' depthwise convolution of its last ``W`` inputs with ``weight`` ``[W, C]`` (``beam_cache``)."""
+    return _cpu_kernels.window_convolution_step(x, inputs, table, step, weight)
 
 
 def resolve_cpu_kernels(kernel_choice: str, device: torch.device) -> Optional[ModuleType]:

@@ -44,17 +44,17 @@ class FSMNStep:
 
     def __init__(self, fsmn: CausalFSMN):
         self.kernel_size = fsmn.kernel_size
-        self.weight = fsmn.fsmn_block.weight.squeeze(1).t()  # K x C
+        self.weight = fsmn.fsmn_block.weight.squeeze(1).t().contiguous()  # K x C
         self.window: Optional[WindowCache] = None
 
     def start(self, state: BeamState) -> None:
         self.window = state.add(
-            WindowCache(state.indirection, self.kernel_size, self.weight.size(1), self.weight.dtype, self.weight.device)
+            WindowCache(state.indirection, self.kernel_size, self.weight.size(1), self.weight.dtype, self.weight.device,
+                        state.cpu_kernels)
         )
 
     def __call__(self, x: Tensor) -> Tensor:
-        self.window.write(x)
-        return (self.window.window() * self.weight).sum(dim=1) + x
+        return self.window.convolve(x, self.weight) + x
 
 
 class SANMCrossAttentionStep:

@@ -121,20 +121,20 @@ class ConvBranchStep:
             raise FastDecodingUnsupported(f"convolution branch {type(branch).__name__} has no fast step")
 
     def start(self, state: BeamState, options: FastDecodingOptions, dtype: torch.dtype, device: torch.device) -> None:
-        self.window = state.add(WindowCache(state.indirection, self.branch.kernel_size, self.branch.dim, dtype, device))
+        self.window = state.add(WindowCache(state.indirection, self.branch.kernel_size, self.branch.dim, dtype, device,
+                                            state.cpu_kernels))
 
     def __call__(self, x: Tensor) -> Tensor:
         branch = self.branch
         x = self.linear_in(x)
         if branch.glu:
             x = F.glu(x, dim=-1)
-        self.window.write(x)
         rows, width = x.size(0), branch.kernel_size
-        window = self.window.window()  # rows x K x dim
         if self.static_weight is not None:
-            out = (window * self.static_weight).sum(dim=1)
+            out = self.window.convolve(x, self.static_weight)
         else:
-            window = window.view(rows, width, self.heads, -1)
+            self.window.write(x)
+            window = self.window.window().view(rows, width, self.heads, -1)
             weight = self.weight_linear(x).view(rows, self.heads, width)
             if branch.weight_softmax:
                 weight = torch.softmax(weight, dim=-1)
