@@ -160,7 +160,8 @@ def _fairseq_generator(work: Workload, system: str):
     options = FAIRSEQ_SYSTEMS[system]
     if options is None:
         return stock
-    accel = AccelGenerationConfig(accel_generator="fast", no_accel_fallback=True, **options)
+    # each setting sets its own thread count: the generator leaves it alone
+    accel = AccelGenerationConfig(accel_generator="fast", no_accel_fallback=True, accel_threads="torch", **options)
     return build_accel_generator(stock, models, accel)
 
 

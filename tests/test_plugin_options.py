@@ -43,9 +43,12 @@ CONTEXTS: Dict[str, dict] = {
 NO_EFFECT_BY_DESIGN = {
     ("no_accel_fallback", True, "fast"): "a guard: the fast generator is used, nothing falls back",
     ("no_accel_fallback", True, "fast int8"): "a guard: the fast generator is used, nothing falls back",
-    ("accel_kernels", "torch", "fast"): "auto means torch on a CPU",
-    ("accel_kernels", "torch", "fast int8"): "auto means torch on a CPU",
+    ("accel_threads", "torch", "fast"): "a thread count: the same results (and the tests run 1 thread)",
+    ("accel_threads", "2", "fast"): "a thread count: the same results",
+    ("accel_threads", "torch", "fast int8"): "a thread count: the same results (and the tests run 1 thread)",
+    ("accel_threads", "2", "fast int8"): "a thread count: the same results",
 }
+STRING_VALUES = {"accel_threads": ["auto", "torch", "2"]}  # options that take text, and the values walked
 REJECTED = (AccelGenerationError, cuda_kernels.CudaKernelsUnavailable)
 
 
@@ -56,6 +59,8 @@ def option_values(option: dataclasses.Field) -> List:
         return [False, True]
     if option.type is int:
         return [option.default, 0]
+    if option.type is str:
+        return STRING_VALUES[option.name]
     choices = getattr(option.type, "__members__", None)
     assert choices, f"{option.name}: the walk knows booleans and choices only; teach it {option.type}"
     return [member.value for member in option.type]

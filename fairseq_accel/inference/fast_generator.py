@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fairseq_accel.inference.beam_cache import CacheBytes
 from fairseq_accel.inference.fast_decoder import FastDecoder
+from fairseq_accel.inference.thread_choice import ThreadChooser
 
 Hypothesis = Dict[str, Tensor]
 
@@ -43,9 +44,11 @@ class FastSequenceGenerator(nn.Module):
     """Drop-in for ``SequenceGenerator`` in ``fairseq-generate`` (``task.inference_step`` calls
     ``generate``); one model, beam search."""
 
-    def __init__(self, stock: SequenceGenerator, model: nn.Module, decoder: FastDecoder, kernels=None):
+    def __init__(self, stock: SequenceGenerator, model: nn.Module, decoder: FastDecoder, kernels=None,
+                 threads: Optional[ThreadChooser] = None):
         """``kernels``: the module of the fused log-softmax + top-k kernel (the CUDA kernels the decoder was
-        built with, or the C++ CPU kernels), or None for the torch path."""
+        built with, or the C++ CPU kernels), or None for the torch path; ``threads``: who sets the CPU thread
+        count before each batch (None: torch's count as it is)."""
         super().__init__()
         self.model = model
         self.fast_decoder = decoder
@@ -61,13 +64,21 @@ class FastSequenceGenerator(nn.Module):
         self.unk_penalty, self.temperature = stock.unk_penalty, stock.temperature
         self.repeat_ngram_blocker = stock.repeat_ngram_blocker
         self.cache_stats = CacheStats()
+        self.threads = threads
         self.model.eval()
 
     @torch.no_grad()  # not inference_mode: fairseq-generate edits the returned tensors in place
     def generate(self, models, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None, constraints=None, bos_token: Optional[int] = None, **unused) -> List[List[Hypothesis]]:
         if constraints is not None:
             raise ValueError("the fast generator does not support --constraints (use --accel-generator stock)")
-        return _BeamSearch(self, sample, prefix_tokens, bos_token).run()
+        if self.threads is None or sample["net_input"]["src_tokens"].device.type != "cpu":
+            return _BeamSearch(self, sample, prefix_tokens, bos_token).run()
+
+        def decode():
+            search = _BeamSearch(self, sample, prefix_tokens, bos_token)
+            return search.run(), search.rows_decoded
+
+        return self.threads.run(decode)
 
 
 class _BeamSearch:
@@ -95,10 +106,12 @@ class _BeamSearch:
         self.finalized: List[List[Hypothesis]] = [[] for _ in range(self.bsz)]
         self.cand_offsets = torch.arange(2 * self.beam, device=device)
         self.device = device
+        self.rows_decoded = 0  # hypotheses times steps: the work --accel-threads auto compares
 
     def run(self) -> List[List[Hypothesis]]:
         remaining = self.bsz
         for step in range(self.max_len + 1):
+            self.rows_decoded += self.bsz * self.beam
             logits = self.gen.fast_decoder.step(self.tokens[:, step], self._output_rows(step))
             cand_scores, cand_indices, cand_beams = self._candidates(logits, step)
             eos_mask = cand_indices.eq(self.gen.eos) & cand_scores.ne(-math.inf)

@@ -28,6 +28,7 @@ from fairseq_accel.inference.fast_decoder import (
 )
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator
 from fairseq_accel.inference.int8_execution import INT8_MIN_WEIGHTS, convert_to_int8
+from fairseq_accel.inference.thread_choice import ThreadChooser
 from fairseq_accel.models.ctc_head import CTCHeadError
 from fairseq_accel.tasks.task_options import TaskOptionsMixin
 
@@ -70,6 +71,14 @@ class AccelGenerationConfig(FairseqDataclass):
                           "CUDA with cupy installed (pip install 'fairseq_accel[gpu]'), the C++ CPU kernel (fused "
                           "log-softmax + top-k, built by pip install) on CPU, torch otherwise; cuda: require the "
                           "CUDA kernels; torch: no kernels"},
+    )
+    accel_threads: str = field(
+        default="auto",
+        metadata={"help": "CPU threads of the fast generator: auto (default) decodes the first batch with torch's "
+                          "thread count and the next with 1, keeps the faster (one log line says which) and measures "
+                          "again when it slows down 3x (another process took the cores: OpenMP threads then wait "
+                          "for each other at every small operation); torch: leave torch's count as set "
+                          "(OMP_NUM_THREADS, torch.set_num_threads); N: that many"},
     )
     no_accel_fallback: bool = field(
         default=False, metadata={"help": "stop with the reason instead of falling back to the stock generator"}
@@ -116,7 +125,7 @@ def _check_fast_only_options(cfg) -> None:
         given = [name for name, value in (
             ("--kv-cache-dtype", cfg.kv_cache_dtype != "fp32"), ("--quantize-cross-kv", cfg.quantize_cross_kv),
             ("--key-scale", cfg.key_scale != "token"), ("--accel-kernels", cfg.accel_kernels != "auto"),
-            ("--no-accel-fallback", cfg.no_accel_fallback),
+            ("--accel-threads", cfg.accel_threads != "auto"), ("--no-accel-fallback", cfg.no_accel_fallback),
         ) if value]
         if given:
             raise AccelGenerationError(f"{', '.join(given)} apply to the fast generator: add --accel-generator fast")
@@ -153,6 +162,10 @@ def build_accel_generator(stock, models: List, cfg) -> object:
     _check_fast_only_options(cfg)
     if cfg.accel_generator != "fast":
         return stock
+    try:
+        threads = ThreadChooser(cfg.accel_threads)
+    except ValueError as error:
+        raise AccelGenerationError(str(error)) from None
     options = FastDecodingOptions(
         kv_cache_dtype=cfg.kv_cache_dtype, quantize_cross_kv=cfg.quantize_cross_kv,
         key_scale=cfg.key_scale, kernel_choice=cfg.accel_kernels,
@@ -176,7 +189,8 @@ def build_accel_generator(stock, models: List, cfg) -> object:
             "key/value cache, so there is nothing to store in it; add --quantize-cross-kv to store its "
             "cross-attention keys/values that way"
         )
-    return FastSequenceGenerator(stock, model, decoder, kernels or resolve_cpu_kernels(options.kernel_choice, device))
+    return FastSequenceGenerator(stock, model, decoder, kernels or resolve_cpu_kernels(options.kernel_choice, device),
+                                 threads)
 
 
 def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object],

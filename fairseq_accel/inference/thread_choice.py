@@ -1,0 +1,85 @@
+"""``--accel-threads``: how many CPU threads the fast generator decodes with.
+
+A decoding step is hundreds of small operations, each an OpenMP parallel region whose threads meet at a
+barrier. When another process keeps a core busy, a thread of ours waits for its turn on the CPU at every
+barrier, and a step with 2 threads was measured 30x slower than with 1 (issue 12: 279 ms against 8.6 ms). No
+fixed count is right on a shared machine, so ``auto`` measures: the first batch runs with torch's thread
+count, the next with 1 thread, and the faster per decoded row (seconds per hypothesis and step) is kept and
+said in one line. Where the kept setting later runs more than :data:`SLOWDOWN` times slower per row than it
+was measured (the machine's load changed), both are measured again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+SLOWDOWN = 3.0  # a kept setting this much slower than measured starts a new measurement
+T = TypeVar("T")
+THREAD_CHOICES = "auto, torch (torch's thread count as set: torch.set_num_threads / OMP_NUM_THREADS) or a number"
+
+
+def parse_accel_threads(value: str) -> Optional[int]:
+    """``--accel-threads``: None for ``auto``, 0 for ``torch``, else the thread count (a ValueError otherwise)."""
+    if value == "auto":
+        return None
+    if value == "torch":
+        return 0
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"--accel-threads must be {THREAD_CHOICES}, got {value!r}")
+
+
+class ThreadChooser:
+    """Runs each batch the fast generator decodes at the thread count ``--accel-threads`` says, and gives
+    torch's own count back afterwards."""
+
+    def __init__(self, setting: str):
+        fixed = parse_accel_threads(setting)
+        self.fixed = fixed  # None: auto; 0: leave torch's count alone
+        most = torch.get_num_threads()
+        self.candidates: List[int] = [most, 1] if fixed is None and most > 1 else []
+        self.seconds_per_row: Dict[int, float] = {}
+        self.chosen: Optional[int] = None
+
+    def run(self, decode: Callable[[], Tuple[T, int]]) -> T:
+        """``decode()``'s result; it returns (result, rows decoded: hypotheses times steps), run at this
+        batch's thread count."""
+        count = self._count_for_batch()
+        previous = torch.get_num_threads()
+        if count:
+            torch.set_num_threads(count)
+        start = time.perf_counter()
+        try:
+            result, rows = decode()
+        finally:
+            torch.set_num_threads(previous)
+        if self.candidates and rows:
+            self._record(count, (time.perf_counter() - start) / rows)
+        return result
+
+    def _count_for_batch(self) -> Optional[int]:
+        if not self.candidates:
+            return self.fixed or None
+        untried = [count for count in self.candidates if count not in self.seconds_per_row]
+        return untried[0] if untried else self.chosen
+
+    def _record(self, count: int, rate: float) -> None:
+        if count not in self.seconds_per_row:
+            self.seconds_per_row[count] = rate
+            if len(self.seconds_per_row) == len(self.candidates):
+                self._choose()
+        elif rate > SLOWDOWN * self.seconds_per_row[count]:  # the load changed: measure again
+            self.seconds_per_row = {}
+
+    def _choose(self) -> None:
+        best = min(self.candidates, key=lambda count: self.seconds_per_row[count])
+        if best != self.chosen:
+            measured = ", ".join(f"{count} thread{'s' if count > 1 else ''}: {self.seconds_per_row[count] * 1e6:.0f} us"
+                                 for count in self.candidates)
+            logger.info(f"--accel-threads auto: decoding with {best} thread{'s' if best > 1 else ''} "
+                        f"(per hypothesis and step, {measured})")
+        self.chosen = best
