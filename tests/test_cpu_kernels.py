@@ -82,7 +82,8 @@ def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finish
     assert kernel.cpu_kernels is cpu_kernels and reference.cpu_kernels is None
     for step in range(7):
         rows = indirection.batch * indirection.beam
-        q, k, v = (torch.randn(rows, 4, 36) for _ in range(3))
+        # odd steps: the views a fused query/key/value projection unbinds into (read in place, rows 3 H D apart)
+        q, k, v = torch.randn(rows, 3, 4, 36).unbind(1) if step % 2 else (torch.randn(rows, 4, 36) for _ in range(3))
         expected, got = reference.step(q, k, v), kernel.step(q, k, v)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         if step == 3:  # sentence 1 finished

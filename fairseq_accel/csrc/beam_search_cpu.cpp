@@ -24,6 +24,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -161,6 +162,14 @@ void check_float_cpu(const torch::Tensor& t, const char* name, int64_t dim) {
               " must be a float32 CPU tensor of ", dim, " dimensions");
 }
 
+// [rows, H, D] with unit stride along D and H stride D (the query/key/value views a fused projection's output
+// unbinds into, rows apart by 3 H D), as it is; anything else as a contiguous copy. Returns it and its row stride.
+std::pair<torch::Tensor, int64_t> rows_of_heads(const torch::Tensor& t) {
+  if (t.stride(2) == 1 && t.stride(1) == t.size(2)) return {t, t.stride(0)};
+  auto copy = t.contiguous();
+  return {copy, copy.stride(0)};
+}
+
 }  // namespace
 
 // Writes the step's keys and values ([B * beam, H, D]) into each hypothesis' own slot of the caches
@@ -178,9 +187,14 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
                 dim = keys.size(4), rows = batch * beam;
   TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
   TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
-  auto query = q.contiguous(), key = k.contiguous().to(torch::kFloat32), value = v.contiguous().to(torch::kFloat32);
+  check_float_cpu(k, "k", 3);
+  check_float_cpu(v, "v", 3);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
+  const auto [query, q_row] = rows_of_heads(q);  // the fused projection's views: no copies
+  const auto [key, k_row] = rows_of_heads(k);
+  const auto [value, v_row] = rows_of_heads(v);
   auto slots = table.contiguous();
-  auto out = torch::empty_like(query);
+  auto out = torch::empty({rows, heads, dim}, q.options());
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   float *keys_p = keys.data_ptr<float>(), *values_p = values.data_ptr<float>(), *out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
@@ -192,8 +206,10 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {  // the write of (row, head)
       const int64_t row = index / heads, h = index % heads, b = row / beam, slot = row % beam;
-      std::copy(kp + index * dim, kp + (index + 1) * dim, keys_p + at_cache(b, h, step, slot));
-      std::copy(vp + index * dim, vp + (index + 1) * dim, values_p + at_cache(b, h, step, slot));
+      const float* k_in = kp + row * k_row + h * dim;
+      const float* v_in = vp + row * v_row + h * dim;
+      std::copy(k_in, k_in + dim, keys_p + at_cache(b, h, step, slot));
+      std::copy(v_in, v_in + dim, values_p + at_cache(b, h, step, slot));
     }
   });
   at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
@@ -201,7 +217,7 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, b = row / beam, own = row % beam;
       const int64_t* history = slot_p + (b * beam + own) * table_steps;
-      const float* query_row = qp + index * dim;
+      const float* query_row = qp + row * q_row + h * dim;
       for (int64_t t = 0; t <= step; ++t) scores[t] = dot(query_row, keys_p + at_cache(b, h, t, history[t]), dim);
       softmax_weighted_sum(scores.data(), step + 1,
                            [&](int64_t t) { return values_p + at_cache(b, h, t, history[t]); },
