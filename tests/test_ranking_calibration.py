@@ -227,3 +227,13 @@ def test_ranking_needs_the_sentences() -> None:
     unsampled.batches = 1
     with pytest.raises(CalibrationError, match="needs the sentences each attention layer saw"):
         unsampled.quantizers(RANKING, names, weights)
+
+
+def test_states_of_the_earlier_format_are_refused_in_one_line() -> None:
+    """Version 3 added the attention sentences: a version-2 state (no "sentences") is named, not a KeyError."""
+    calibrator, _, _ = fused_self_attention()
+    state = calibrator.state_dict({})
+    del state["sentences"]
+    state["version"] = 2
+    with pytest.raises(CalibrationError, match="old.calib: not a calibration state of version 3 \\(got 2\\)"):
+        LinearInputCalibrator(calibrator.histograms).load_state_dict(state, "old.calib")

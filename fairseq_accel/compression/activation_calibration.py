@@ -36,7 +36,7 @@ from fairseq_accel.inference.int8_execution import call_projection_modules
 from fairseq_accel.modules.int8_linear import SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT, activation_max_level
 from fairseq_accel.modules.sanm_attention import MultiHeadedCrossAttention
 
-STATE_VERSION = 2  # 2: with the output ranges of the attention projections
+STATE_VERSION = 3  # 2: with the output ranges of the attention projections; 3: attention sentence samples
 
 
 def linear_layers(model: nn.Module) -> Dict[str, nn.Linear]:
