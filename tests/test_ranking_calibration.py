@@ -84,7 +84,8 @@ def calibrated_sentences(model: nn.Module, call, target_padding: torch.Tensor) -
 
 
 def weights_of(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    return {name: (m.weight, m.bias) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {name: (m.weight.detach(), None if m.bias is None else m.bias.detach())
+            for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # (fairseq's decoder masks so too)
