@@ -94,8 +94,8 @@ class SentenceSample:
         self.order = torch.empty(0, dtype=torch.float64)  # content key of each kept sentence
 
     def add(self, queries: Tensor, keys: Tensor) -> None:
-        self._keep([queries.detach().float()], [keys.detach().float()],
-                   content_keys(queries.detach().float().mean(0, keepdim=True)))
+        queries = queries.detach().float()
+        self._keep([queries], [keys.detach().float()], content_keys(queries.mean(0, keepdim=True)))
 
     def merge(self, other: "SentenceSample") -> None:
         self._keep(other.queries, other.keys, other.order)

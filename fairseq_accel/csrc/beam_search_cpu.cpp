@@ -33,6 +33,11 @@ constexpr int64_t kEosForbidden = 1;
 constexpr int64_t kEosOnly = 2;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+void check_float_cpu(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim, name,
+              " must be a float32 CPU tensor of ", dim, " dimensions");
+}
+
 // The k largest (value, id) of one row, descending; equal values keep the smaller id first.
 struct TopK {
   explicit TopK(int64_t k) : values(k, kNegInf), ids(k, -1), size(0), k(k) {}
@@ -90,11 +95,9 @@ TopK row_topk(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int6
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
     const torch::Tensor& logits, const torch::Tensor& row_bias, int64_t k, int64_t pad, int64_t unk, int64_t eos,
     double unk_penalty, int64_t eos_mode) {
-  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2,
-              "log_softmax_topk: logits must be a float32 CPU tensor [rows, vocab]");
-  TORCH_CHECK(row_bias.device().is_cpu() && row_bias.scalar_type() == torch::kFloat32 &&
-                  row_bias.dim() == 1 && row_bias.size(0) == logits.size(0),
-              "log_softmax_topk: row_bias must be a float32 CPU tensor [rows]");
+  check_float_cpu(logits, "logits", 2);
+  check_float_cpu(row_bias, "row_bias", 1);
+  TORCH_CHECK(row_bias.size(0) == logits.size(0), "row_bias must have one value per row of logits");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= vocab, "log_softmax_topk: k must be in [1, vocab], got ", k);
   auto x = logits.contiguous();
@@ -155,11 +158,6 @@ void softmax_weighted_sum(float* scores, int64_t n, ValueAt value_at, float* out
     const float* v = value_at(t);
     for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
   }
-}
-
-void check_float_cpu(const torch::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dim, name,
-              " must be a float32 CPU tensor of ", dim, " dimensions");
 }
 
 // [rows, H, D] with unit stride along D and H stride D (the query/key/value views a fused projection's output

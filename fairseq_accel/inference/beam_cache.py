@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 KV_CACHE_DTYPES = ("fp32", "fp16", "int8")
+_NO_PADDING = torch.empty(0, dtype=torch.bool)  # the C++ memory attention's "no position is padded"
 
 
 @dataclass
@@ -335,14 +336,14 @@ class CrossAttentionMemory:
         elif dtype == "fp16":
             keys, values = keys.half(), values.half()
         self.keys, self.values = keys, values
-        # the C++ CPU kernel serves float32 memories: padded positions are left out by this [B, S] mask
+        # the C++ CPU kernel serves float32 memories, leaving out the padded positions ([B, S], or None: none)
         self.cpu_kernels = cpu_kernels if keys.dtype == torch.float32 and level_steps is None else None
-        self.padding = (padding_mask if self.mask is not None else torch.empty(0, dtype=torch.bool)) \
-            if self.cpu_kernels is not None else None
+        self.padding = padding_mask if self.cpu_kernels is not None and self.mask is not None else None
 
     def attend(self, q: Tensor) -> Tensor:
         if self.cpu_kernels is not None:
-            return self.cpu_kernels.memory_attention(q, self.keys, self.values, self.padding, self.beam)
+            padding = _NO_PADDING if self.padding is None else self.padding
+            return self.cpu_kernels.memory_attention(q, self.keys, self.values, padding, self.beam)
         q = _rows_to_beams(q, self.beam)
         if self.query_scale is not None:
             q = q * self.query_scale
@@ -354,12 +355,10 @@ class CrossAttentionMemory:
         return _beams_to_rows(out)
 
     def keep(self, sentences: Tensor) -> None:
-        for name in ("keys", "values", "mask", "key_scale", "value_scale", "query_scale"):
+        for name in ("keys", "values", "mask", "padding", "key_scale", "value_scale", "query_scale"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, sentences))
-        if self.padding is not None and self.padding.numel():
-            self.padding = self.padding.index_select(0, sentences)
 
     def bytes_per_sentence(self, steps: int) -> CacheBytes:
         tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.query_scale]
