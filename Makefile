@@ -46,7 +46,7 @@ system-deps:
 
 venv: system-deps $(VENV)/.installed
 
-$(VENV)/.installed: setup.py Makefile $(wildcard fairseq_accel/csrc/*.cpp)
+$(VENV)/.installed: setup.py Makefile $(wildcard fairseq_accel/csrc/*.cpp fairseq_accel/csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) "torch==$(TORCH_VERSION)" $(PIP_QUIET)
 	$(PIP_INSTALL) --no-deps "ve-fairseq==0.12.3" $(PIP_QUIET)

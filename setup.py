@@ -83,7 +83,8 @@ def cpu_kernel_extensions():
     if CppExtension is None:
         print(f"fairseq_accel: torch is not installed, so {CPU_KERNELS} is not built; {CPU_KERNELS_FALLBACK}")
         return []
-    return [CppExtension(CPU_KERNELS, sorted(glob("fairseq_accel/csrc/*.cpp")), extra_compile_args=["-O3"])]
+    return [CppExtension(CPU_KERNELS, sorted(glob("fairseq_accel/csrc/*.cpp")),
+                         depends=sorted(glob("fairseq_accel/csrc/*.h")), extra_compile_args=["-O3"])]
 
 
 if BuildExtension is not None:
@@ -125,6 +126,6 @@ setup(
         "iwslt": ["sacremoses"],
         "bench": ["ctranslate2"],
     },
-    package_data={"fairseq_accel": ["kernels/*.cu", "kernels/*.cuh"]},
+    package_data={"fairseq_accel": ["kernels/*.cu", "kernels/*.cuh", "csrc/*.h"]},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -1,9 +1,12 @@
 """The C++ CPU kernels of the fast generator (fairseq_accel/csrc, fairseq_accel/inference/cpu_kernels.py):
 log-softmax + fairseq's token rules + top-k against the numpy reference of the CUDA kernel (the same
 contract), the attention over the self-attention cache and over the encoder memory and the causal convolution
-window against the torch paths of beam_cache, and the generator's choice of them. Built by pip install; under
+window against the torch paths of beam_cache, the candidate merge and beam advance against the generator's torch
+path, and the generator's choice of them. Built by pip install; under
 CI=true their absence fails."""
 import logging
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import kernel_reference as ref
 from test_cuda_kernels import check_topk
 from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamIndirection, CrossAttentionMemory, WindowCache
+from fairseq_accel.inference.fast_generator import _BeamSearch
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
                                 reason="the C++ CPU kernels are not built (pip install -e . with g++)")
@@ -138,3 +142,61 @@ def test_window_convolution_equals_the_torch_window_through_reorders_and_finishe
             for holder in (indirection, reference, kernel):
                 holder.keep(keep)
         indirection.advance(torch.randint(0, beam, (indirection.batch, beam)))
+
+
+def row_candidates(rows: int, k: int, eos: int, generator: torch.Generator):
+    """What log_softmax_topk returns: per row k distinct values, descending (one -inf: torch.topk orders equal
+    values arbitrarily), token ids (some eos)."""
+    values = torch.randn(rows, k, generator=generator).sort(dim=1, descending=True).values
+    values[0, -1] = -math.inf
+    ids = torch.randint(4, 50, (rows, k), generator=generator)
+    ids[torch.rand(rows, k, generator=generator) < 0.2] = eos
+    return values, ids
+
+
+@pytest.mark.parametrize("rows_per_sentence", [1, 5])
+def test_merge_candidates_equals_the_torch_candidates(rows_per_sentence: int) -> None:
+    """The C++ merge against the torch path's topk over a sentence's rows and its eos mask (first step: one row)."""
+    generator = torch.Generator().manual_seed(3)
+    batch, beam, eos = 4, 5, 2
+    k = 2 * beam
+    values, ids = row_candidates(batch * rows_per_sentence, k, eos, generator)
+    ignore = torch.rand(batch, beam, generator=generator) < 0.3
+    scores, tokens, beams, eos_mask, ending = cpu_kernels.merge_candidates(values, ids, ignore, eos)
+    top, index = values.view(batch, -1).topk(k)
+    expected_mask = ids.view(batch, -1).gather(1, index).eq(eos) & top.ne(-math.inf)
+    expected_mask[:, :beam] &= ~ignore
+    assert torch.equal(scores, top) and torch.equal(beams, index // k)
+    assert torch.equal(tokens, ids.view(batch, -1).gather(1, index)) and torch.equal(eos_mask, expected_mask)
+    assert ending == bool(expected_mask[:, :beam].any())
+
+
+def test_advance_beams_equals_the_torch_advance() -> None:
+    """fairseq's advance (continuing candidates first, ending ones fill up; ignored beams count as ending), the
+    token and score histories reordered in place, over several steps."""
+    generator = torch.Generator().manual_seed(4)
+    batch, beam, length, eos = 3, 4, 9, 2
+    k = 2 * beam
+    parents_seen = []
+    searches = []
+    for native in (True, False):
+        search = object.__new__(_BeamSearch)
+        search.bsz, search.beam, search.native_search, search.device = batch, beam, native, torch.device("cpu")
+        search.cand_offsets = torch.arange(k)
+        search.cands_to_ignore = torch.zeros(batch, beam, dtype=torch.bool)
+        search.tokens = torch.arange(batch * beam * (length + 2)).view(batch * beam, -1)
+        search.scores = torch.randn(batch * beam, length + 1, generator=torch.Generator().manual_seed(5))
+        search.gen = SimpleNamespace(fast_decoder=SimpleNamespace(advance=parents_seen.append))
+        searches.append(search)
+    for step in range(6):
+        scores = torch.randn(batch, k, generator=generator).sort(dim=1, descending=True).values
+        tokens = torch.randint(3, 40, (batch, k), generator=generator)
+        beams = torch.randint(beam, (batch, k), generator=generator)
+        eos_mask = torch.rand(batch, k, generator=generator) < (0.9 if step == 3 else 0.25)  # step 3: few continue
+        for search in searches:
+            search._advance(step, scores, tokens, beams, eos_mask.clone())
+        native, reference = searches
+        assert torch.equal(parents_seen[-2], parents_seen[-1])
+        assert torch.equal(native.cands_to_ignore, reference.cands_to_ignore)
+        assert torch.equal(native.tokens, reference.tokens) and torch.equal(native.scores, reference.scores)
+        assert step != 3 or native.cands_to_ignore.any()  # ending candidates filled some beams

@@ -16,7 +16,7 @@
 // masks the [rows x V] log-probabilities in place, adds the scores and sorts them: three more passes over the
 // largest tensor of the step and as many dispatches; this is one pass after ATen's log-softmax (which is
 // 2x faster than its logsumexp on these rows, and gives the torch path's log-probabilities exactly).
-#include <torch/extension.h>
+#include "step_kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -126,6 +126,125 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
     }
   });
   return {values, indices, lse};
+}
+
+namespace {
+
+// The tensor's data as a contiguous CPU tensor of the given type, or a one-line error naming it.
+void check_cpu(const torch::Tensor& t, const char* name, torch::ScalarType type, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
+              " must be a contiguous ", c10::toString(type), " CPU tensor of ", dim, " dimensions");
+}
+
+}  // namespace
+
+// A sentence's candidates from its rows' best k (log_softmax_topk's values, the row's score added, and token
+// ids; [B * r, k], r = 1 at the first step, else beam): its best k over r x k, descending, equal values in
+// row-major order (torch.topk over the flattened rows gives the same up to the order of equal values).
+// Returns (scores [B, k], token ids [B, k], source beams [B, k], eos mask [B, k], whether any of the first
+// `beam` candidates ends); the eos mask is fairseq's: an eos token with a finite score, and among the first
+// `beam` only where cands_to_ignore [B, beam] is false.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, bool> merge_candidates(
+    const torch::Tensor& values, const torch::Tensor& ids, const torch::Tensor& cands_to_ignore, int64_t eos) {
+  check_cpu(values, "values", torch::kFloat32, 2);
+  check_cpu(ids, "ids", torch::kInt64, 2);
+  check_cpu(cands_to_ignore, "cands_to_ignore", torch::kBool, 2);
+  const int64_t batch = cands_to_ignore.size(0), beam = cands_to_ignore.size(1), k = values.size(1);
+  TORCH_CHECK(ids.sizes() == values.sizes() && values.size(0) % batch == 0 && k >= beam,
+              "values and ids must be [B * r, k] with k >= beam");
+  const int64_t rows = values.size(0) / batch, pool = rows * k;
+  auto scores = torch::empty({batch, k}, values.options());
+  auto tokens = torch::empty({batch, k}, ids.options());
+  auto beams = torch::empty({batch, k}, ids.options());
+  auto eos_mask = torch::empty({batch, k}, cands_to_ignore.options());
+  const float* value_p = values.data_ptr<float>();
+  const int64_t* id_p = ids.data_ptr<int64_t>();
+  const bool* ignore_p = cands_to_ignore.data_ptr<bool>();
+  float* score_out = scores.data_ptr<float>();
+  int64_t *token_out = tokens.data_ptr<int64_t>(), *beam_out = beams.data_ptr<int64_t>();
+  bool* eos_out = eos_mask.data_ptr<bool>();
+  bool ending = false;
+  std::vector<int64_t> order(pool);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* v = value_p + b * pool;
+    for (int64_t i = 0; i < pool; ++i) order[i] = i;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [v](int64_t x, int64_t y) {
+      return v[x] > v[y] || (v[x] == v[y] && x < y);  // NaN never leaves the kernel: its rows are -inf
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t at = b * k + j, from = order[j];
+      score_out[at] = v[from];
+      token_out[at] = id_p[b * pool + from];
+      beam_out[at] = from / k;
+      eos_out[at] = token_out[at] == eos && score_out[at] != kNegInf && !(j < beam && ignore_p[b * beam + j]);
+      ending = ending || (j < beam && eos_out[at]);
+    }
+  }
+  return {scores, tokens, beams, eos_mask, ending};
+}
+
+// fairseq's beam advance: each sentence goes on with its first `beam` candidates that do not end (eos_mask, with
+// cands_to_ignore [B, beam] counted as ending among the first `beam`), then ending ones if there are fewer.
+// Updates cands_to_ignore (which continuations are ending ones), the histories tokens [B * beam, L] (int64, the
+// new token at step + 1) and scores [B * beam, L'] (float32, the new score at step) in place; returns the parent
+// beam of each continuation [B, beam].
+torch::Tensor advance_beams(const torch::Tensor& cand_scores, const torch::Tensor& cand_tokens,
+                            const torch::Tensor& cand_beams, const torch::Tensor& eos_mask,
+                            torch::Tensor& cands_to_ignore, torch::Tensor& tokens, torch::Tensor& scores,
+                            int64_t step) {
+  check_cpu(cand_scores, "cand_scores", torch::kFloat32, 2);
+  check_cpu(cand_tokens, "cand_tokens", torch::kInt64, 2);
+  check_cpu(cand_beams, "cand_beams", torch::kInt64, 2);
+  check_cpu(eos_mask, "eos_mask", torch::kBool, 2);
+  check_cpu(cands_to_ignore, "cands_to_ignore", torch::kBool, 2);
+  check_cpu(tokens, "tokens", torch::kInt64, 2);
+  check_cpu(scores, "scores", torch::kFloat32, 2);
+  const int64_t batch = cands_to_ignore.size(0), beam = cands_to_ignore.size(1), k = cand_scores.size(1);
+  TORCH_CHECK(cand_scores.size(0) == batch && cand_tokens.sizes() == cand_scores.sizes() &&
+              cand_beams.sizes() == cand_scores.sizes() && eos_mask.sizes() == cand_scores.sizes() && k >= beam,
+              "the candidates must be [B, k] with k >= beam");
+  TORCH_CHECK(tokens.size(0) == batch * beam && scores.size(0) == batch * beam && step + 1 < tokens.size(1) &&
+              step < scores.size(1), "tokens/scores must be [B * beam, L] with room for step ", step);
+  auto parents = torch::empty({batch, beam}, cand_beams.options());
+  const float* score_p = cand_scores.data_ptr<float>();
+  const int64_t *token_p = cand_tokens.data_ptr<int64_t>(), *beam_p = cand_beams.data_ptr<int64_t>();
+  const bool* eos_p = eos_mask.data_ptr<bool>();
+  bool* ignore_p = cands_to_ignore.data_ptr<bool>();
+  int64_t* parent_p = parents.data_ptr<int64_t>();
+  int64_t* history = tokens.data_ptr<int64_t>();
+  float* history_scores = scores.data_ptr<float>();
+  const int64_t token_width = tokens.size(1), score_width = scores.size(1);
+  std::vector<int64_t> active(beam), old_tokens(beam * (step + 1));
+  std::vector<float> old_scores(beam * step);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t taken = 0;
+    for (int pass = 0; pass < 2 && taken < beam; ++pass) {  // pass 0: continuing candidates, pass 1: ending ones
+      for (int64_t j = 0; j < k && taken < beam; ++j) {
+        const bool ends = eos_p[b * k + j] || (j < beam && ignore_p[b * beam + j]);
+        if (ends == (pass == 1)) active[taken++] = j;
+      }
+    }
+    int64_t* rows = history + b * beam * token_width;
+    float* row_scores = history_scores + b * beam * score_width;
+    for (int64_t i = 0; i < beam; ++i) {
+      std::copy(rows + i * token_width, rows + i * token_width + step + 1, old_tokens.begin() + i * (step + 1));
+      std::copy(row_scores + i * score_width, row_scores + i * score_width + step, old_scores.begin() + i * step);
+    }
+    for (int64_t i = 0; i < beam; ++i) {
+      const int64_t j = active[i], parent = beam_p[b * k + j];
+      const bool ends = eos_p[b * k + j] || (j < beam && ignore_p[b * beam + j]);
+      parent_p[b * beam + i] = parent;
+      std::copy(old_tokens.begin() + parent * (step + 1), old_tokens.begin() + (parent + 1) * (step + 1),
+                rows + i * token_width);
+      rows[i * token_width + step + 1] = token_p[b * k + j];
+      std::copy(old_scores.begin() + parent * step, old_scores.begin() + (parent + 1) * step,
+                row_scores + i * score_width);
+      row_scores[i * score_width + step] = score_p[b * k + j];
+      active[i] = ends;  // read below, after every candidate's own test used the old cands_to_ignore
+    }
+    for (int64_t i = 0; i < beam; ++i) ignore_p[b * beam + i] = active[i] != 0;
+  }
+  return parents;
 }
 
 namespace {
@@ -314,4 +433,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_attention", &memory_attention, "attention of the beams' queries over their encoder memory (CPU)");
   m.def("log_softmax_topk", &log_softmax_topk,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
+  m.def("merge_candidates", &merge_candidates, "each sentence's best candidates over its rows' best k (CPU)");
+  m.def("advance_beams", &advance_beams, "fairseq's beam advance over the candidates, histories updated in place (CPU)");
+  register_decoder_step(m);
 }

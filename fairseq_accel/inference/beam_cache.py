@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fairseq_accel.inference.cpu_kernels import NativeStepUnsupported
+
 KV_CACHE_DTYPES = ("fp32", "fp16", "int8")
 _NO_PADDING = torch.empty(0, dtype=torch.bool)  # the C++ memory attention's "no position is padded"
 
@@ -244,6 +246,12 @@ class AttentionKVCache:
         )
         return _beams_to_rows(out)
 
+    def kernel_tensors(self) -> List[Tensor]:
+        """What the C++ decoder step reads and writes: the float32 keys and values."""
+        if self.cpu_kernels is None:
+            raise NativeStepUnsupported(f"the {self.dtype} self-attention cache has no C++ step")
+        return [self.keys, self.values]
+
     def keep(self, sentences: Tensor) -> None:
         steps = self.indirection.step + 1
         self.keys = keep_rows(self.keys, sentences, 2, steps)
@@ -293,6 +301,11 @@ class WindowCache:
                                                             weight)
         self.write(x)
         return (self.window() * weight).sum(dim=1)
+
+    def kernel_tensors(self) -> List[Tensor]:
+        if self.cpu_kernels is None:
+            raise NativeStepUnsupported("a convolution window of another dtype than float32 has no C++ step")
+        return [self.inputs]
 
     def keep(self, sentences: Tensor) -> None:
         self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step)
@@ -354,6 +367,11 @@ class CrossAttentionMemory:
             out = out * self.level_steps[1]
         return _beams_to_rows(out)
 
+    def kernel_tensors(self) -> List[Tensor]:
+        if self.cpu_kernels is None:
+            raise NativeStepUnsupported("a cross-attention memory of int8 or float16 has no C++ step")
+        return [self.keys, self.values, _NO_PADDING if self.padding is None else self.padding]
+
     def keep(self, sentences: Tensor) -> None:
         for name in ("keys", "values", "mask", "padding", "key_scale", "value_scale", "query_scale"):
             tensor = getattr(self, name)
@@ -390,6 +408,10 @@ class BeamState:
 
     def advance(self, parents: Tensor) -> None:
         self.indirection.advance(parents)
+
+    def kernel_tensors(self) -> List[Tensor]:
+        """Every cache's tensors for the C++ decoder step, in the order its layers take them."""
+        return [tensor for cache in self.caches for tensor in cache.kernel_tensors()]
 
     def bytes_per_sentence(self, steps: int) -> CacheBytes:
         """Bytes one sentence decoded for ``steps`` steps holds (all beams), by kind of cache."""

@@ -8,15 +8,22 @@ step's attention over the float32 self-attention cache (through the beam indirec
 memory, one call each instead of a dozen ops; ``window_convolution_step`` a causal depthwise convolution's
 step (LSRA's lightweight convolution, SAN-M's FSMN) over the window buffer. Where the extension was not built (no compiler at install
 time), the generator keeps its torch path and says so in one line.
+
+The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp); the
+Python step objects build it from their own weights with the ``native_*`` helpers here, and say with
+``NativeStepUnsupported`` why a model keeps the Python step (int8 layers, other caches, other activations).
 """
 from __future__ import annotations
 
 import logging
 import sys
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from fairseq.modules import gelu
+from torch import nn
 
 try:
     from fairseq_accel import _cpu_kernels
@@ -40,6 +47,22 @@ def log_softmax_topk(logits: torch.Tensor, row_bias: torch.Tensor, k: int, pad_i
     return _cpu_kernels.log_softmax_topk(logits, row_bias, k, pad_idx, unk_idx, eos_idx, unk_penalty, eos_mode)
 
 
+def merge_candidates(values: torch.Tensor, ids: torch.Tensor, cands_to_ignore: torch.Tensor,
+                     eos: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Each sentence's best ``k`` candidates from its rows' best ``k`` (:func:`log_softmax_topk`'s ``[B * r, k]``):
+    (scores, token ids, source beams, fairseq's eos mask ``[B, k]``, whether one of the first ``beam`` ends)."""
+    return _cpu_kernels.merge_candidates(values, ids, cands_to_ignore, eos)
+
+
+def advance_beams(cand_scores: torch.Tensor, cand_tokens: torch.Tensor, cand_beams: torch.Tensor,
+                  eos_mask: torch.Tensor, cands_to_ignore: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor,
+                  step: int) -> torch.Tensor:
+    """fairseq's beam advance (the generator's ``_advance``): ``cands_to_ignore``, the token and score histories
+    updated in place; returns each continuation's parent beam ``[B, beam]``."""
+    return _cpu_kernels.advance_beams(cand_scores, cand_tokens, cand_beams, eos_mask, cands_to_ignore, tokens, scores,
+                                      step)
+
+
 def cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          table: torch.Tensor, step: int) -> torch.Tensor:
     """Write the step's keys/values ``[B * beam, H, D]`` into each hypothesis' slot of the float32 caches
@@ -60,6 +83,47 @@ def window_convolution_step(x: torch.Tensor, inputs: torch.Tensor, table: torch.
     """Write the step's inputs ``[B * beam, C]`` into the window buffer ``[B, W - 1 + T, beam, C]`` and return
     each hypothesis' depthwise convolution of its last ``W`` inputs with ``weight`` ``[W, C]`` (``beam_cache``)."""
     return _cpu_kernels.window_convolution_step(x, inputs, table, step, weight)
+
+
+class NativeStepUnsupported(Exception):
+    """The decoder runs the Python step, not the C++ one; the message says why."""
+
+
+def native_linear(step: Callable) -> "_cpu_kernels.Linear":
+    """The C++ twin of a float32 ``TransposedLinear`` step (the same ``W^T`` and bias tensors)."""
+    from fairseq_accel.inference.int8_execution import TransposedLinear
+
+    if not isinstance(step, TransposedLinear) or step.weight_t.dtype != torch.float32:
+        raise NativeStepUnsupported(f"a linear layer runs as {type(step).__name__} (int8 or not float32)")
+    return _cpu_kernels.Linear(step.weight_t, step.bias)
+
+
+def native_norm(norm: nn.LayerNorm) -> "_cpu_kernels.Norm":
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise NativeStepUnsupported(f"a norm is {type(norm).__name__}, not a LayerNorm over the channels")
+    detach = lambda t: None if t is None else t.detach()
+    return _cpu_kernels.Norm(detach(norm.weight), detach(norm.bias), norm.eps, norm.normalized_shape[0])
+
+
+def native_activation(activation: Callable) -> int:
+    """The C++ step's code of fairseq's relu or gelu (``utils.get_activation_fn``)."""
+    codes = {F.relu: 0, gelu: 1}
+    if activation not in codes:
+        raise NativeStepUnsupported(f"activation {getattr(activation, '__name__', activation)} has no C++ step")
+    return codes[activation]
+
+
+def native_cross_attention(q: Callable, out: Callable, heads: int, head_dim: int,
+                           level_steps: Optional[Tuple]) -> "_cpu_kernels.CrossAttention":
+    """The C++ step's cross-attention over a float32 memory (its query and output projection steps)."""
+    if level_steps is not None:
+        raise NativeStepUnsupported("cross-attention takes the int8 attention path")
+    return _cpu_kernels.CrossAttention(native_linear(q), native_linear(out), heads, head_dim)
+
+
+def native_kernels() -> ModuleType:
+    """The extension module, whose classes build the C++ decoder step."""
+    return _cpu_kernels
 
 
 def resolve_cpu_kernels(kernel_choice: str, device: torch.device) -> Optional[ModuleType]:

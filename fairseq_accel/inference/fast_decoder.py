@@ -6,6 +6,7 @@ Exact classes, not subclasses: a subclass may change the maths, and a wrong fast
 ``kernels`` is the kernel backend, resolved once by the generator builder (:func:`resolve_kernels`): the
 CUDA kernels module, or None for the torch path.
 """
+import logging
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Dict, List, Optional
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fairseq_accel.inference.beam_cache import KV_CACHE_DTYPES, BeamState
+from fairseq_accel.inference.cpu_kernels import NativeStepUnsupported
 
+logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("auto", "torch", "cuda")
 
 
@@ -50,6 +53,8 @@ class FastDecoder:
     """
 
     state: BeamState
+    native_step = None  # the C++ step: None until built, False where the model has none
+    native_caches: Optional[List[Tensor]] = None  # its cache tensors, where this batch runs it
 
     def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
         raise NotImplementedError
@@ -59,8 +64,29 @@ class FastDecoder:
         state and returns fp32 logits ``[B * beam, V]``, or only those of ``output_rows``."""
         raise NotImplementedError
 
+    def build_native_step(self):
+        """The whole step as one C++ call (``cpu_kernels.native_kernels().DecoderStep``) with the logits of the
+        Python step, or ``NativeStepUnsupported`` saying why there is none."""
+        raise NativeStepUnsupported(f"{type(self).__name__} has no C++ step")
+
+    def bind_native_step(self) -> None:
+        """At the end of ``start``: run this batch's steps in C++ where the C++ kernels are in use and the model
+        and its caches have a C++ step (built once; where not, one line says why)."""
+        self.native_caches = None
+        if self.state.cpu_kernels is None or self.native_step is False:
+            return
+        try:
+            if self.native_step is None:
+                self.native_step = self.build_native_step()
+            self.native_caches = self.state.kernel_tensors()
+        except NativeStepUnsupported as reason:
+            logger.info(f"the fast decoder runs its Python step: {reason}")
+            self.native_step = False
+
     def keep(self, sentences: Tensor) -> None:
         self.state.keep(sentences)
+        if self.native_caches is not None:
+            self.native_caches = self.state.kernel_tensors()
 
     def advance(self, parents: Tensor) -> None:
         self.state.advance(parents)

@@ -16,6 +16,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 from torch import Tensor, nn
 
+from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import CacheBytes
 from fairseq_accel.inference.fast_decoder import FastDecoder
 from fairseq_accel.inference.thread_choice import ThreadChooser
@@ -105,6 +106,9 @@ class _BeamSearch:
         self.cands_to_ignore = torch.zeros(self.bsz, self.beam, dtype=torch.bool, device=device)
         self.finalized: List[List[Hypothesis]] = [[] for _ in range(self.bsz)]
         self.cand_offsets = torch.arange(2 * self.beam, device=device)
+        # the C++ candidate merge and beam advance: with the C++ candidate kernel, where no rule needs every row
+        self.native_search = (gen.kernels is cpu_kernels and prefix_tokens is None and gen.repeat_ngram_blocker is None
+                              and gen.temperature == 1.0)
         self.device = device
         self.rows_decoded = 0  # hypotheses times steps: the work --accel-threads auto compares
 
@@ -113,10 +117,15 @@ class _BeamSearch:
         for step in range(self.max_len + 1):
             self.rows_decoded += self.bsz * self.beam
             logits = self.gen.fast_decoder.step(self.tokens[:, step], self._output_rows(step))
-            cand_scores, cand_indices, cand_beams = self._candidates(logits, step)
-            eos_mask = cand_indices.eq(self.gen.eos) & cand_scores.ne(-math.inf)
-            eos_mask[:, : self.beam] &= ~self.cands_to_ignore
-            finished = self._finalize(step, cand_beams, cand_scores, eos_mask)
+            if self.native_search:
+                cand_scores, cand_indices, cand_beams, eos_mask, ending = cpu_kernels.merge_candidates(
+                    *self._row_candidates(logits, step), self.cands_to_ignore, self.gen.eos)
+            else:
+                cand_scores, cand_indices, cand_beams = self._candidates(logits, step)
+                eos_mask = cand_indices.eq(self.gen.eos) & cand_scores.ne(-math.inf)
+                eos_mask[:, : self.beam] &= ~self.cands_to_ignore
+                ending = bool(eos_mask[:, : self.beam].any())
+            finished = self._finalize(step, cand_beams, cand_scores, eos_mask) if ending else []
             remaining -= len(finished)
             if remaining == 0 or step >= self.max_len:
                 break
@@ -149,8 +158,6 @@ class _BeamSearch:
         the (active-batch) positions of the sentences that are now finished."""
         gen, beam = self.gen, self.beam
         ending = eos_mask[:, :beam]
-        if not ending.any():
-            return []
         rows = (cand_beams[:, :beam] + self._row_offsets())[ending]
         eos_scores = cand_scores[:, :beam][ending]
         tokens = self.tokens[rows, 1 : step + 2]
@@ -195,6 +202,11 @@ class _BeamSearch:
 
     def _advance(self, step: int, cand_scores: Tensor, cand_indices: Tensor, cand_beams: Tensor, eos_mask: Tensor) -> None:
         """Each sentence goes on with its best ``beam`` candidates that do not end with EOS."""
+        if self.native_search:
+            parents = cpu_kernels.advance_beams(cand_scores, cand_indices, cand_beams, eos_mask, self.cands_to_ignore,
+                                                self.tokens, self.scores, step)
+            self.gen.fast_decoder.advance(parents)
+            return
         beam, cand_size = self.beam, 2 * self.beam
         eos_mask[:, :beam] |= self.cands_to_ignore
         rank = eos_mask.long() * cand_size + self.cand_offsets[: eos_mask.size(1)]
@@ -244,17 +256,23 @@ class _BeamSearch:
         top_scores, top_index = flat.topk(min(2 * self.beam, flat.size(1) - 1))
         return top_scores, top_index % vocab, torch.div(top_index, vocab, rounding_mode="trunc")
 
-    def _fused_candidates(self, logits: Tensor, step: int):
-        """The same candidates from the kernels' per-row log-softmax + top-k: a sentence's best
-        ``2 * beam`` over ``beam x vocab`` are among the union of its rows' best ``2 * beam``."""
-        gen, beam = self.gen, self.beam
-        k = min(2 * beam, logits.size(1) - 1)
+    def _row_candidates(self, logits: Tensor, step: int):
+        """Every row's best ``2 * beam`` continuations from the kernels' log-softmax + top-k: (scores, token ids)
+        ``[rows, 2 * beam]``; a sentence's best over ``beam x vocab`` are among the union of its rows'."""
+        gen = self.gen
+        k = min(2 * self.beam, logits.size(1) - 1)
         row_bias = self.scores[:, step - 1] if step > 0 else torch.zeros(logits.size(0), device=logits.device)
         eos_mode = 2 if step >= self.max_len else 1 if step < gen.min_len else 0
         values, indices, _ = gen.kernels.log_softmax_topk(
             logits.float().contiguous(), row_bias.contiguous(), k, gen.pad, gen.unk, gen.eos, gen.unk_penalty, eos_mode
         )
-        values, indices = values.view(self.bsz, -1, k), indices.view(self.bsz, -1, k).long()
+        return values, indices.long()
+
+    def _fused_candidates(self, logits: Tensor, step: int):
+        """The same candidates from :meth:`_row_candidates`."""
+        values, indices = self._row_candidates(logits, step)
+        k = values.size(1)
+        values, indices = values.view(self.bsz, -1, k), indices.view(self.bsz, -1, k)
         if step == 0:
             return values[:, 0], indices[:, 0], torch.zeros_like(indices[:, 0])
         top_scores, top_index = values.reshape(self.bsz, -1).topk(k)

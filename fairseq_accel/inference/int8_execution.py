@@ -90,24 +90,26 @@ def log_int8_attention(layers: int) -> None:
                     "int8 projections into the caches")
 
 
-def transposed_linear(weight: Tensor, bias: Optional[Tensor]) -> LinearStep:
+class TransposedLinear:
     """``x @ W^T + b`` for ``x`` of ``[rows, in]``, from ``W^T`` stored contiguous once: ``addmm`` on it is
     1.2-1.6x ``F.linear`` (which hands MKL the transposed view) at a decoding step's 5 rows, 1.05-1.2x at 160
     (256-1024 wide layers, 1 thread; docs/results/2026-11-30_decoding_step/gemm_layout.txt), equal to float
-    rounding (MKL sums in another order at few rows)."""
-    weight_t = weight.detach().t().contiguous()
-    if bias is None:
-        return lambda x: torch.mm(x, weight_t)
-    bias = bias.detach()
-    return lambda x: torch.addmm(bias, x, weight_t)
+    rounding (MKL sums in another order at few rows). The C++ decoder step takes ``weight_t`` and ``bias``."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        self.weight_t = weight.detach().t().contiguous()
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
 
 def linear_step(layer: nn.Module) -> LinearStep:
     """A linear layer as a step function on ``[rows, in]`` inputs: the int8 layer itself, or
-    :func:`transposed_linear` on its weight (no module call)."""
+    :class:`TransposedLinear` on its weight (no module call)."""
     if isinstance(layer, Int8Linear):
         return layer
-    return transposed_linear(layer.weight, layer.bias)
+    return TransposedLinear(layer.weight, layer.bias)
 
 
 def fused_linear_step(layers: Sequence[nn.Module], row_factors: Sequence[Tensor]) -> LinearStep:
@@ -121,4 +123,4 @@ def fused_linear_step(layers: Sequence[nn.Module], row_factors: Sequence[Tensor]
         return Int8Linear.fuse(layers, row_factors)
     weight = torch.cat([layer.weight * f[:, None] for layer, f in zip(layers, row_factors)])
     bias = None if biases[0] is None else torch.cat([b * f for b, f in zip(biases, row_factors)])
-    return transposed_linear(weight, bias)
+    return TransposedLinear(weight, bias)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_accel.inference.beam_cache import BeamState, CrossAttentionMemory, WindowCache
-from fairseq_accel.inference.cpu_kernels import resolve_cpu_kernels
+from fairseq_accel.inference.cpu_kernels import (
+    native_activation,
+    native_cross_attention,
+    native_kernels,
+    native_linear,
+    native_norm,
+    resolve_cpu_kernels,
+)
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
@@ -37,6 +44,10 @@ class FeedForwardStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.w_2(layer_norm(self.ffn.activation_fn(self.w_1(x)), self.ffn.norm))
+
+    def native(self):
+        return native_kernels().FeedForward(native_linear(self.w_1), native_activation(self.ffn.activation_fn),
+                                            native_norm(self.ffn.norm), native_linear(self.w_2))
 
 
 class FSMNStep:
@@ -90,6 +101,9 @@ class SANMCrossAttentionStep:
         q = self.q(x).view(rows, self.heads, self.head_dim)
         return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
 
+    def native(self):
+        return native_cross_attention(self.q, self.out, self.heads, self.head_dim, self.level_steps)
+
 
 class SANMLayerStep:
     """``SANMDecoderLayer``: ``x + FSMN(norm2(FFN(norm1 x)))``, then ``+ cross-attention(norm3 x)``; the
@@ -114,6 +128,14 @@ class SANMLayerStep:
         x = x + self.fsmn(layer_norm(hidden, layer.norm2))
         return x + self.cross_attn(layer_norm(x, layer.norm3))
 
+    def native(self):
+        """This layer as the C++ step's ``SANMLayer``."""
+        layer, kernels = self.layer, native_kernels()
+        if self.fsmn is None:
+            return kernels.SANMLayer(native_norm(layer.norm1), self.feed_forward.native(), None, None, None, None)
+        return kernels.SANMLayer(native_norm(layer.norm1), self.feed_forward.native(), native_norm(layer.norm2),
+                                 self.fsmn.weight.detach(), self.cross_attn.native(), native_norm(layer.norm3))
+
 
 class FastSANMDecoder(FastDecoder):
     """``SANMDecoder.extract_features`` + output projection for one token per hypothesis."""
@@ -136,8 +158,20 @@ class FastSANMDecoder(FastDecoder):
                                cpu_kernels=resolve_cpu_kernels(self.options.kernel_choice, memory.device))
         for layer in self.layers:
             layer.start(self.state, self.options, memory, padding)
+        self.bind_native_step()
+
+    def build_native_step(self):
+        decoder = self.decoder
+        return native_kernels().DecoderStep(
+            decoder.embed_tokens.weight.detach(), float(decoder.embed_scale), None,
+            [layer.native() for layer in self.layers], native_norm(decoder.after_norm),
+            native_linear(self.output_projection),
+        )
 
     def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
+        if self.native_caches is not None:
+            return self.native_step(tokens, self.native_caches, self.state.indirection.table, self.state.indirection.step,
+                                    None, output_rows)
         decoder = self.decoder
         x = F.embedding(tokens, decoder.embed_tokens.weight) * decoder.embed_scale
         for layer in self.layers:

@@ -28,7 +28,15 @@ from fairseq_accel.inference.int8_execution import (
     output_level_steps,
 )
 from fairseq_accel.inference.beam_cache import AttentionKVCache, BeamState, CrossAttentionMemory, WindowCache
-from fairseq_accel.inference.cpu_kernels import resolve_cpu_kernels
+from fairseq_accel.inference.cpu_kernels import (
+    NativeStepUnsupported,
+    native_activation,
+    native_cross_attention,
+    native_kernels,
+    native_linear,
+    native_norm,
+    resolve_cpu_kernels,
+)
 from fairseq_accel.inference.fast_decoder import (
     FastDecoder,
     FastDecodingOptions,
@@ -98,6 +106,13 @@ class SelfAttentionStep:
             q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
         return self.out(self.cache.step(q, k, v).reshape(rows, self.heads * self.head_dim))
 
+    def native(self):
+        """The C++ step's branch (float32 cache); takes the cache's keys and values."""
+        if self.level_steps is not None:
+            raise NativeStepUnsupported("self-attention takes the int8 attention path")
+        return native_kernels().AttentionBranch(native_linear(self.qkv), native_linear(self.out), self.heads,
+                                                self.head_dim)
+
 
 class ConvBranchStep:
     """An LSRA convolution branch (lightweight or dynamic) over a ``WindowCache`` of its inputs."""
@@ -141,6 +156,13 @@ class ConvBranchStep:
             out = torch.einsum("nkhr,nhk->nhr", window, weight)
         return self.linear_out(out.reshape(rows, -1))
 
+    def native(self):
+        """The C++ step's branch (lightweight convolutions); takes the window buffer."""
+        if self.static_weight is None:
+            raise NativeStepUnsupported("dynamic convolution branches have no C++ step")
+        return native_kernels().ConvolutionBranch(native_linear(self.linear_in), bool(self.branch.glu),
+                                                  self.static_weight.detach(), native_linear(self.linear_out))
+
 
 class MultiBranchStep:
     """LSRA self-attention: each branch on its slice of the channels, outputs concatenated."""
@@ -158,6 +180,9 @@ class MultiBranchStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.cat([branch(chunk) for branch, chunk in zip(self.branches, x.split(self.dims, dim=-1))], dim=-1)
+
+    def native(self):
+        return [branch.native() for branch in self.branches], list(self.dims)
 
 
 class CrossAttentionStep:
@@ -201,6 +226,9 @@ class CrossAttentionStep:
         rows = x.size(0)
         q = self.q(x).view(rows, self.heads, self.head_dim)
         return self.out(self.memory.attend(q).reshape(rows, self.heads * self.head_dim))
+
+    def native(self):
+        return native_cross_attention(self.q, self.out, self.heads, self.head_dim, self.level_steps)
 
 
 class TransformerLayerStep:
@@ -251,6 +279,20 @@ class TransformerLayerStep:
             x = self._block(x, self.cross_attn_norm, self.cross_attn)
         return self._block(x, self.final_norm, self._feed_forward)
 
+    def native(self):
+        """This layer as the C++ step's ``TransformerLayer``."""
+        kernels = native_kernels()
+        if isinstance(self.self_attn, MultiBranchStep):
+            branches, widths = self.self_attn.native()
+        else:
+            branches, widths = [self.self_attn.native()], [self.self_attn_norm.normalized_shape[0]]
+        cross = None if self.cross_attn is None else self.cross_attn.native()
+        cross_norm = None if self.cross_attn is None else native_norm(self.cross_attn_norm)
+        feed_forward = kernels.FeedForward(native_linear(self.fc1), native_activation(self.activation), None,
+                                           native_linear(self.fc2))
+        return kernels.TransformerLayer(self.pre_norm, native_norm(self.self_attn_norm), branches, widths, cross,
+                                        cross_norm, native_norm(self.final_norm), feed_forward)
+
 
 class FastTransformerDecoder(FastDecoder):
     """``TransformerDecoderBase.extract_features`` + ``output_layer`` for one token per hypothesis."""
@@ -284,8 +326,23 @@ class FastTransformerDecoder(FastDecoder):
         self.positions = self._position_table(max_steps, weight.device)
         for layer in self.layers:
             layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device)
+        self.bind_native_step()
+
+    def build_native_step(self):
+        decoder = self.decoder
+        if decoder.project_in_dim is not None or decoder.project_out_dim is not None:
+            raise NativeStepUnsupported("the decoder projects its input or output dimension")
+        optional_norm = lambda norm: None if norm is None else native_norm(norm)
+        return native_kernels().DecoderStep(
+            decoder.embed_tokens.weight.detach(), float(decoder.embed_scale), optional_norm(decoder.layernorm_embedding),
+            [layer.native() for layer in self.layers], optional_norm(decoder.layer_norm),
+            native_linear(self.output_projection),
+        )
 
     def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
+        if self.native_caches is not None:
+            return self.native_step(tokens, self.native_caches, self.state.indirection.table, self.state.indirection.step,
+                                    self.positions, output_rows)
         decoder = self.decoder
         x = decoder.embed_scale * F.embedding(tokens, decoder.embed_tokens.weight)
         if decoder.project_in_dim is not None:

@@ -1,0 +1,266 @@
+// The fast generator's whole float32 decoder step on CPU in one call (fairseq_accel/inference/native_step.py
+// builds it from the Python step objects): embedding, every layer, the final norm and the output projection.
+//
+// The Python step (transformer_step.py, sanm_step.py) issues ~20 torch calls per layer, each ~5-10 us of Python
+// and dispatch, which at a decoding step's few rows cost as much as the arithmetic. Here the same ATen ops
+// (addmm on the weights transposed once, layer_norm, relu/gelu, glu, add) and the step kernels of
+// beam_search_cpu.cpp run in the same order from C++, so the logits are the Python step's, bit for bit.
+//
+// State stays in Python (beam_cache.py: the caches are reallocated when sentences leave the batch): every call
+// takes the caches' tensors as one list in the order the layers consume them (per layer: each self-attention
+// branch's keys and values or a convolution's window buffer, then the cross-attention's keys, values, padding).
+#include "step_kernels.h"
+
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+
+// x @ W^T + b with W^T stored contiguous once (int8_execution.transposed_linear).
+struct Linear {
+  Linear(Tensor weight_t, std::optional<Tensor> bias) : weight_t(std::move(weight_t)), bias(std::move(bias)) {}
+  Tensor operator()(const Tensor& x) const { return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t); }
+  Tensor weight_t;
+  std::optional<Tensor> bias;
+};
+
+// torch.nn.LayerNorm over the last dimension.
+struct Norm {
+  Norm(std::optional<Tensor> weight, std::optional<Tensor> bias, double eps, int64_t dim)
+      : weight(std::move(weight)), bias(std::move(bias)), eps(eps), dim(dim) {}
+  Tensor operator()(const Tensor& x) const { return at::layer_norm(x, {dim}, weight, bias, eps); }
+  std::optional<Tensor> weight, bias;
+  double eps;
+  int64_t dim;
+};
+
+enum Activation : int64_t { kRelu = 0, kGelu = 1 };
+
+Tensor activate(const Tensor& x, int64_t activation) {
+  TORCH_CHECK(activation == kRelu || activation == kGelu, "unknown activation ", activation);
+  return activation == kRelu ? at::relu(x) : at::gelu(x);
+}
+
+// One step's inputs: the caches' tensors, taken in order, the beam indirection table and the step.
+struct StepState {
+  Tensor& take() {
+    TORCH_CHECK(next < caches.size(), "the decoder step needs more cache tensors than the ", caches.size(), " given");
+    return caches[next++];
+  }
+  std::vector<Tensor>& caches;
+  const Tensor& table;
+  int64_t step;
+  int64_t beam;
+  size_t next = 0;
+};
+
+// A self-attention branch: fairseq's MultiheadAttention over the float32 cache, or an LSRA convolution.
+struct Branch {
+  virtual ~Branch() = default;
+  virtual Tensor forward(const Tensor& x, StepState& state) const = 0;
+};
+
+// Q/K/V in one GEMM (query scaling folded in), then cache_attention_step; takes the keys and values caches.
+struct AttentionBranch : Branch {
+  AttentionBranch(Linear qkv, Linear out, int64_t heads, int64_t head_dim)
+      : qkv(std::move(qkv)), out(std::move(out)), heads(heads), head_dim(head_dim) {}
+  Tensor forward(const Tensor& x, StepState& state) const override {
+    const int64_t rows = x.size(0);
+    const auto projected = qkv(x).view({rows, 3, heads, head_dim});
+    Tensor& keys = state.take();
+    Tensor& values = state.take();
+    const auto attended = cache_attention_step(projected.select(1, 0), projected.select(1, 1), projected.select(1, 2),
+                                               keys, values, state.table, state.step);
+    return out(attended.view({rows, heads * head_dim}));
+  }
+  Linear qkv, out;
+  int64_t heads, head_dim;
+};
+
+// LSRA's lightweight convolution branch: linear, GLU optionally, the causal window, linear; takes the window.
+struct ConvolutionBranch : Branch {
+  ConvolutionBranch(Linear linear_in, bool glu, Tensor taps, Linear linear_out)
+      : linear_in(std::move(linear_in)), glu(glu), taps(std::move(taps)), linear_out(std::move(linear_out)) {}
+  Tensor forward(const Tensor& x, StepState& state) const override {
+    auto hidden = linear_in(x);
+    if (glu) hidden = at::glu(hidden, -1);
+    return linear_out(window_convolution_step(hidden, state.take(), state.table, state.step, taps));
+  }
+  Linear linear_in;
+  bool glu;
+  Tensor taps;  // [W, C]
+  Linear linear_out;
+};
+
+// Attention over the encoder memory; takes its keys, values and padding (an empty tensor: none).
+struct CrossAttention {
+  CrossAttention(Linear q, Linear out, int64_t heads, int64_t head_dim)
+      : q(std::move(q)), out(std::move(out)), heads(heads), head_dim(head_dim) {}
+  Tensor forward(const Tensor& x, StepState& state) const {
+    const int64_t rows = x.size(0);
+    const auto query = q(x).view({rows, heads, head_dim});
+    const Tensor& keys = state.take();
+    const Tensor& values = state.take();
+    const Tensor& padding = state.take();
+    return out(memory_attention(query, keys, values, padding, state.beam).view({rows, heads * head_dim}));
+  }
+  Linear q, out;
+  int64_t heads, head_dim;
+};
+
+// fc2(norm(activation(fc1 x))), the norm only in SAN-M's decoder FFN.
+struct FeedForward {
+  FeedForward(Linear fc1, int64_t activation, std::optional<Norm> inner_norm, Linear fc2)
+      : fc1(std::move(fc1)), activation(activation), inner_norm(std::move(inner_norm)), fc2(std::move(fc2)) {}
+  Tensor operator()(const Tensor& x) const {
+    auto hidden = activate(fc1(x), activation);
+    return fc2(inner_norm ? (*inner_norm)(hidden) : hidden);
+  }
+  Linear fc1;
+  int64_t activation;
+  std::optional<Norm> inner_norm;
+  Linear fc2;
+};
+
+struct Layer {
+  virtual ~Layer() = default;
+  virtual Tensor forward(const Tensor& x, StepState& state) const = 0;
+};
+
+// fairseq's TransformerDecoderLayerBase (pre- or post-norm); its self-attention is one branch over all channels
+// or LSRA's branches over consecutive channel slices, outputs concatenated.
+struct TransformerLayer : Layer {
+  TransformerLayer(bool pre_norm, Norm self_norm, std::vector<std::shared_ptr<Branch>> branches,
+                   std::vector<int64_t> widths, std::shared_ptr<CrossAttention> cross, std::optional<Norm> cross_norm,
+                   Norm final_norm, FeedForward feed_forward)
+      : pre_norm(pre_norm), self_norm(std::move(self_norm)), branches(std::move(branches)), widths(std::move(widths)),
+        cross(std::move(cross)), cross_norm(std::move(cross_norm)), final_norm(std::move(final_norm)),
+        feed_forward(std::move(feed_forward)) {
+    TORCH_CHECK(!this->branches.empty() && this->branches.size() == this->widths.size(),
+                "a layer needs one width per self-attention branch");
+    TORCH_CHECK(!this->cross || this->cross_norm, "a cross-attention needs its norm");
+  }
+
+  // x + body(norm(x)) (pre-norm) or norm(x + body(x)) (post-norm)
+  template <typename Body>
+  Tensor block(const Tensor& x, const Norm& norm, Body body) const {
+    return pre_norm ? x + body(norm(x)) : norm(x + body(x));
+  }
+
+  Tensor self_attention(const Tensor& x, StepState& state) const {
+    if (branches.size() == 1) return branches[0]->forward(x, state);
+    const auto chunks = at::split_with_sizes(x, widths, -1);
+    std::vector<Tensor> outputs;
+    for (size_t i = 0; i < branches.size(); ++i) outputs.push_back(branches[i]->forward(chunks[i], state));
+    return at::cat(outputs, -1);
+  }
+
+  Tensor forward(const Tensor& x, StepState& state) const override {
+    auto h = block(x, self_norm, [&](const Tensor& y) { return self_attention(y, state); });
+    if (cross) h = block(h, *cross_norm, [&](const Tensor& y) { return cross->forward(y, state); });
+    return block(h, final_norm, [&](const Tensor& y) { return feed_forward(y); });
+  }
+
+  bool pre_norm;
+  Norm self_norm;
+  std::vector<std::shared_ptr<Branch>> branches;
+  std::vector<int64_t> widths;
+  std::shared_ptr<CrossAttention> cross;
+  std::optional<Norm> cross_norm;
+  Norm final_norm;
+  FeedForward feed_forward;
+};
+
+// SAN-M's FSMN decoder layer: h = FFN(norm1 x); x + FSMN(norm2 h) (FSMN(y) = causal window(y) + y), then
+// + cross-attention(norm3 x); without FSMN (the last, FFN-only layer) it returns h. Takes the FSMN's window.
+struct SANMLayer : Layer {
+  SANMLayer(Norm norm1, FeedForward feed_forward, std::optional<Norm> norm2, std::optional<Tensor> fsmn_taps,
+            std::shared_ptr<CrossAttention> cross, std::optional<Norm> norm3)
+      : norm1(std::move(norm1)), feed_forward(std::move(feed_forward)), norm2(std::move(norm2)),
+        fsmn_taps(std::move(fsmn_taps)), cross(std::move(cross)), norm3(std::move(norm3)) {
+    TORCH_CHECK(this->fsmn_taps.has_value() == (this->norm2 && this->cross && this->norm3),
+                "a SAN-M layer has its FSMN, cross-attention and their norms, or none of them");
+  }
+
+  Tensor forward(const Tensor& x, StepState& state) const override {
+    const auto hidden = feed_forward(norm1(x));
+    if (!fsmn_taps) return hidden;
+    const auto y = (*norm2)(hidden);
+    const auto h = x + (window_convolution_step(y, state.take(), state.table, state.step, *fsmn_taps) + y);
+    return h + cross->forward((*norm3)(h), state);
+  }
+
+  Norm norm1;
+  FeedForward feed_forward;
+  std::optional<Norm> norm2;
+  std::optional<Tensor> fsmn_taps;  // [W, C]
+  std::shared_ptr<CrossAttention> cross;
+  std::optional<Norm> norm3;
+};
+
+// Token embedding (scaled, plus the step's position, normed optionally), the layers, the final norm of the rows
+// that are projected, and the output projection to float32 logits.
+struct DecoderStep {
+  DecoderStep(Tensor embedding, double embed_scale, std::optional<Norm> embedding_norm,
+              std::vector<std::shared_ptr<Layer>> layers, std::optional<Norm> final_norm, Linear output)
+      : embedding(std::move(embedding)), embed_scale(embed_scale), embedding_norm(std::move(embedding_norm)),
+        layers(std::move(layers)), final_norm(std::move(final_norm)), output(std::move(output)) {}
+
+  // tokens [B * beam]; caches as the header says; table [B, beam, T] int64; positions [T, C] (the decoder's
+  // positional embeddings by step) or None; output_rows: the rows to project, or None for all.
+  Tensor forward(const Tensor& tokens, std::vector<Tensor> caches, const Tensor& table, int64_t step,
+                 const std::optional<Tensor>& positions, const std::optional<Tensor>& output_rows) const {
+    TORCH_CHECK(table.dim() == 3, "table must be [B, beam, T]");
+    StepState state{caches, table, step, table.size(1)};
+    auto x = at::embedding(embedding, tokens) * embed_scale;
+    if (positions) x = x + positions->select(0, step);
+    if (embedding_norm) x = (*embedding_norm)(x);
+    for (const auto& layer : layers) x = layer->forward(x, state);
+    TORCH_CHECK(state.next == caches.size(), "the decoder step used ", state.next, " of ", caches.size(),
+                " cache tensors");
+    if (output_rows) x = x.index_select(0, *output_rows);  // rows are independent from here on
+    if (final_norm) x = (*final_norm)(x);
+    return output(x);
+  }
+
+  Tensor embedding;
+  double embed_scale;
+  std::optional<Norm> embedding_norm;
+  std::vector<std::shared_ptr<Layer>> layers;
+  std::optional<Norm> final_norm;
+  Linear output;
+};
+
+}  // namespace
+
+void register_decoder_step(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<Linear>(m, "Linear", "x @ W^T + b on W^T stored once").def(py::init<Tensor, std::optional<Tensor>>());
+  py::class_<Norm>(m, "Norm", "layer norm over the last dimension")
+      .def(py::init<std::optional<Tensor>, std::optional<Tensor>, double, int64_t>());
+  py::class_<FeedForward>(m, "FeedForward", "fc2(norm(activation(fc1 x))); activation 0 relu, 1 gelu")
+      .def(py::init<Linear, int64_t, std::optional<Norm>, Linear>());
+  py::class_<Branch, std::shared_ptr<Branch>>(m, "Branch");
+  py::class_<AttentionBranch, Branch, std::shared_ptr<AttentionBranch>>(m, "AttentionBranch")
+      .def(py::init<Linear, Linear, int64_t, int64_t>());
+  py::class_<ConvolutionBranch, Branch, std::shared_ptr<ConvolutionBranch>>(m, "ConvolutionBranch")
+      .def(py::init<Linear, bool, Tensor, Linear>());
+  py::class_<CrossAttention, std::shared_ptr<CrossAttention>>(m, "CrossAttention")
+      .def(py::init<Linear, Linear, int64_t, int64_t>());
+  py::class_<Layer, std::shared_ptr<Layer>>(m, "Layer");
+  py::class_<TransformerLayer, Layer, std::shared_ptr<TransformerLayer>>(m, "TransformerLayer")
+      .def(py::init<bool, Norm, std::vector<std::shared_ptr<Branch>>, std::vector<int64_t>,
+                    std::shared_ptr<CrossAttention>, std::optional<Norm>, Norm, FeedForward>());
+  py::class_<SANMLayer, Layer, std::shared_ptr<SANMLayer>>(m, "SANMLayer")
+      .def(py::init<Norm, FeedForward, std::optional<Norm>, std::optional<Tensor>, std::shared_ptr<CrossAttention>,
+                    std::optional<Norm>>());
+  py::class_<DecoderStep>(m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
+      .def(py::init<Tensor, double, std::optional<Norm>, std::vector<std::shared_ptr<Layer>>, std::optional<Norm>,
+                    Linear>())
+      .def("__call__", &DecoderStep::forward, py::arg("tokens"), py::arg("caches"), py::arg("table"), py::arg("step"),
+           py::arg("positions"), py::arg("output_rows"));
+}

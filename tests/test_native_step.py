@@ -1,0 +1,130 @@
+"""The fast generator's whole float32 decoder step in C++ (csrc/decoder_step_cpu.cpp, built from the Python step
+objects by their ``native()`` methods) decodes exactly what the Python step decodes: the same hypotheses, scores
+and positional scores, bit for bit, for every decoder it serves (fairseq transformer pre- and post-norm, relu and
+gelu; LSRA's attention + lightweight convolution branches, with and without GLU; SAN-M's FSMN decoder;
+s2t_transformer), through sentences leaving the batch at different steps. Models it does not serve keep the
+Python step and say why in one line."""
+import logging
+import re
+
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator
+
+from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
+from fairseq_accel.inference import cpu_kernels
+from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
+                                reason="the C++ CPU kernels are not built (pip install -e . with g++)")
+
+SMALL = dict(encoder_layers=2, decoder_layers=2, encoder_embed_dim=32, decoder_embed_dim=32,
+             encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, encoder_attention_heads=4, decoder_attention_heads=4)
+LSRA = dict(encoder_layers=2, decoder_layers=2, encoder_embed_dim=32, decoder_embed_dim=32,
+            encoder_branch_type=["attn:1:16:2", "dynamic:default:16:2"], encoder_glu=True,
+            decoder_branch_type=["attn:1:16:2", "lightweight:default:16:2"])
+MODELS = {
+    "transformer post-norm": ("translation", "transformer", SMALL),
+    "transformer pre-norm, gelu, embedding norm": ("translation", "transformer", {
+        **SMALL, "decoder_normalize_before": True, "encoder_normalize_before": True, "activation_fn": "gelu",
+        "layernorm_embedding": True}),
+    "lite_transformer lightweight": ("translation", "lite_transformer_mini", {**LSRA, "decoder_glu": False}),
+    "lite_transformer lightweight + glu": ("translation", "lite_transformer_mini", {**LSRA, "decoder_glu": True}),
+    "s2t_sanm": ("speech", "s2t_sanm_mini", dict(encoder_layers=2, decoder_layers=2)),
+    "s2t_sanm gelu": ("speech", "s2t_sanm_mini", dict(encoder_layers=2, decoder_layers=2, activation_fn="gelu")),
+    "s2t_transformer": ("speech", "s2t_transformer_s", dict(encoder_layers=2, decoder_layers=2)),
+}
+
+
+def build(kind: str, arch: str, overrides: dict):
+    """A model and a batch of four sources of different lengths."""
+    dictionary = toy_dictionary()
+    builder = build_speech_model if kind == "speech" else build_translation_model
+    model = builder(arch, dictionary, **overrides)
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([11, 7, 9, 4])
+    if kind == "speech":
+        features = torch.randn(len(lengths), 80, 80, generator=generator)
+        lengths = lengths * 7
+        for row, length in enumerate(lengths):
+            features[row, length:] = 0
+        return model, dictionary, {"net_input": {"src_tokens": features, "src_lengths": lengths}}
+    tokens = random_tokens(dictionary, len(lengths), int(lengths.max()), generator)
+    for row, length in enumerate(lengths):  # fairseq's left padding of the source
+        tokens[row, : len(tokens[row]) - length] = dictionary.pad()
+        tokens[row, -1] = dictionary.eos()
+    return model, dictionary, {"net_input": {"src_tokens": tokens, "src_lengths": lengths}}
+
+
+def fast_generator(model, dictionary, beam: int, **options):
+    stock = SequenceGenerator([model], dictionary, beam_size=beam, max_len_b=20)
+    return build_accel_generator(stock, [model], AccelGenerationConfig(accel_generator="fast", no_accel_fallback=True,
+                                                                      **options))
+
+
+def drive(decoder, encoder_out: dict, batch: int, beam: int, dictionary, steps: int = 6) -> list:
+    """The generator's calls on ``decoder`` with random choices (seeded): step (the first one on the first beam's
+    rows only), a finished sentence leaving at step 2, advance to random parents; returns every step's logits."""
+    choices = torch.Generator().manual_seed(1)
+    decoder.start(encoder_out, beam, steps + 1)
+    tokens = torch.full((batch * beam,), dictionary.eos())
+    logits = []
+    for step in range(steps):
+        logits.append(decoder.step(tokens, torch.arange(batch) * beam if step == 0 else None))
+        if step == 2:
+            decoder.keep(torch.tensor([0, 2, 3]))
+            batch = 3
+        decoder.advance(torch.randint(beam, (batch, beam), generator=choices))
+        tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch * beam,), generator=choices)
+    return logits
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_native_step_gives_the_python_steps_logits_through_reorders_and_finished_sentences(name: str) -> None:
+    model, dictionary, sample = build(*MODELS[name])
+    native, python = (fast_generator(model, dictionary, 4).fast_decoder for _ in range(2))
+    python.native_step = False  # the Python step with the same kernels
+    with torch.no_grad():
+        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
+        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
+    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_native_step_decodes_what_the_python_step_decodes(name: str, beam: int) -> None:
+    model, dictionary, sample = build(*MODELS[name])
+    native, python = fast_generator(model, dictionary, beam), fast_generator(model, dictionary, beam)
+    python.fast_decoder.native_step = False
+    native_hyps, python_hyps = native.generate([model], sample), python.generate([model], sample)
+    assert isinstance(native.fast_decoder.native_step, cpu_kernels.native_kernels().DecoderStep)
+    for native_list, python_list in zip(native_hyps, python_hyps):
+        assert len(native_list) == len(python_list) == beam
+        for a, b in zip(native_list, python_list):
+            assert torch.equal(a["tokens"], b["tokens"])
+            assert torch.equal(a["score"], b["score"]) and torch.equal(a["positional_scores"], b["positional_scores"])
+
+
+@pytest.mark.parametrize("name,options,reason", [
+    ("lite_transformer dynamic", {}, "dynamic convolution branches have no C\\+\\+ step"),
+    ("transformer int8 cache", {"kv_cache_dtype": "int8"}, "the int8 self-attention cache has no C\\+\\+ step"),
+])
+def test_models_without_a_native_step_keep_the_python_step_and_say_why(name: str, options: dict, reason: str,
+                                                                        caplog) -> None:
+    overrides = {**LSRA, "decoder_branch_type": ["attn:1:16:2", "dynamic:default:16:2"]} if "dynamic" in name else SMALL
+    model, dictionary, sample = build("translation", name.split()[0], overrides)
+    generator = fast_generator(model, dictionary, 5, **options)
+    with caplog.at_level(logging.INFO, logger="fairseq_accel.inference.fast_decoder"):
+        generator.generate([model], sample)
+        generator.generate([model], sample)
+    notices = [r.getMessage() for r in caplog.records if "Python step" in r.getMessage()]
+    assert len(notices) == 1 and re.search(reason, notices[0]), notices
+    assert generator.fast_decoder.native_caches is None
+
+
+def test_torch_kernels_keep_the_python_step() -> None:
+    model, dictionary, sample = build(*MODELS["transformer post-norm"])
+    generator = fast_generator(model, dictionary, 5, accel_kernels="torch")
+    generator.generate([model], sample)
+    assert generator.fast_decoder.native_step is None and generator.fast_decoder.native_caches is None
