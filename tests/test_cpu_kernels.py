@@ -200,3 +200,17 @@ def test_advance_beams_equals_the_torch_advance() -> None:
         assert torch.equal(native.cands_to_ignore, reference.cands_to_ignore)
         assert torch.equal(native.tokens, reference.tokens) and torch.equal(native.scores, reference.scores)
         assert step != 3 or native.cands_to_ignore.any()  # ending candidates filled some beams
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.bool])
+def test_compact_sentences_equals_index_select_of_the_written_steps(dtype: torch.dtype) -> None:
+    buffer = (torch.randn(5, 3, 7, 2, 4) * 50).to(dtype)
+    sentences = torch.tensor([1, 3, 4])
+    expected = buffer.index_select(0, sentences)
+    front = cpu_kernels.compact_sentences(buffer, sentences, 2, 4)  # the first 4 of 7 steps were written
+    assert front.data_ptr() == buffer.data_ptr() and torch.equal(front[:, :, :4], expected[:, :, :4])
+    before = buffer.clone()
+    whole = cpu_kernels.compact_sentences(buffer, torch.tensor([0, 2]), 2, 7)  # whole rows
+    assert torch.equal(whole, before.index_select(0, torch.tensor([0, 2])))
+    with pytest.raises(RuntimeError, match="increasing row indices"):
+        cpu_kernels.compact_sentences(buffer, torch.tensor([2, 1]), 2, 4)

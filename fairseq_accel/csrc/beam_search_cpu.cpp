@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -247,6 +248,37 @@ torch::Tensor advance_beams(const torch::Tensor& cand_scores, const torch::Tenso
   return parents;
 }
 
+// Moves the rows `sentences` (increasing indices into dim 0) of the contiguous CPU `buffer` to its front, in
+// place, copying only the first `steps` entries of dim `time_dim` (those written so far); returns the front rows.
+// One call instead of index_select + copy_ (two copies and an allocation) when sentences leave the batch.
+torch::Tensor compact_sentences(torch::Tensor& buffer, const torch::Tensor& sentences, int64_t time_dim,
+                                int64_t steps) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "buffer must be a contiguous CPU tensor");
+  check_cpu(sentences, "sentences", torch::kInt64, 1);
+  TORCH_CHECK(time_dim >= 1 && time_dim < buffer.dim(), "time_dim ", time_dim, " outside the buffer's dims 1..",
+              buffer.dim() - 1);
+  const int64_t times = buffer.size(time_dim), kept = sentences.numel();
+  TORCH_CHECK(steps >= 0 && steps <= times, "steps ", steps, " outside the buffer's ", times);
+  int64_t outer = 1, inner = buffer.element_size();
+  for (int64_t d = 1; d < time_dim; ++d) outer *= buffer.size(d);
+  for (int64_t d = time_dim + 1; d < buffer.dim(); ++d) inner *= buffer.size(d);
+  const int64_t block = times * inner, row = outer * block;
+  const int64_t* order = sentences.data_ptr<int64_t>();
+  char* base = static_cast<char*>(buffer.data_ptr());
+  for (int64_t i = 0, previous = -1; i < kept; previous = order[i++]) {
+    TORCH_CHECK(order[i] > previous && order[i] < buffer.size(0), "sentences must be increasing row indices");
+    if (order[i] == i) continue;
+    char* to = base + i * row;  // rows before order[i]: never read again
+    const char* from = base + order[i] * row;
+    if (steps == times) {
+      std::memcpy(to, from, row);
+    } else {
+      for (int64_t o = 0; o < outer; ++o) std::memcpy(to + o * block, from + o * block, steps * inner);
+    }
+  }
+  return buffer.narrow(0, 0, kept);
+}
+
 namespace {
 
 // x . y over d floats, in 8 independent sums (vectorizable without reassociating one sum).
@@ -435,5 +467,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
   m.def("merge_candidates", &merge_candidates, "each sentence's best candidates over its rows' best k (CPU)");
   m.def("advance_beams", &advance_beams, "fairseq's beam advance over the candidates, histories updated in place (CPU)");
+  m.def("compact_sentences", &compact_sentences, "move the kept sentences' rows to the buffer's front in place (CPU)");
   register_decoder_step(m);
 }

@@ -122,9 +122,12 @@ class BeamIndirection:
         self._windows = {}
 
 
-def keep_rows(buffer: Tensor, sentences: Tensor, time_dim: int, steps: int) -> Tensor:
+def keep_rows(buffer: Tensor, sentences: Tensor, time_dim: int, steps: int, cpu_kernels=None) -> Tensor:
     """``buffer`` with only the ``sentences`` (dim 0) kept, moved to the front in place: only the first
-    ``steps`` entries of ``time_dim`` (those written so far) are copied. Returns a view of the front."""
+    ``steps`` entries of ``time_dim`` (those written so far) are copied. Returns a view of the front. With the C++
+    kernels: one in-place move of each kept row."""
+    if cpu_kernels is not None and buffer.is_contiguous():
+        return cpu_kernels.compact_sentences(buffer, sentences, time_dim, steps)
     used = buffer.narrow(time_dim, 0, steps)
     kept = used.index_select(0, sentences)
     front = buffer[: sentences.numel()]
@@ -254,8 +257,8 @@ class AttentionKVCache:
 
     def keep(self, sentences: Tensor) -> None:
         steps = self.indirection.step + 1
-        self.keys = keep_rows(self.keys, sentences, 2, steps)
-        self.values = keep_rows(self.values, sentences, 2, steps)
+        self.keys = keep_rows(self.keys, sentences, 2, steps, self.cpu_kernels)
+        self.values = keep_rows(self.values, sentences, 2, steps, self.cpu_kernels)
         if self.key_scale is not None:
             self.key_scale = keep_rows(self.key_scale, sentences, 2, steps)
             self.value_scale = keep_rows(self.value_scale, sentences, 2, steps)
@@ -308,7 +311,7 @@ class WindowCache:
         return [self.inputs]
 
     def keep(self, sentences: Tensor) -> None:
-        self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step)
+        self.inputs = keep_rows(self.inputs, sentences, 1, self.width + self.indirection.step, self.cpu_kernels)
 
     def bytes_per_sentence(self, steps: int) -> CacheBytes:
         """The state proper: the last ``width`` inputs of every beam."""
@@ -373,7 +376,11 @@ class CrossAttentionMemory:
         return [self.keys, self.values, _NO_PADDING if self.padding is None else self.padding]
 
     def keep(self, sentences: Tensor) -> None:
-        for name in ("keys", "values", "mask", "padding", "key_scale", "value_scale", "query_scale"):
+        if self.cpu_kernels is not None:  # float32 memories: moved in place, whole rows
+            self.keys = keep_rows(self.keys, sentences, 2, self.keys.size(2), self.cpu_kernels)
+            self.values = keep_rows(self.values, sentences, 2, self.values.size(2), self.cpu_kernels)
+        for name in ("mask", "padding", "key_scale", "value_scale", "query_scale",
+                     *(("keys", "values") if self.cpu_kernels is None else ())):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, sentences))

@@ -63,6 +63,12 @@ def advance_beams(cand_scores: torch.Tensor, cand_tokens: torch.Tensor, cand_bea
                                       step)
 
 
+def compact_sentences(buffer: torch.Tensor, sentences: torch.Tensor, time_dim: int, steps: int) -> torch.Tensor:
+    """The rows ``sentences`` (increasing) of the contiguous ``buffer`` moved to its front in place, only the first
+    ``steps`` entries of ``time_dim`` copied; returns the front rows (``beam_cache.keep_rows``)."""
+    return _cpu_kernels.compact_sentences(buffer, sentences, time_dim, steps)
+
+
 def cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          table: torch.Tensor, step: int) -> torch.Tensor:
     """Write the step's keys/values ``[B * beam, H, D]`` into each hypothesis' slot of the float32 caches
