@@ -20,6 +20,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -63,19 +67,41 @@ struct TopK {
   int64_t k;
 };
 
+constexpr int64_t kBlock = 16;
+
+// The largest of x[0..kBlock), NaN left out (a block of NaN gives -inf): 4-wide SSE2 where there is SSE2.
+inline float block_max(const float* x) {
+#if defined(__SSE2__)
+  __m128 best = _mm_set1_ps(kNegInf);
+  for (int64_t i = 0; i < kBlock; i += 4) best = _mm_max_ps(_mm_loadu_ps(x + i), best);  // NaN in x: keeps best
+  best = _mm_max_ps(best, _mm_movehl_ps(best, best));
+  best = _mm_max_ss(best, _mm_shuffle_ps(best, best, 1));
+  return _mm_cvtss_f32(best);
+#else
+  float best = kNegInf;
+  for (int64_t i = 0; i < kBlock; ++i) best = x[i] > best ? x[i] : best;
+  return best;
+#endif
+}
+
 // The k best tokens of one row of log-probabilities under fairseq's rules (before the row's bias). Ordinary
-// tokens need one comparison each; pad, unk and eos are offered apart with their rules. Tokens never
-// offered (NaN, or rows with fewer than k allowed tokens) leave -inf entries, filled with the lowest ids.
+// tokens need one comparison each, and blocks of 16 whose largest value cannot enter the top k none; pad, unk
+// and eos are offered apart with their rules. Tokens never offered (NaN, or rows with fewer than k allowed
+// tokens) leave -inf entries, filled with the lowest ids.
 TopK row_topk(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos, float unk_penalty,
               int64_t eos_mode) {
   TopK best(k);
   if (eos_mode != kEosOnly) {
     float threshold = kNegInf;
-    for (int64_t id = 0; id < vocab; ++id) {
-      const float value = log_prob[id];
-      if (value > threshold && id != pad && id != unk && id != eos) {
-        best.offer(value, id);
-        threshold = best.threshold();
+    for (int64_t start = 0; start < vocab; start += kBlock) {
+      const int64_t end = std::min(start + kBlock, vocab);
+      if (end - start == kBlock && !(block_max(log_prob + start) > threshold)) continue;
+      for (int64_t id = start; id < end; ++id) {
+        const float value = log_prob[id];
+        if (value > threshold && id != pad && id != unk && id != eos) {
+          best.offer(value, id);
+          threshold = best.threshold();
+        }
       }
     }
     if (unk != pad && unk != eos && log_prob[unk] - unk_penalty > best.threshold()) {
@@ -103,29 +129,37 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   TORCH_CHECK(k >= 1 && k <= vocab, "log_softmax_topk: k must be in [1, vocab], got ", k);
   auto x = logits.contiguous();
   auto bias = row_bias.contiguous();
-  // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel
-  auto log_probs = at::log_softmax(x, 1);
   auto lse = torch::empty({rows}, x.options());
   auto values = torch::empty({rows, k}, x.options());
   auto indices = torch::empty({rows, k}, x.options().dtype(torch::kInt64));
-  const float* in = log_probs.data_ptr<float>();
   const float* raw = x.data_ptr<float>();
   float* shift = lse.data_ptr<float>();
   const float* add = bias.data_ptr<float>();
   float* out_values = values.data_ptr<float>();
   int64_t* out_ids = indices.data_ptr<int64_t>();
   const float penalty = static_cast<float>(unk_penalty);
-  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
-    for (int64_t row = first; row < last; ++row) {
-      shift[row] = raw[row * vocab] - in[row * vocab];  // logit - log-probability, of any token
-      // a NaN logit makes the row's log-probabilities NaN: none is offered, the row is -inf, lowest ids first
-      const TopK best = row_topk(in + row * vocab, vocab, k, pad, unk, eos, penalty, eos_mode);
-      for (int64_t i = 0; i < k; ++i) {
-        out_values[row * k + i] = best.values[i] + add[row];  // the torch path's lprobs + scores
-        out_ids[row * k + i] = best.ids[i];
+  // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel, a chunk
+  // of rows at a time into one ~256 KiB buffer (cache-resident when scanned; the same values as one call)
+  const int64_t chunk = std::min(rows, std::max<int64_t>(1, (256 * 1024) / (vocab * 4)));
+  auto log_probs = torch::empty({chunk, vocab}, x.options());
+  for (int64_t start = 0; start < rows; start += chunk) {
+    const int64_t count = std::min(chunk, rows - start);
+    auto part = log_probs.narrow(0, 0, count);
+    at::_log_softmax_out(part, x.narrow(0, start, count), 1, false);
+    const float* in = part.data_ptr<float>();
+    at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t row = start + i;
+        shift[row] = raw[row * vocab] - in[i * vocab];  // logit - log-probability, of any token
+        // a NaN logit makes the row's log-probabilities NaN: none is offered, the row is -inf, lowest ids first
+        const TopK best = row_topk(in + i * vocab, vocab, k, pad, unk, eos, penalty, eos_mode);
+        for (int64_t j = 0; j < k; ++j) {
+          out_values[row * k + j] = best.values[j] + add[row];  // the torch path's lprobs + scores
+          out_ids[row * k + j] = best.ids[j];
+        }
       }
-    }
-  });
+    });
+  }
   return {values, indices, lse};
 }
 
