@@ -84,7 +84,8 @@ def cpu_kernel_extensions():
         print(f"fairseq_accel: torch is not installed, so {CPU_KERNELS} is not built; {CPU_KERNELS_FALLBACK}")
         return []
     return [CppExtension(CPU_KERNELS, sorted(glob("fairseq_accel/csrc/*.cpp")),
-                         depends=sorted(glob("fairseq_accel/csrc/*.h")), extra_compile_args=["-O3"])]
+                         depends=sorted(glob("fairseq_accel/csrc/*.h")),
+                         extra_compile_args=["-O3", "-fno-trapping-math"])]
 
 
 if BuildExtension is not None:

@@ -46,8 +46,8 @@ def test_auto_keeps_the_faster_and_gives_torch_its_count_back(two_threads, monke
     monkeypatch.setattr(thread_choice, "time", machine)
     chooser = ThreadChooser("auto")
     with caplog.at_level(logging.INFO, logger=thread_choice.__name__):
-        results = [chooser.run(machine.decode()) for _ in range(4)]
-    assert machine.seen == [2, 1, 1, 1] and results[0] == "batch at 2"
+        results = [chooser.run(machine.decode()) for _ in range(5)]
+    assert machine.seen == [2, 2, 1, 1, 1] and results[0] == "batch at 2"  # warm-up, measurements, the choice
     assert torch.get_num_threads() == 2  # the caller's count after every batch
     lines = [r.message for r in caplog.records if r.message.startswith("--accel-threads auto")]
     assert lines == ["--accel-threads auto: decoding with 1 thread (per hypothesis and step, "
@@ -58,12 +58,12 @@ def test_auto_measures_again_when_the_load_changes(two_threads, monkeypatch) -> 
     machine = LoadedMachine({2: 30e-3, 1: 1e-3})
     monkeypatch.setattr(thread_choice, "time", machine)
     chooser = ThreadChooser("auto")
-    for _ in range(3):
+    for _ in range(4):
         chooser.run(machine.decode())
     machine.per_row = {2: 0.5e-3, 1: 4e-3}  # the other process ended, ours got slower at 1 thread (4x)
     for _ in range(4):
         chooser.run(machine.decode())
-    assert machine.seen == [2, 1, 1, 1, 2, 1, 2]  # the slow batch starts a new measurement; 2 threads win it
+    assert machine.seen == [2, 2, 1, 1, 1, 2, 1, 2]  # the slow batch starts a new measurement; 2 threads win it
     assert chooser.chosen == 2
 
 

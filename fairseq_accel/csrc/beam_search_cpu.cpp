@@ -315,35 +315,91 @@ torch::Tensor compact_sentences(torch::Tensor& buffer, const torch::Tensor& sent
 
 namespace {
 
-// x . y over d floats, in 8 independent sums (vectorizable without reassociating one sum).
-inline float dot(const float* x, const float* y, int64_t d) {
-  float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    for (int j = 0; j < 8; ++j) sums[j] += x[i + j] * y[i + j];
-  }
-  float total = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
-  for (; i < d; ++i) total += x[i] * y[i];
-  return total;
-}
-
-// softmax(scores[0..n)) in place, then out[0..d) = sum_t p_t * value(t).
-template <typename ValueAt>
-void softmax_weighted_sum(float* scores, int64_t n, ValueAt value_at, float* out, int64_t d) {
-  float largest = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) largest = std::max(largest, scores[t]);
-  float total = 0;
+// out[0..d) = sum_t softmax(q . keys[t])_t values[t] over n key/value rows (pointers), the rows `masked` names
+// left out (nullptr: none); scores: n floats of scratch. Written so that every loop vectorizes (builtins, not
+// std:: calls, which an ISA-specific caller below cannot inline; setup.py compiles with -fno-trapping-math): dot
+// products in 16 independent sums reduced pairwise, and exp(x) for x <= 0 branch-free: x = k ln2 + r, exp(r) by
+// Cephes' expf polynomial (S. L. Moshier, Cephes Math Library, expf.c), 2^k from the exponent bits; within 2 ulp
+// of std::exp, ~1e-38 instead of 0 below -87.3 (where expf underflows).
+__attribute__((always_inline)) inline void attend_body(const float* q, const float* const* keys,
+                                                      const float* const* values, const bool* masked, int64_t n,
+                                                      int64_t d, float* scores, float* out) {
   for (int64_t t = 0; t < n; ++t) {
-    scores[t] = scores[t] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(scores[t] - largest);
-    total += scores[t];
+    const float* k = keys[t];
+    float sums[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      for (int j = 0; j < 16; ++j) sums[j] += q[i + j] * k[i + j];
+    }
+    float halves[8], quarters[4];
+    for (int j = 0; j < 8; ++j) halves[j] = sums[j] + sums[j + 8];
+    for (int j = 0; j < 4; ++j) quarters[j] = halves[j] + halves[j + 4];
+    float total = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
+    for (; i < d; ++i) total += q[i] * k[i];
+    scores[t] = masked != nullptr && masked[t] ? kNegInf : total;
   }
-  std::fill(out, out + d, 0.f);
+  float largest = kNegInf;
+  for (int64_t t = 0; t < n; ++t) largest = scores[t] > largest ? scores[t] : largest;
+  for (int64_t t = 0; t < n; ++t) {
+    float x = scores[t] - largest;
+    x = x < -87.3f ? -87.3f : x;
+    const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const float e = p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+    scores[t] = scores[t] == kNegInf ? 0.f : e;
+  }
+  float total = 0;
+  for (int64_t t = 0; t < n; ++t) total += scores[t];
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float p = scores[t] / total;
-    const float* v = value_at(t);
+    const float* v = values[t];
     for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
   }
 }
+
+using AttendFunction = void (*)(const float*, const float* const*, const float* const*, const bool*, int64_t, int64_t,
+                                float*, float*);
+
+// attend_body compiled for the baseline ISA and, on x86-64, for AVX2 + FMA and AVX-512; the best the CPU (and its
+// OS) supports is chosen once when the module loads.
+void attend_baseline(const float* q, const float* const* keys, const float* const* values, const bool* masked,
+                     int64_t n, int64_t d, float* scores, float* out) {
+  attend_body(q, keys, values, masked, n, d, scores, out);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void attend_avx2(const float* q, const float* const* keys,
+                                                     const float* const* values, const bool* masked, int64_t n,
+                                                     int64_t d, float* scores, float* out) {
+  attend_body(q, keys, values, masked, n, d, scores, out);
+}
+
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void attend_avx512(const float* q, const float* const* keys,
+                                                                        const float* const* values,
+                                                                        const bool* masked, int64_t n, int64_t d,
+                                                                        float* scores, float* out) {
+  attend_body(q, keys, values, masked, n, d, scores, out);
+}
+#endif
+
+AttendFunction best_attend() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return attend_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return attend_avx2;
+#endif
+  return attend_baseline;
+}
+
+const AttendFunction attend = best_attend();
 
 // [rows, H, D] with unit stride along D and H stride D (the query/key/value views a fused projection's output
 // unbinds into, rows apart by 3 H D), as it is; anything else as a contiguous copy. Returns it and its row stride.
@@ -397,14 +453,16 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   });
   at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(step + 1);
+    std::vector<const float*> key_rows(step + 1), value_rows(step + 1);
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, b = row / beam, own = row % beam;
       const int64_t* history = slot_p + (b * beam + own) * table_steps;
-      const float* query_row = qp + row * q_row + h * dim;
-      for (int64_t t = 0; t <= step; ++t) scores[t] = dot(query_row, keys_p + at_cache(b, h, t, history[t]), dim);
-      softmax_weighted_sum(scores.data(), step + 1,
-                           [&](int64_t t) { return values_p + at_cache(b, h, t, history[t]); },
-                           out_p + index * dim, dim);
+      for (int64_t t = 0; t <= step; ++t) {
+        key_rows[t] = keys_p + at_cache(b, h, t, history[t]);
+        value_rows[t] = values_p + at_cache(b, h, t, history[t]);
+      }
+      attend(qp + row * q_row + h * dim, key_rows.data(), value_rows.data(), nullptr, step + 1, dim, scores.data(),
+             out_p + index * dim);
     }
   });
   return out;
@@ -430,17 +488,17 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, batch * beam * heads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(source);
+    std::vector<const float*> key_rows(source), value_rows(source);
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, b = row / beam;
-      const float* query_row = qp + index * dim;
       const float* head_keys = kp + (b * heads + h) * source * dim;
-      for (int64_t s = 0; s < source; ++s) {
-        scores[s] = pad_p != nullptr && pad_p[b * source + s] ? -std::numeric_limits<float>::infinity()
-                                                               : dot(query_row, head_keys + s * dim, dim);
-      }
       const float* head_values = vp + (b * heads + h) * source * dim;
-      softmax_weighted_sum(scores.data(), source, [&](int64_t s) { return head_values + s * dim; },
-                           out_p + index * dim, dim);
+      for (int64_t s = 0; s < source; ++s) {
+        key_rows[s] = head_keys + s * dim;
+        value_rows[s] = head_values + s * dim;
+      }
+      attend(qp + index * dim, key_rows.data(), value_rows.data(), pad_p == nullptr ? nullptr : pad_p + b * source,
+             source, dim, scores.data(), out_p + index * dim);
     }
   });
   return out;

@@ -3,9 +3,10 @@
 A decoding step is hundreds of small operations, each an OpenMP parallel region whose threads meet at a
 barrier. When another process keeps a core busy, a thread of ours waits for its turn on the CPU at every
 barrier, and a step with 2 threads was measured 30x slower than with 1 (issue 12: 279 ms against 8.6 ms). No
-fixed count is right on a shared machine, so ``auto`` measures: the first batch runs with torch's thread
-count, the next with 1 thread, and the faster per decoded row (seconds per hypothesis and step) is kept and
-said in one line. Where the kept setting later runs more than :data:`SLOWDOWN` times slower per row than it
+fixed count is right on a shared machine, so ``auto`` measures: the first batch warms up (its one-time costs,
+such as building the C++ step and first touches of memory, made 2 threads look 2x slower than 1 on an idle
+2-core machine where they are 1.3x faster), the next runs with torch's thread count, the next with 1 thread, and
+the faster per decoded row (seconds per hypothesis and step) is kept and said in one line. Where the kept setting later runs more than :data:`SLOWDOWN` times slower per row than it
 was measured (the machine's load changed), both are measured again.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ThreadChooser:
         self.candidates: List[int] = [most, 1] if fixed is None and most > 1 else []
         self.seconds_per_row: Dict[int, float] = {}
         self.chosen: Optional[int] = None
+        self.warmed_up = False  # the first batch is not measured
 
     def run(self, decode: Callable[[], Tuple[T, int]]) -> T:
         """``decode()``'s result; it returns (result, rows decoded: hypotheses times steps), run at this
@@ -58,7 +60,9 @@ class ThreadChooser:
         finally:
             torch.set_num_threads(previous)
         if self.candidates and rows:
-            self._record(count, (time.perf_counter() - start) / rows)
+            if self.warmed_up:
+                self._record(count, (time.perf_counter() - start) / rows)
+            self.warmed_up = True
         return result
 
     def _count_for_batch(self) -> Optional[int]:
