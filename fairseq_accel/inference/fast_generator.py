@@ -184,7 +184,8 @@ class _BeamSearch:
             sentence for sentence in sorted(set(sentences))
             if len(self.finalized[self.sentence_ids[sentence]]) == beam or step == self.max_len
         ]
-        self.gen.cache_stats.record(len(finished), self.gen.fast_decoder.state.bytes_per_sentence(step + 1))
+        if finished:
+            self.gen.cache_stats.record(len(finished), self.gen.fast_decoder.state.bytes_per_sentence(step + 1))
         return finished
 
     def _keep_sentences(self, keep: Tensor) -> None:
