@@ -126,16 +126,18 @@ def test_int8_and_half_caches_keep_the_torch_path() -> None:
         assert cache.cpu_kernels is None
 
 
-def test_window_convolution_equals_the_torch_window_through_reorders_and_finished_sentences() -> None:
-    """LSRA's lightweight convolution / SAN-M's FSMN step: width 4 reaches into the zero history at first."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_window_convolution_equals_the_torch_window_through_reorders_and_finished_sentences(dynamic: bool) -> None:
+    """LSRA's lightweight convolution / SAN-M's FSMN step (fixed taps [W, C]) and LSRA's dynamic convolution (each
+    hypothesis' taps [H, W]): width 4 reaches into the zero history at first."""
     torch.manual_seed(2)
-    batch, beam, channels, width = 3, 4, 12, 4
+    batch, beam, channels, width, heads = 3, 4, 12, 4, 3
     indirection = BeamIndirection(batch, beam, 8, torch.device("cpu"))
     reference, kernel = (WindowCache(indirection, width, channels, torch.float32, torch.device("cpu"), kernels)
                          for kernels in (None, cpu_kernels))
-    weight = torch.randn(width, channels)
     for step in range(7):
         x = torch.randn(indirection.batch * beam, channels)
+        weight = torch.randn(x.size(0), heads, width) if dynamic else torch.randn(width, channels)
         torch.testing.assert_close(kernel.convolve(x, weight), reference.convolve(x, weight), rtol=1e-5, atol=1e-5)
         if step == 2:
             keep = torch.tensor([0, 2])

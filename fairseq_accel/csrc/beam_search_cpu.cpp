@@ -506,25 +506,31 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
 
 // Writes the step's inputs x ([B * beam, C]) into each hypothesis' slot of the window buffer ([B, W - 1 + T,
 // beam, C], contiguous; its first W - 1 times are the zero history) and returns, per hypothesis and channel,
-// sum_j weight[j, c] * (its input at step - W + 1 + j), weight [W, C], the slots named by table [B, beam, T].
+// sum_j weight[j, c] * (its input at step - W + 1 + j), the slots named by table [B, beam, T]; weight is [W, C]
+// (a lightweight convolution, an FSMN) or each hypothesis' own [H, W] (a dynamic convolution: channel c takes
+// head c / (C / H)'s taps).
 torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
                                       int64_t step, const torch::Tensor& weight) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(inputs, "inputs", 4);
-  check_float_cpu(weight, "weight", 2);
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
+                  (weight.dim() == 2 || weight.dim() == 3),
+              "weight must be a float32 CPU tensor, [W, C] or [B * beam, H, W]");
   TORCH_CHECK(inputs.is_contiguous(), "the window buffer must be contiguous");
   TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const bool per_row = weight.dim() == 3;  // a dynamic convolution: each hypothesis' own taps, one set per head
   const int64_t batch = inputs.size(0), times = inputs.size(1), beam = inputs.size(2), channels = inputs.size(3),
-                width = weight.size(0), rows = batch * beam;
-  TORCH_CHECK(x.size(0) == rows && x.size(1) == channels && weight.size(1) == channels,
-              "x must be [B * beam, C] and weight [W, C]");
+                width = weight.size(per_row ? 2 : 0), heads = per_row ? weight.size(1) : 1, rows = batch * beam;
+  TORCH_CHECK(x.size(0) == rows && x.size(1) == channels, "x must be [B * beam, C]");
+  TORCH_CHECK(per_row ? weight.size(0) == rows && channels % heads == 0 : weight.size(1) == channels,
+              "weight must be [W, C] or [B * beam, H, W] with H dividing C");
   TORCH_CHECK(step >= 0 && width - 1 + step < times, "step ", step, " outside the window buffer");
   auto input = x.contiguous(), taps = weight.contiguous(), slots = table.contiguous();
   auto out = torch::empty_like(input);
   const float *xp = input.data_ptr<float>(), *wp = taps.data_ptr<float>();
   float *buffer = inputs.data_ptr<float>(), *out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
-  const int64_t table_steps = slots.size(2);
+  const int64_t table_steps = slots.size(2), head_channels = channels / heads;
   at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t b = row / beam, own = row % beam;
@@ -541,8 +547,15 @@ torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inp
         const int64_t t = step - width + 1 + j;  // the step this tap reads; before 0: the zero history
         const int64_t slot = t < 0 ? 0 : slot_p[(b * beam + own) * table_steps + t];
         const float* in = buffer + ((b * times + width - 1 + t) * beam + slot) * channels;
-        const float* tap = wp + j * channels;
-        for (int64_t c = 0; c < channels; ++c) o[c] += in[c] * tap[c];
+        if (!per_row) {
+          const float* tap = wp + j * channels;
+          for (int64_t c = 0; c < channels; ++c) o[c] += in[c] * tap[c];
+          continue;
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          const float tap = wp[(row * heads + h) * width + j];
+          for (int64_t c = h * head_channels; c < (h + 1) * head_channels; ++c) o[c] += in[c] * tap;
+        }
       }
     }
   });

@@ -81,18 +81,30 @@ struct AttentionBranch : Branch {
   int64_t heads, head_dim;
 };
 
-// LSRA's lightweight convolution branch: linear, GLU optionally, the causal window, linear; takes the window.
+// An LSRA convolution branch: linear, GLU optionally, the causal window, linear; takes the window. Lightweight:
+// fixed taps [W, C]; dynamic: each hypothesis' taps [H, W] from a linear layer of the GLU's output, softmax-ed
+// optionally.
 struct ConvolutionBranch : Branch {
-  ConvolutionBranch(Linear linear_in, bool glu, Tensor taps, Linear linear_out)
-      : linear_in(std::move(linear_in)), glu(glu), taps(std::move(taps)), linear_out(std::move(linear_out)) {}
+  ConvolutionBranch(Linear linear_in, bool glu, std::optional<Tensor> taps, std::optional<Linear> weight_linear,
+                    int64_t heads, int64_t width, bool weight_softmax, Linear linear_out)
+      : linear_in(std::move(linear_in)), glu(glu), taps(std::move(taps)), weight_linear(std::move(weight_linear)),
+        heads(heads), width(width), weight_softmax(weight_softmax), linear_out(std::move(linear_out)) {
+    TORCH_CHECK(this->taps.has_value() != this->weight_linear.has_value(),
+                "a convolution branch has fixed taps or a weight layer, not both");
+  }
   Tensor forward(const Tensor& x, StepState& state) const override {
     auto hidden = linear_in(x);
     if (glu) hidden = at::glu(hidden, -1);
-    return linear_out(window_convolution_step(hidden, state.take(), state.table, state.step, taps));
+    Tensor weight = taps ? *taps : (*weight_linear)(hidden).view({x.size(0), heads, width});
+    if (weight_linear && weight_softmax) weight = at::softmax(weight, -1);
+    return linear_out(window_convolution_step(hidden, state.take(), state.table, state.step, weight));
   }
   Linear linear_in;
   bool glu;
-  Tensor taps;  // [W, C]
+  std::optional<Tensor> taps;  // [W, C]
+  std::optional<Linear> weight_linear;
+  int64_t heads, width;
+  bool weight_softmax;
   Linear linear_out;
 };
 
@@ -248,7 +260,7 @@ void register_decoder_step(pybind11::module_& m) {
   py::class_<AttentionBranch, Branch, std::shared_ptr<AttentionBranch>>(m, "AttentionBranch")
       .def(py::init<Linear, Linear, int64_t, int64_t>());
   py::class_<ConvolutionBranch, Branch, std::shared_ptr<ConvolutionBranch>>(m, "ConvolutionBranch")
-      .def(py::init<Linear, bool, Tensor, Linear>());
+      .def(py::init<Linear, bool, std::optional<Tensor>, std::optional<Linear>, int64_t, int64_t, bool, Linear>());
   py::class_<CrossAttention, std::shared_ptr<CrossAttention>>(m, "CrossAttention")
       .def(py::init<Linear, Linear, int64_t, int64_t>());
   py::class_<Layer, std::shared_ptr<Layer>>(m, "Layer");

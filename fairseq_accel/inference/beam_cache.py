@@ -298,12 +298,16 @@ class WindowCache:
 
     def convolve(self, x: Tensor, weight: Tensor) -> Tensor:
         """:meth:`write` the step's inputs ``[B * beam, C]``, then each hypothesis' depthwise convolution of its
-        last ``width`` inputs with ``weight`` ``[width, C]``."""
+        last ``width`` inputs with ``weight``: ``[width, C]`` (fixed taps), or ``[B * beam, H, width]`` (each
+        hypothesis' taps per head of ``C / H`` channels: a dynamic convolution)."""
         if self.cpu_kernels is not None:
             return self.cpu_kernels.window_convolution_step(x, self.inputs, self.indirection.table, self.indirection.step,
                                                             weight)
         self.write(x)
-        return (self.window() * weight).sum(dim=1)
+        if weight.dim() == 2:
+            return (self.window() * weight).sum(dim=1)
+        rows, heads, width = weight.shape
+        return torch.einsum("nkhr,nhk->nhr", self.window().view(rows, width, heads, -1), weight).reshape(rows, -1)
 
     def kernel_tensors(self) -> List[Tensor]:
         if self.cpu_kernels is None:

@@ -6,8 +6,9 @@ barrier, and a step with 2 threads was measured 30x slower than with 1 (issue 12
 fixed count is right on a shared machine, so ``auto`` measures: the first batch warms up (its one-time costs,
 such as building the C++ step and first touches of memory, made 2 threads look 2x slower than 1 on an idle
 2-core machine where they are 1.3x faster), the next runs with torch's thread count, the next with 1 thread, and
-the faster per decoded row (seconds per hypothesis and step) is kept and said in one line. Where the kept setting later runs more than :data:`SLOWDOWN` times slower per row than it
-was measured (the machine's load changed), both are measured again.
+the faster per decoded row (seconds per hypothesis and step) is kept and said in one line. Where the kept
+setting later runs more than :data:`SLOWDOWN` times slower per row than it was measured (the machine's load
+changed), both are measured again.
 """
 from __future__ import annotations
 

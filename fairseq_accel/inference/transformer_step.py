@@ -144,24 +144,21 @@ class ConvBranchStep:
         x = self.linear_in(x)
         if branch.glu:
             x = F.glu(x, dim=-1)
-        rows, width = x.size(0), branch.kernel_size
-        if self.static_weight is not None:
-            out = self.window.convolve(x, self.static_weight)
-        else:
-            self.window.write(x)
-            window = self.window.window().view(rows, width, self.heads, -1)
-            weight = self.weight_linear(x).view(rows, self.heads, width)
+        weight = self.static_weight
+        if weight is None:
+            weight = self.weight_linear(x).view(x.size(0), self.heads, branch.kernel_size)
             if branch.weight_softmax:
                 weight = torch.softmax(weight, dim=-1)
-            out = torch.einsum("nkhr,nhk->nhr", window, weight)
-        return self.linear_out(out.reshape(rows, -1))
+        return self.linear_out(self.window.convolve(x, weight))
 
     def native(self):
-        """The C++ step's branch (lightweight convolutions); takes the window buffer."""
-        if self.static_weight is None:
-            raise NativeStepUnsupported("dynamic convolution branches have no C++ step")
-        return native_kernels().ConvolutionBranch(native_linear(self.linear_in), bool(self.branch.glu),
-                                                  self.static_weight.detach(), native_linear(self.linear_out))
+        """The C++ step's branch; takes the window buffer."""
+        branch, kernels = self.branch, native_kernels()
+        static = None if self.static_weight is None else self.static_weight.detach()
+        weight_linear = None if self.static_weight is not None else native_linear(self.weight_linear)
+        return kernels.ConvolutionBranch(native_linear(self.linear_in), bool(branch.glu), static, weight_linear,
+                                         self.heads, branch.kernel_size, bool(branch.weight_softmax),
+                                         native_linear(self.linear_out))
 
 
 class MultiBranchStep:
