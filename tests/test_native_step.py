@@ -128,3 +128,21 @@ def test_torch_kernels_keep_the_python_step() -> None:
     generator = fast_generator(model, dictionary, 5, accel_kernels="torch")
     generator.generate([model], sample)
     assert generator.fast_decoder.native_step is None and generator.fast_decoder.native_caches is None
+
+
+def test_layers_without_float_weights_are_called_back_from_the_native_step() -> None:
+    """A linear step that is not a float32 TransposedLinear (an int8 layer of a compressed checkpoint) runs as
+    itself, called from C++: here a Python function in place of the first layer's fc1."""
+    model, dictionary, sample = build(*MODELS["transformer post-norm"])
+    native, python = (fast_generator(model, dictionary, 4).fast_decoder for _ in range(2))
+    python.native_step = False
+    calls = []
+    for decoder in (native, python):
+        fc1 = decoder.layers[0].fc1
+        decoder.layers[0].fc1 = lambda x, fc1=fc1, owner=decoder: (calls.append(owner), fc1(x) * 1.5)[1]
+    with torch.no_grad():
+        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
+        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
+    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    assert calls.count(native) == calls.count(python) == len(native_logits)
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))

@@ -20,12 +20,18 @@ namespace {
 
 using torch::Tensor;
 
-// x @ W^T + b with W^T stored contiguous once (int8_execution.transposed_linear).
+// x @ W^T + b with W^T stored contiguous once (int8_execution.TransposedLinear), or a Python layer called back
+// (an int8 layer of a compressed checkpoint: its own quantized GEMM).
 struct Linear {
   Linear(Tensor weight_t, std::optional<Tensor> bias) : weight_t(std::move(weight_t)), bias(std::move(bias)) {}
-  Tensor operator()(const Tensor& x) const { return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t); }
+  explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
+  Tensor operator()(const Tensor& x) const {
+    if (layer) return (*layer)(x).cast<Tensor>();
+    return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
+  }
   Tensor weight_t;
   std::optional<Tensor> bias;
+  std::optional<pybind11::object> layer;
 };
 
 // torch.nn.LayerNorm over the last dimension.
@@ -251,7 +257,9 @@ struct DecoderStep {
 
 void register_decoder_step(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Linear>(m, "Linear", "x @ W^T + b on W^T stored once").def(py::init<Tensor, std::optional<Tensor>>());
+  py::class_<Linear>(m, "Linear", "x @ W^T + b on W^T stored once, or a Python layer called back")
+      .def(py::init<Tensor, std::optional<Tensor>>())
+      .def_static("calling", [](py::object layer) { return Linear(std::move(layer)); });
   py::class_<Norm>(m, "Norm", "layer norm over the last dimension")
       .def(py::init<std::optional<Tensor>, std::optional<Tensor>, double, int64_t>());
   py::class_<FeedForward>(m, "FeedForward", "fc2(norm(activation(fc1 x))); activation 0 relu, 1 gelu")

@@ -96,12 +96,15 @@ class NativeStepUnsupported(Exception):
 
 
 def native_linear(step: Callable) -> "_cpu_kernels.Linear":
-    """The C++ twin of a float32 ``TransposedLinear`` step (the same ``W^T`` and bias tensors)."""
+    """The C++ twin of a linear step: a float32 ``TransposedLinear``'s own ``W^T`` and bias, or any other layer
+    (an int8 one) called back from C++."""
     from fairseq_accel.inference.int8_execution import TransposedLinear
 
-    if not isinstance(step, TransposedLinear) or step.weight_t.dtype != torch.float32:
-        raise NativeStepUnsupported(f"a linear layer runs as {type(step).__name__} (int8 or not float32)")
-    return _cpu_kernels.Linear(step.weight_t, step.bias)
+    if isinstance(step, TransposedLinear):
+        if step.weight_t.dtype != torch.float32:
+            raise NativeStepUnsupported(f"a linear layer's weights are {step.weight_t.dtype}, not float32")
+        return _cpu_kernels.Linear(step.weight_t, step.bias)
+    return _cpu_kernels.Linear.calling(step)
 
 
 def native_norm(norm: nn.LayerNorm) -> "_cpu_kernels.Norm":
