@@ -20,7 +20,7 @@ from fairseq_accel.cli.compress import main as compress_main
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.compression.activation_calibration import LinearInputCalibrator, calibration_batches
-from fairseq_accel.compression.compressed_format import OUTPUT_RANGES_ROW, pack, size_rows
+from fairseq_accel.compression.compressed_format import OUTPUT_RANGES_ROW, pack, size_rows, storage_aliases
 from fairseq_accel.compression.ranking_calibration import SAMPLE_SENTENCES, SentenceSample
 from fairseq_accel.compression.quantization_grid import project_to_grid, quantize_to_levels
 from fairseq_accel.compression.sensitivity_measures import sensitivity_measure
@@ -43,6 +43,17 @@ def test_pack_round_trip(bits: int, sparsity: float) -> None:
     assert (packed.mask is not None) == masked and (sparsity > 0) == masked
     value_bytes = (nonzero if masked else 63) * bits / 8
     assert packed.nbytes == -(-value_bytes // 1) + (-(-63 // 8) if masked else 0) + 7 * 4
+
+
+def test_tied_tensors_are_stored_once_whether_shared_or_copied() -> None:
+    """Tied embeddings share storage in a trained checkpoint and are separate equal copies in an averaged one
+    (fairseq's average_checkpoints.py): both are stored once; equal small tensors (norms at 1) are not tied."""
+    embedding = torch.randn(100, 64)
+    state = {"encoder.embed_tokens.weight": embedding, "decoder.embed_tokens.weight": embedding,
+             "decoder.output_projection.weight": embedding.clone(), "other.weight": torch.randn(100, 64),
+             "a.norm.weight": torch.ones(64), "b.norm.weight": torch.ones(64)}
+    assert storage_aliases(state) == {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight",
+                                      "decoder.output_projection.weight": "encoder.embed_tokens.weight"}
 
 
 def test_weights_on_the_grid_are_stored_losslessly() -> None:

@@ -125,14 +125,27 @@ def pack(weight: Tensor, bits: int) -> PackedTensor:
     return PackedTensor((weight.shape[0], weight.shape[1]), bits, scales.flatten().float(), values, mask)
 
 
+COPY_MIN_ELEMENTS = 4096  # equal tensors at least this large are copies of one (a tied embedding), not chance
+
+
 def storage_aliases(model: Dict[str, Tensor]) -> Dict[str, str]:
-    """For every tensor that shares its storage with an earlier one (tied embeddings, shared layers), the
-    name of that first tensor: the name under which the compressed section stores both."""
+    """For every tensor that shares its storage with an earlier one (tied embeddings, shared layers), or is an
+    element-for-element copy of one of at least :data:`COPY_MIN_ELEMENTS` (checkpoint averaging writes a tied
+    embedding as three separate copies), the name of that first tensor: the name under which the compressed
+    section stores both."""
     first_of_storage: Dict[Tuple[int, int, Tuple[int, ...]], str] = {}
+    first_of_content: Dict[Tuple[Any, ...], List[str]] = {}
     aliases = {}
     for name, tensor in model.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        aliases[name] = first_of_storage.setdefault(key, name)
+        first = first_of_storage.setdefault(key, name)
+        if first == name and tensor.numel() >= COPY_MIN_ELEMENTS:
+            fingerprint = (tuple(tensor.shape), tensor.dtype, float(tensor.double().sum()))
+            copies = first_of_content.setdefault(fingerprint, [])
+            first = next((other for other in copies if torch.equal(model[other], tensor)), name)
+            if first == name:
+                copies.append(name)
+        aliases[name] = first
     return {name: first for name, first in aliases.items() if name != first}
 
 
