@@ -1,5 +1,5 @@
-// The fast generator's whole float32 decoder step on CPU in one call (fairseq_accel/inference/native_step.py
-// builds it from the Python step objects): embedding, every layer, the final norm and the output projection.
+// The fast generator's whole float32 decoder step on CPU in one call (the Python step objects' native() methods
+// in transformer_step.py / sanm_step.py build it): embedding, every layer, the final norm, the output projection.
 //
 // The Python step (transformer_step.py, sanm_step.py) issues ~20 torch calls per layer, each ~5-10 us of Python
 // and dispatch, which at a decoding step's few rows cost as much as the arithmetic. Here the same ATen ops
