@@ -37,6 +37,7 @@ import fairseq_accel.plugin  # noqa: F401  (registers the plugin, makes checkpoi
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
+from omegaconf import OmegaConf
 
 from fairseq_accel.decoding_metrics import corpus_score, token_decoder
 from fairseq_accel.inference.int8_execution import convert_to_int8
@@ -154,7 +155,8 @@ def take_int8_model(task, models: List[torch.nn.Module], min_weights: int) -> Op
 
 
 def _fairseq_generator(work: Workload, system: str):
-    gen_cfg = GenerationConfig(beam=work.beam, max_len_a=work.max_len_a, max_len_b=work.max_len_b)
+    # a DictConfig, as fairseq-generate passes: speech_to_text's build_generator asks `"eos_token" in args`
+    gen_cfg = OmegaConf.structured(GenerationConfig(beam=work.beam, max_len_a=work.max_len_a, max_len_b=work.max_len_b))
     models = [work.int8_model] if system in INT8_LINEAR_SYSTEMS else work.models
     stock = work.task.build_generator(models, gen_cfg)
     options = FAIRSEQ_SYSTEMS[system]

@@ -2,6 +2,7 @@
 counting on hand-made inputs, the criterion on a stock s2t_transformer, and fairseq-train/-generate."""
 import csv
 import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -415,3 +416,15 @@ def test_ctc_greedy_refuses_models_without_ctc_head_and_fast_generator_options(t
                             task.target_dictionary)
     with pytest.raises(AccelGenerationError, match="one model, got an ensemble of 2"):
         build_ctc_generator([model, model], ctc_greedy, task.target_dictionary)
+
+
+def test_benchmark_cli_runs_on_a_speech_model(tiny_speech_data, ctc_training_run, tmp_path):
+    """fairseq-accel-benchmark on speech_to_text (whose build_generator needs fairseq-generate's DictConfig)."""
+    _, checkpoint = ctc_training_run
+    rows = tmp_path / "rows.json"
+    result = run_cli(["fairseq-accel-benchmark", tiny_speech_data, "--config-yaml", "config.yaml", "--path", checkpoint,
+                      "--gen-subset", "test", "--batch-sizes", "2", "--beam", "2", "--max-sentences", "4",
+                      "--threads", "1", "--repeats", "1", "--systems", "stock", "fast", "--json", rows])
+    assert result.returncode == 0, cli_output(result)
+    by_system = {row["system"]: row for row in json.loads(rows.read_text())}
+    assert set(by_system) == {"stock", "fast"} and by_system["fast"]["sentences"] == 4
