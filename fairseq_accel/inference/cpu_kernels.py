@@ -11,7 +11,8 @@ time), the generator keeps its torch path and says so in one line.
 
 The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp); the
 Python step objects build it from their own weights with the ``native_*`` helpers here, and say with
-``NativeStepUnsupported`` why a model keeps the Python step (int8 layers, other caches, other activations).
+``NativeStepUnsupported`` why a model keeps the Python step (int8 or float16 caches, the int8 attention path,
+other activations; int8 layers are called back from C++).
 """
 from __future__ import annotations
 
