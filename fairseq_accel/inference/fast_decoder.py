@@ -83,6 +83,13 @@ class FastDecoder:
             logger.info(f"the fast decoder runs its Python step: {reason}")
             self.native_step = False
 
+    def native_logits(self, tokens: Tensor, output_rows: Optional[Tensor],
+                      positions: Optional[Tensor] = None) -> Tensor:
+        """:meth:`step` by the C++ step (where :meth:`bind_native_step` bound it for this batch); ``positions``:
+        the decoder's positional embeddings by step, if it has them."""
+        indirection = self.state.indirection
+        return self.native_step(tokens, self.native_caches, indirection.table, indirection.step, positions, output_rows)
+
     def keep(self, sentences: Tensor) -> None:
         self.state.keep(sentences)
         if self.native_caches is not None:

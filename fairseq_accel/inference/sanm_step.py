@@ -170,8 +170,7 @@ class FastSANMDecoder(FastDecoder):
 
     def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
         if self.native_caches is not None:
-            return self.native_step(tokens, self.native_caches, self.state.indirection.table, self.state.indirection.step,
-                                    None, output_rows)
+            return self.native_logits(tokens, output_rows)
         decoder = self.decoder
         x = F.embedding(tokens, decoder.embed_tokens.weight) * decoder.embed_scale
         for layer in self.layers:

@@ -338,8 +338,7 @@ class FastTransformerDecoder(FastDecoder):
 
     def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
         if self.native_caches is not None:
-            return self.native_step(tokens, self.native_caches, self.state.indirection.table, self.state.indirection.step,
-                                    self.positions, output_rows)
+            return self.native_logits(tokens, output_rows, self.positions)
         decoder = self.decoder
         x = decoder.embed_scale * F.embedding(tokens, decoder.embed_tokens.weight)
         if decoder.project_in_dim is not None:
