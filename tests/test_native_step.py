@@ -11,9 +11,9 @@ import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
+from test_fast_generator import fast_from
 from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
 from fairseq_accel.inference import cpu_kernels
-from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, build_accel_generator
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
                                 reason="the C++ CPU kernels are not built (pip install -e . with g++)")
@@ -59,9 +59,7 @@ def build(kind: str, arch: str, overrides: dict):
 
 
 def fast_generator(model, dictionary, beam: int, **options):
-    stock = SequenceGenerator([model], dictionary, beam_size=beam, max_len_b=20)
-    return build_accel_generator(stock, [model], AccelGenerationConfig(accel_generator="fast", no_accel_fallback=True,
-                                                                      **options))
+    return fast_from(SequenceGenerator([model], dictionary, beam_size=beam, max_len_b=20), [model], **options)
 
 
 def drive(decoder, encoder_out: dict, batch: int, beam: int, dictionary, steps: int = 6) -> list:
