@@ -16,7 +16,9 @@ apart as "first batch s"), then ``repeats`` timed passes over all batches, the s
 fast, ..., stock, fast, ...), so that a change of the machine's load falls on every system alike. A row holds
 a system's best thread count, its median time, tokens per second, the ratio to stock at the same batch size,
 BLEU (translation) or WER (speech) of what it produced, and the peak resident memory of the process while that
-system ran (Linux: the peak is reset before each of its passes). Timing covers ``generate`` only (the encoder
+system ran (Linux: the peak is reset before each of its passes); for speech also utterances per second and the
+real-time factor (decoding seconds per second of audio; the audio's length is taken from its filterbank frames:
+25 ms windows every 10 ms). Timing covers ``generate`` only (the encoder
 included), not data loading or scoring. This machine's noise is why the numbers are ratios measured in
 one run: compare rows, not runs. The recipes draw the rows' speed against their score
 (egs/tools/plot_frontier.py, from ``--json``).
@@ -39,6 +41,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 from omegaconf import OmegaConf
 
+from fairseq_accel.data.features import audio_seconds
 from fairseq_accel.decoding_metrics import corpus_score, token_decoder
 from fairseq_accel.inference.int8_execution import convert_to_int8
 from fairseq_accel.modules.int8_linear import Int8Linear
@@ -81,11 +84,21 @@ class Row:
     peak_rss_mb: Optional[float]  # the process' peak resident memory while this system decoded (Linux)
     self_kv_bytes: Optional[int] = None  # per decoded sentence, all beams (fast generator only)
     cross_kv_bytes: Optional[int] = None
+    audio_seconds: Optional[float] = None  # speech: the decoded audio's length
     ratio: float = field(default=float("nan"))
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def sentences_per_second(self) -> float:
+        return self.sentences / self.seconds
+
+    @property
+    def real_time_factor(self) -> Optional[float]:
+        """Decoding seconds per second of audio (speech only)."""
+        return None if self.audio_seconds is None else self.seconds / self.audio_seconds
 
 
 @dataclass
@@ -103,6 +116,7 @@ class Workload:
     max_len_a: float
     max_len_b: int
     int8_model: Optional[torch.nn.Module] = None  # the model with int8 linear layers (calibrated compressed checkpoints)
+    audio_seconds: Optional[float] = None  # speech: the length of the batches' audio
 
 
 def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
@@ -129,9 +143,10 @@ def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.
     for batch in batches:
         for sample_id, target in zip(batch["id"].tolist(), batch["target"]):
             references[sample_id] = to_text(target)
-    score_name = "WER" if hasattr(task, "data_cfg") else "BLEU"
-    return Workload(task, models, batches, references, to_text, score_name, args.beam, batch_size,
-                    args.max_len_a, args.max_len_b, int8)
+    speech = hasattr(task, "data_cfg")
+    audio = sum(audio_seconds(frames) for batch in batches for frames in batch["net_input"]["src_lengths"].tolist())
+    return Workload(task, models, batches, references, to_text, "WER" if speech else "BLEU", args.beam, batch_size,
+                    args.max_len_a, args.max_len_b, int8, audio if speech else None)
 
 
 def _score(work: Workload, hypotheses: Dict[int, str]) -> float:
@@ -360,7 +375,8 @@ def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str
         _, tokens, hypotheses = best.passes[0]
         rows.append(Row(system, best.threads, work.batch_size, work.beam, sentences, tokens, best.median_seconds,
                         work.score_name, _score(work, hypotheses), best.first_batch_seconds, best.peak_rss_mb,
-                        *(_cache_bytes(best.generator) if best.generator is not None else (None, None))))
+                        *(_cache_bytes(best.generator) if best.generator is not None else (None, None)),
+                        work.audio_seconds))
     return rows
 
 

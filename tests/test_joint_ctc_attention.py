@@ -428,3 +428,11 @@ def test_benchmark_cli_runs_on_a_speech_model(tiny_speech_data, ctc_training_run
     assert result.returncode == 0, cli_output(result)
     by_system = {row["system"]: row for row in json.loads(rows.read_text())}
     assert set(by_system) == {"stock", "fast"} and by_system["fast"]["sentences"] == 4
+    # utterances/s and the real-time factor against the audio of the 4 utterances (manifest frames, 10 ms apart)
+    with open(Path(tiny_speech_data) / "test.tsv") as tsv:
+        frames = [int(row["n_frames"]) for row in csv.DictReader(tsv, delimiter="\t")][:4]
+    for row in by_system.values():
+        assert row["audio_seconds"] == pytest.approx(sum((n - 1) * 0.010 + 0.025 for n in frames))
+        assert row["real_time_factor"] == pytest.approx(row["seconds"] / row["audio_seconds"])
+        assert row["sentences_per_second"] == pytest.approx(4 / row["seconds"])
+    assert "| utterances | tokens | seconds | tokens/s | utterances/s | RTF | x stock | WER |" in result.stdout

@@ -59,16 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(rows: List[Row]) -> str:
-    header = ("| system | threads | batch | beam | sentences | tokens | seconds | tokens/s | x stock | {score} | "
-              "self-attn KV bytes/sent | cross-attn KV bytes/sent | first batch s | peak RSS MiB |")
-    lines = [header.format(score=rows[0].score_name if rows else "score"), "|---" * 14 + "|"]
+    speech = bool(rows) and rows[0].audio_seconds is not None
+    header = ("| system | threads | batch | beam | {sentences} | tokens | seconds | tokens/s | {per_second}x stock | "
+              "{score} | self-attn KV bytes/sent | cross-attn KV bytes/sent | first batch s | peak RSS MiB |")
+    columns = 16 if speech else 14
+    lines = [header.format(sentences="utterances" if speech else "sentences",
+                           per_second="utterances/s | RTF | " if speech else "",
+                           score=rows[0].score_name if rows else "score"), "|---" * columns + "|"]
     for row in rows:
         caches = " | ".join("" if size is None else f"{size:,}" for size in (row.self_kv_bytes, row.cross_kv_bytes))
         rss = "" if row.peak_rss_mb is None else f"{row.peak_rss_mb:,.0f}"
+        per_second = f"{row.sentences_per_second:,.1f} | {row.real_time_factor:.4f} | " if speech else ""
         lines.append(
             f"| {row.system} | {row.threads} | {row.batch} | {row.beam} | {row.sentences} | {row.tokens} | "
-            f"{row.seconds:.2f} | {row.tokens_per_second:,.0f} | {row.ratio:.2f} | {row.score:.2f} | {caches} | "
-            f"{row.first_batch_seconds:.2f} | {rss} |"
+            f"{row.seconds:.2f} | {row.tokens_per_second:,.0f} | {per_second}{row.ratio:.2f} | {row.score:.2f} | "
+            f"{caches} | {row.first_batch_seconds:.2f} | {rss} |"
         )
     return "\n".join(lines)
 
@@ -97,7 +102,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         row_counts = sorted({size * args.beam for size in args.batch_sizes})
         print(format_gemm_table(int8_gemm_rows(int8, row_counts, args.threads)))
     if args.json:
-        Path(args.json).write_text(json.dumps([{**asdict(r), "tokens_per_second": r.tokens_per_second} for r in rows], indent=1))
+        Path(args.json).write_text(json.dumps([{**asdict(r), "tokens_per_second": r.tokens_per_second,
+                                                "sentences_per_second": r.sentences_per_second,
+                                                "real_time_factor": r.real_time_factor} for r in rows], indent=1))
     return 0
 
 

@@ -51,6 +51,11 @@ def num_frames(num_samples: int) -> int:
     return 1 + (num_samples - WINDOW_SAMPLES) // SHIFT_SAMPLES
 
 
+def audio_seconds(frames: int) -> float:
+    """Shortest audio that gives ``frames`` frames of :func:`compute_fbank` (within one shift of the real one)."""
+    return 0.0 if frames < 1 else ((frames - 1) * FRAME_SHIFT_MS + FRAME_LENGTH_MS) / 1000
+
+
 def compute_fbank(samples: np.ndarray) -> np.ndarray:
     """Log mel filterbank of 16 kHz float ``samples`` in [-1, 1]: float32 array (frames, 80)."""
     computer = knf.OnlineFbank(fbank_options())
