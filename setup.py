@@ -19,6 +19,7 @@ CONSOLE_SCRIPTS = [
     "fairseq-accel-profile=fairseq_accel.cli.profile:main",
     "fairseq-accel-trust-checkpoint=fairseq_accel.compat.checkpoint_trust:main",
     "fairseq-accel-benchmark=fairseq_accel.cli.benchmark:main",
+    "fairseq-accel-benchmark-encoder=fairseq_accel.cli.benchmark_encoder:main",
     "fairseq-accel-average=fairseq_accel.cli.average:main",
     "fairseq-accel-compress=fairseq_accel.cli.compress:main",
 ]

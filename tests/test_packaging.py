@@ -26,7 +26,8 @@ def test_missing_fairseq_is_reported_with_the_install_command():
 
 
 @pytest.mark.parametrize("command", ["fairseq-accel-prepare", "fairseq-accel-profile", "fairseq-accel-trust-checkpoint",
-                                     "fairseq-accel-average", "fairseq-accel-benchmark", "fairseq-accel-compress"])
+                                     "fairseq-accel-average", "fairseq-accel-benchmark", "fairseq-accel-benchmark-encoder",
+                                     "fairseq-accel-compress"])
 def test_console_scripts_answer_help(command):
     result = run_cli([command, "--help"])
     assert result.returncode == 0, cli_output(result)

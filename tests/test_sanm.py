@@ -1,5 +1,7 @@
 """SAN-M (and the LSRA speech encoder): FunASR semantics, batch invariance, causality, incremental decoding."""
 import argparse
+import re
+import sys
 
 import pytest
 import torch
@@ -8,11 +10,15 @@ from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
 import fairseq_accel.plugin  # noqa: F401
+from conftest import REPO_ROOT, USER_DIR, cli_output, run_cli
+from fairseq_accel.benchmarking import BenchmarkError
+from fairseq_accel.cli.benchmark_encoder import padding_removing_encoder
 from fairseq_accel.models.s2t_lite_transformer import S2TLiteTransformerModel
 from fairseq_accel.models.s2t_sanm import S2TSANMModel
 from fairseq_accel.modules.sanm_attention import CausalFSMN, MultiHeadedAttentionSANM
 from fairseq_accel.modules.speech_frontend import Conv2dSubsampling, LowFrameRate
 from model_builders import build_speech_model, random_tokens
+from test_joint_ctc_attention import write_tiny_speech_data
 
 TOLERANCE = 1e-5
 SPEECH_MODELS = [
@@ -59,6 +65,59 @@ def test_encoder_gives_each_utterance_the_same_output_batched_or_alone(arch, ove
 
 def test_stock_s2t_transformer_leaks_padding_so_the_check_can_fail():
     assert encoder_batch_error(build_speech_model("s2t_transformer_xs")) > 1e-2
+
+
+@pytest.mark.parametrize("arch, overrides", SPEECH_MODELS)
+def test_encoder_without_padding_equals_the_padded_layout_on_fewer_rows(arch, overrides):
+    """Inference packs the valid frames for the position-wise parts: same output at valid frames, and the layers'
+    feed-forward sees the valid frames only."""
+    model = build_speech_model(arch, **overrides)
+    _, batch, lengths = utterances()
+    rows = []
+    last = model.encoder.layers[-1]
+    feed_forward = last.feed_forward.w_1 if hasattr(last, "feed_forward") else last.fc1  # SAN-M, LSRA
+    feed_forward.register_forward_hook(lambda module, inputs, output: rows.append(
+        inputs[0].numel() // inputs[0].size(-1)))
+    outputs = {}
+    with torch.no_grad():
+        for remove_padding in (True, False):
+            model.encoder.remove_padding = remove_padding
+            outputs[remove_padding] = model.encoder(batch, lengths)["encoder_out"][0]
+    valid = model.encoder.frontend.output_length(lengths)
+    assert rows == [int(valid.sum()), int(valid.max()) * len(valid)]
+    for column, length in enumerate(valid.tolist()):
+        assert torch.allclose(outputs[True][:length, column], outputs[False][:length, column], atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ["s2t_sanm_mini", "s2t_lite_transformer_s"])
+def test_encoder_benchmark_measures_both_layouts_on_a_trained_checkpoint(arch, tmp_path):
+    """scripts/benchmark_speech_encoder.py on a checkpoint from fairseq-train: a table with the padding share, both
+    layouts' times and the differences (which must be within the batch-invariance tolerance)."""
+    data = write_tiny_speech_data(tmp_path)
+    train = run_cli([
+        "fairseq-train", data, "--user-dir", USER_DIR, "--task", "speech_to_text", "--config-yaml", "config.yaml",
+        "--train-subset", "train", "--valid-subset", "dev", "--arch", arch, "--encoder-layers", "2",
+        "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+        "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--criterion", "label_smoothed_cross_entropy",
+        "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "4000", "--max-update", "1", "--cpu",
+        "--num-workers", "0", "--save-dir", tmp_path / "checkpoints", "--no-epoch-checkpoints", "--no-save-optimizer-state",
+    ])
+    assert train.returncode == 0, cli_output(train)
+    result = run_cli([sys.executable, REPO_ROOT / "scripts" / "benchmark_speech_encoder.py", data,
+                      "--path", tmp_path / "checkpoints" / "checkpoint_last.pt", "--batch-size", "2", "--repeats", "1"])
+    assert result.returncode == 0, cli_output(result)
+    row = re.search(r"^\| (\d+) \| 2 \| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| (\S+) \| (\S+) \|$",
+                    result.stdout, re.MULTILINE)
+    assert row, cli_output(result)
+    utterances, padding, padded_s, removed_s, layouts_differ, batch_differs = row.groups()
+    assert int(utterances) == 4 and 0 < float(padding) < 100 and float(padded_s) > 0 and float(removed_s) > 0
+    assert float(layouts_differ) <= TOLERANCE and float(batch_differs) <= TOLERANCE
+
+
+def test_encoder_benchmark_refuses_an_encoder_without_a_padding_free_path():
+    with pytest.raises(BenchmarkError, match="the encoder of S2TTransformerModel .* has no padding-free path"):
+        padding_removing_encoder(build_speech_model("s2t_transformer_xs"))
+    assert padding_removing_encoder(build_speech_model("s2t_lite_transformer_s", encoder_layers=1, decoder_layers=1))
 
 
 @pytest.mark.parametrize("arch, overrides", SPEECH_MODELS)

@@ -39,12 +39,23 @@ class S2TLiteTransformerEncoder(SpeechEncoder):
         self.layers = nn.ModuleList(LiteTransformerEncoderLayer(cfg, layer) for layer in branches)
 
     def run_layers(self, x: Tensor, padding: Optional[Tensor], states: Optional[List[Tensor]]) -> Tensor:
-        x = x.transpose(0, 1)  # fairseq layers are time-first
+        frames = self.valid_frames(padding)
+        if frames is None:
+            x = x.transpose(0, 1)  # fairseq layers are time-first
+            for layer in self.layers:
+                x = layer(x, encoder_padding_mask=padding)
+                if states is not None:
+                    states.append(x)
+            return x.transpose(0, 1)
+        # The valid frames as a (frames, 1, dim) "sequence": fairseq's layer runs its norms and feed-forward on it,
+        # and hands ``frames`` to its self-attention (it passes the padding mask on and uses it nowhere else),
+        # which is LSRA's MultiBranch: it unpacks for its branches.
+        x = frames.pack(x).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, encoder_padding_mask=padding)
+            x = layer(x, encoder_padding_mask=frames)
             if states is not None:
-                states.append(x)
-        return x.transpose(0, 1)
+                states.append(frames.unpack(x.squeeze(1)).transpose(0, 1))
+        return frames.unpack(x.squeeze(1))
 
 
 @register_model("s2t_lite_transformer")

@@ -29,6 +29,7 @@ from fairseq_accel.models.speech_encoder import (
 )
 from fairseq_accel.modules.encoder_decoder_types import EncoderOut, IncrementalState
 from fairseq_accel.modules.layer_sharing import SharedLayersModel, add_layer_sharing_args
+from fairseq_accel.modules.padding_removal import ValidFrames
 from fairseq_accel.modules.sanm_attention import (
     CausalFSMN,
     DecoderFeedForward,
@@ -82,8 +83,11 @@ class SANMEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.residual = in_dim == dim
 
-    def forward(self, x: Tensor, padding: Optional[Tensor]) -> Tensor:
-        attended = self.dropout(self.self_attn(self.norm1(x), padding))
+    def forward(self, x: Tensor, padding: Optional[Tensor], frames: Optional[ValidFrames] = None) -> Tensor:
+        """``x``: (batch, time, in_dim), or with ``frames`` the packed valid frames (frames, in_dim)."""
+        normed = self.norm1(x)
+        attended = self.self_attn(normed, padding) if frames is None else self.self_attn.forward_packed(normed, frames)
+        attended = self.dropout(attended)
         x = x + attended if self.residual else attended
         return x + self.dropout(self.feed_forward(self.norm2(x)))
 
@@ -95,11 +99,14 @@ class SANMEncoder(SpeechEncoder):
         self.layers = nn.ModuleList(SANMEncoderLayer(width, args) for width in widths)
 
     def run_layers(self, x: Tensor, padding: Optional[Tensor], states: Optional[List[Tensor]]) -> Tensor:
+        frames = self.valid_frames(padding)
+        if frames is not None:
+            x = frames.pack(x)
         for layer in self.layers:
-            x = layer(x, padding)
+            x = layer(x, padding, frames)
             if states is not None:
-                states.append(x.transpose(0, 1))
-        return x
+                states.append((x if frames is None else frames.unpack(x)).transpose(0, 1))
+        return x if frames is None else frames.unpack(x)
 
 
 class SANMDecoderLayer(nn.Module):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fairseq_accel.models.ctc_head import build_ctc_head
 from fairseq_accel.models.option_checks import fill_default
 from fairseq_accel.modules.encoder_decoder_types import EncoderOut
+from fairseq_accel.modules.padding_removal import ValidFrames
 from fairseq_accel.modules.speech_frontend import Conv2dSubsampling, LowFrameRate, padding_mask, sinusoidal_positions
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,13 @@ def build_frontend(args) -> nn.Module:
 class SpeechEncoder(FairseqEncoder):
     """Front-end, ``x·√d`` + sinusoidal positions, dropout, layers, final norm; fairseq S2T output dict.
 
-    Subclasses build ``self.layers`` and implement :meth:`run_layers` on batch-first tensors.
+    Subclasses build ``self.layers`` and implement :meth:`run_layers` on batch-first tensors. In inference they
+    run the layers' position-wise parts on the valid frames only (:meth:`valid_frames`): the same outputs at valid
+    frames, zeros at padding. Training keeps the padded layout (its dropout masks, and so earlier runs, stay as
+    they were).
     """
+
+    remove_padding = True  # False: inference on the padded layout too (fairseq-accel-benchmark-encoder compares)
 
     def __init__(self, args, project_to_model_width: bool = False):
         super().__init__(None)
@@ -81,6 +87,10 @@ class SpeechEncoder(FairseqEncoder):
     def run_layers(self, x: Tensor, padding: Optional[Tensor], states: Optional[List[Tensor]]) -> Tensor:
         """Apply the layers to batch-first ``x``; append each layer's output (T x B x C) to ``states``."""
         raise NotImplementedError
+
+    def valid_frames(self, padding: Optional[Tensor]) -> Optional[ValidFrames]:
+        """Where to pack the layers' inputs, or None to keep the padded layout (training, no padding)."""
+        return ValidFrames.of(padding) if self.remove_padding and not self.training else None
 
     def set_num_updates(self, num_updates: int) -> None:
         super().set_num_updates(num_updates)

@@ -5,7 +5,7 @@ Attention models long-range context, convolution local context (arXiv:2004.11886
 ``MultiBranch`` takes the call signature of fairseq's ``MultiheadAttention`` so that fairseq's
 transformer layers use it as their ``self_attn`` unchanged.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from fairseq.modules import MultiheadAttention
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from fairseq_accel.modules.branch_spec import BranchSpec
 from fairseq_accel.modules.encoder_decoder_types import IncrementalState
 from fairseq_accel.modules.lsra_convolution import CONV_BRANCHES
+from fairseq_accel.modules.padding_removal import ValidFrames
 
 
 class MultiBranch(nn.Module):
@@ -59,16 +60,27 @@ class MultiBranch(nn.Module):
         query: Tensor,
         key: Optional[Tensor],
         value: Optional[Tensor],
-        key_padding_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Union[Tensor, ValidFrames]] = None,
         incremental_state: Optional[IncrementalState] = None,
         need_weights: bool = False,
         static_kv: bool = False,
         attn_mask: Optional[Tensor] = None,
         **unused,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Self-attention replacement: ``query`` is ``(time, batch, embed_dim)``; key/value must be it too."""
+        """Self-attention replacement: ``query`` is ``(time, batch, embed_dim)``; key/value must be it too.
+
+        With :class:`ValidFrames` as ``key_padding_mask``, ``query`` holds a batch's valid frames packed as
+        ``(frames, 1, embed_dim)`` (an encoder without padding): the branches run on the zero-padded batch and the
+        output is packed again.
+        """
         if key is not None and key is not query:
             raise ValueError("LSRA branches implement self-attention only (key must be the query)")
+        if isinstance(key_padding_mask, ValidFrames):
+            frames = key_padding_mask
+            padded = frames.unpack(query.squeeze(1)).transpose(0, 1)
+            out, attn_weights = self(padded, padded, padded, frames.padding, incremental_state, need_weights,
+                                     static_kv, attn_mask)
+            return frames.pack(out.transpose(0, 1)).unsqueeze(1), attn_weights
         outputs = []
         attn_weights = None
         for branch, chunk in zip(self.branches, query.split(self.dims, dim=-1)):

@@ -13,6 +13,7 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 from fairseq_accel.modules.encoder_decoder_types import IncrementalState
+from fairseq_accel.modules.padding_removal import ValidFrames
 
 
 def fsmn_padding(kernel_size: int, shift: int) -> Tuple[int, int]:
@@ -50,22 +51,34 @@ class MultiHeadedAttentionSANM(nn.Module):
         self.padding = fsmn_padding(kernel_size, sanm_shfit)
         self.dropout = nn.Dropout(dropout_rate)
 
+    def fsmn_memory(self, v: Tensor) -> Tensor:
+        """FSMN output before dropout and masking: the window over ``v`` (zero at padding) plus ``v``."""
+        return self.fsmn_block(F.pad(v.transpose(1, 2), self.padding)).transpose(1, 2) + v
+
     def forward_fsmn(self, v: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         keep = _keep(padding_mask, v)
-        v = v * keep
-        memory = self.fsmn_block(F.pad(v.transpose(1, 2), self.padding)).transpose(1, 2)
-        return self.dropout(memory + v) * keep
+        return self.dropout(self.fsmn_memory(v * keep)) * keep
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        batch, time, _ = x.shape
-        q, k, v = self.linear_q_k_v(x).chunk(3, dim=-1)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        """softmax(QKᵀ/√d)V over the heads of batch-first (batch, time, n_feat) ``q``, ``k``, ``v``."""
+        batch, time, _ = q.shape
         heads = [t.view(batch, time, self.h, self.d_k).transpose(1, 2) for t in (q, k, v)]
         attend = None if padding_mask is None else ~padding_mask[:, None, None, :]
         context = F.scaled_dot_product_attention(
             *heads, attn_mask=attend, dropout_p=self.dropout.p if self.training else 0.0
         )
-        context = context.transpose(1, 2).reshape(batch, time, self.h * self.d_k)
-        return self.linear_out(context) + self.forward_fsmn(v, padding_mask)
+        return context.transpose(1, 2).reshape(batch, time, self.h * self.d_k)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        q, k, v = self.linear_q_k_v(x).chunk(3, dim=-1)
+        return self.linear_out(self.attend(q, k, v, padding_mask)) + self.forward_fsmn(v, padding_mask)
+
+    def forward_packed(self, x: Tensor, frames: ValidFrames) -> Tensor:
+        """:meth:`forward` on packed valid frames ``(frames, in_feat)`` -> ``(frames, n_feat)``: the projections
+        see valid frames only; attention and the FSMN window run on the zero-padded batch."""
+        q, k, v = frames.unpack(self.linear_q_k_v(x)).chunk(3, dim=-1)
+        context = frames.pack(self.attend(q, k, v, frames.padding))
+        return self.linear_out(context) + frames.pack(self.dropout(self.fsmn_memory(v)))
 
 
 @with_incremental_state
