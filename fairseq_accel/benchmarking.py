@@ -1,6 +1,7 @@
 """Decoding speed of one checkpoint under several generators, side by side (``fairseq-accel-benchmark``).
 
-Every system decodes the same batches of the same subset in one process: fairseq's ``SequenceGenerator``
+Every system decodes the same batches of the same subset in one process (the subset's first ``--max-sentences``,
+batched as fairseq-generate batches them: in the dataset's length order): fairseq's ``SequenceGenerator``
 (stock), the fast generator with an fp32 and an int8 key/value cache (fast-torch: fp32, without its C++ or
 CUDA kernels), for a calibrated compressed checkpoint
 (``fairseq-accel-compress --data``) the fast generator with its int8 layers (those of at least
@@ -134,7 +135,8 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
 def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.Module] = None) -> Workload:
     dataset = task.dataset(args.gen_subset)
     limit = min(len(dataset), args.max_sentences or len(dataset))
-    indices = list(range(limit))
+    # fairseq-generate's batches: the dataset's own order (sorted by length), ``batch_size`` sentences each
+    indices = [int(i) for i in dataset.ordered_indices() if i < limit]
     batches = [dataset.collater([dataset[i] for i in indices[start : start + batch_size]])
                for start in range(0, limit, batch_size)]
     batches = [batch for batch in batches if batch]

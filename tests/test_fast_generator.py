@@ -324,6 +324,21 @@ def test_benchmark_cli(trained: Path, tiny_translation_data: Path, tmp_path: Pat
         assert table[row["system"], row["batch"]][12] == f"{row['first_batch_seconds']:.2f}"
 
 
+@pytest.mark.parametrize("trained", ["transformer"], indirect=True)
+def test_benchmark_batches_like_fairseq_generate(trained: Path, tiny_translation_data: Path) -> None:
+    """The benchmark decodes the batches fairseq-generate would (its length order), not the file's order."""
+    args = SimpleNamespace(path=str(trained), data=str(tiny_translation_data), config_yaml="config.yaml",
+                           gen_subset="test", max_sentences=None, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200)
+    task, models = benchmarking.load_checkpoint(args)
+    task.load_dataset("test")
+    work = benchmarking.build_workload(args, 4, task, models)
+    dataset = task.dataset("test")
+    generate = task.get_batch_iterator(dataset=dataset, max_sentences=4).next_epoch_itr(shuffle=False)
+    expected = [batch["id"].tolist() for batch in generate]
+    assert [batch["id"].tolist() for batch in work.batches] == expected
+    assert expected != [list(range(i, min(i + 4, len(dataset)))) for i in range(0, len(dataset), 4)]
+
+
 def test_benchmark_settings_take_turns() -> None:
     """Every setting's first batch alone, then rounds of every setting in turn (not each one's repeats back
     to back, which put a change of load on one system only); the median of each one's passes is its time."""
