@@ -242,7 +242,12 @@ class JointCTCAttentionCriterion(LabelSmoothedCrossEntropyCriterion):
         over the batch, which the trainer divides by ``sample_size``."""
         if not reduce:
             raise ValueError("joint_ctc_attention only computes batch sums (reduce=True)")
-        net_output = model(**sample["net_input"])
+        return self.task_loss(model, model(**sample["net_input"]), sample)
+
+    def task_loss(
+        self, model: Any, net_output: Any, sample: Dict[str, Any]
+    ) -> Tuple[Tensor, int, Dict[str, Any]]:
+        """What :meth:`forward` returns, for a forward pass already run (a subclass adds to it)."""
         ce_loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=True)
         ctc_loss = None
         if self.ctc_weight > 0.0:
