@@ -22,6 +22,13 @@
 #      adds options such as int4), decoded in int8 like the base, into <exp_dir>/<model>__int8/; bytes, BLEU
 #      and tokens/s before and after in <exp_dir>/COMPRESSION.{md,json} and BLEU against size in
 #      <exp_dir>/compression.png
+#   11 distillation teacher (distill_stages.sh): the --teacher_exp model (trained from --distill_teacher if that
+#      folder holds no checkpoint), decoded and profiled; if a --distill_configs config has
+#      `distill: targets: teacher`, the training set translated by the teacher (beam 5, BPE pieces) and
+#      binarized with the corpus dictionaries into <data_dir>/bin_<bpe>_seqkd_<teacher> (sequence-level KD)
+#   12 distillation: --distill_student trained alone and with each of --distill_configs (conf/distill/*.yaml,
+#      e.g. the minilm_distillation criterion) into <exp_dir>/<student>__<distill>/, decoded, and
+#      <exp_dir>/DISTILL.md: teacher, student alone, distilled students (BLEU, parameters, decoding speed)
 # (stage 7 is left to the corpus recipe: the mini recipe's decoding benchmark)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
@@ -55,6 +62,10 @@ sweep_config=""         # compression config whose budget and schedule every swe
 quantize_args=""        # extra fairseq-accel-compress arguments of stage 10, e.g. "--calib-batches 20"
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+distill_teacher=""      # config of the teacher experiment (stage 11 trains it unless --teacher_exp has a checkpoint)
+teacher_exp=""          # experiment directory of an already trained teacher (default: <exp_dir>/<teacher config name>)
+distill_student=""      # config of the student experiment (stage 12 trains it alone and distilled)
+distill_configs=""      # distillation configs laid over --distill_student (conf/distill/*.yaml) of stage 12
 recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
@@ -62,6 +73,7 @@ tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
 . "${tools_dir}/compress_stages.sh"
+. "${tools_dir}/distill_stages.sh"
 spm_dir="${data_dir}/spm_${bpe_type}${bpe_vocab_size}"
 bin_dir="${data_dir}/bin_${bpe_type}${bpe_vocab_size}"
 
@@ -166,4 +178,47 @@ if in_stage 10; then
   log "Stage 10: post-training compression of ${compress_base} and its fine-tunes, decoded in int8 on ${gen_subset}"
   require fairseq-accel-profile
   quantize_stage bleu tokens_per_s
+fi
+
+# teacher_targets CHECKPOINT OUT: the training set's sources with the teacher's beam-5 translations (BPE
+# pieces, before BPE removal) as targets, binarized into OUT with the corpus dictionaries; valid and test
+# keep their references (linked from ${bin_dir}).
+teacher_targets() {
+  local checkpoint=$1 out=$2
+  local text="${out}/text" expected
+  stage_done "${out}/.done" "teacher targets ${out}" && return 0
+  require fairseq-generate fairseq-preprocess
+  expected=$(wc -l < "${text_dir}/train.${src}")
+  mkdir -p "${text}"
+  log "translate the ${expected} training sentences with ${checkpoint} (sequence-level KD targets)"
+  run_logged "${text}/generate.txt" --desc "teacher targets" --sentences "${expected}" -- \
+    fairseq-generate "${bin_dir}" --user-dir "${repo_root}/user_dir" --task translation_accel \
+    --source-lang "${src}" --target-lang "${tgt}" --path "${checkpoint}" --gen-subset train \
+    --accel-generator fast --beam 5 --batch-size 128 --max-len-a 1.2 --max-len-b 10 --cpu
+  # the source as the model saw it (its BPE pieces, S- lines) beside the teacher's pieces (H- lines)
+  grep '^S-' "${text}/generate.txt" | sed 's/^S-//' | sort -n -k1,1 | cut -f2 > "${text}/train.${src}"
+  grep '^H-' "${text}/generate.txt" | sed 's/^H-//' | sort -n -k1,1 | cut -f3 > "${text}/train.${tgt}"
+  if [ "$(wc -l < "${text}/train.${tgt}")" -ne "${expected}" ]; then
+    log "error: ${text}/train.${tgt}: $(wc -l < "${text}/train.${tgt}") translations for ${expected} sentences"
+    exit 1
+  fi
+  run_logged "${out}/binarize.log" -- \
+    fairseq-preprocess --source-lang "${src}" --target-lang "${tgt}" --trainpref "${text}/train" \
+    --srcdict "${bin_dir}/dict.${src}.txt" --tgtdict "${bin_dir}/dict.${tgt}.txt" --destdir "${out}" --workers "${nj}"
+  local file
+  for file in "${bin_dir}"/valid.* "${bin_dir}"/test.*; do ln -sf "$(cd "$(dirname "${file}")" && pwd)/$(basename "${file}")" "${out}/"; done
+  touch "${out}/.done"
+}
+
+seqkd_bin="${bin_dir}_seqkd_$(basename "$(teacher_dir)")"
+
+if in_stage 11; then
+  log "Stage 11: distillation teacher $(teacher_dir)"
+  teacher_stage "${bin_dir}" "${seqkd_bin}" --source-lang "${src}" --target-lang "${tgt}"
+fi
+
+if in_stage 12; then
+  log "Stage 12: student ${distill_student} alone and distilled (${distill_configs}), decoded on ${gen_subset}"
+  distill_stage "${bin_dir}" "${seqkd_bin}" --source-lang "${src}" --target-lang "${tgt}"
+  cat "${exp_dir}/DISTILL.md"
 fi

@@ -29,7 +29,14 @@
 #      of each fine-tune stage 8 trained (calibration on valid, int8; conf/compress/sparse50_admm4_all.yaml
 #      adds int4), decoded in int8: bytes, BLEU and tokens/s before and after in exp/COMPRESSION.md,
 #      BLEU against size in exp/compression.png (`make demo` runs it on the base model)
-# Stages 8-10 are not run by default (stop_stage 7; 16 fine-tunes of the mini model). After stages 1-7:
+#   11 distillation teacher (egs/tools/nmt.sh): the --teacher_exp model, or --distill_teacher trained into
+#      exp/<its name>; with a sequence-level KD config, the training set translated by it (beam 5) and binarized
+#   12 distillation (egs/tools/nmt.sh): the half-width --distill_student alone and distilled with each of
+#      --distill_configs (conf/distill/: word-level KD + MiniLM attention/value relations + LSRA convolution
+#      attention transfer, sequence-level KD, both), decoded; teacher vs student alone vs distilled in
+#      exp/DISTILL.md. With the long teacher already trained (see below):
+#        ./run.sh --stage 11 --stop_stage 12 --exp_dir exp_distill --teacher_exp exp_long/lite_transformer_mini_long
+# Stages 8-12 are not run by default (stop_stage 7; 16 fine-tunes of the mini model). After stages 1-7:
 #   ./run.sh --stage 8 --stop_stage 8    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 9 --stop_stage 9    # the sweep: exp/lite_transformer_mini/sparsity_sweep.{md,json,png}
 #   ./run.sh --stage 10 --stop_stage 10  # int8 (and int4) checkpoints of the base and the stage-8 models
@@ -64,6 +71,10 @@ sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsit
 quantize_args=""        # extra fairseq-accel-compress arguments of stage 10 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+distill_teacher=conf/tuning/lite_transformer_mini_long.yaml  # teacher experiment of stages 11-12 (trained unless --teacher_exp holds one)
+teacher_exp=""          # experiment directory of an already trained teacher, e.g. exp_long/lite_transformer_mini_long
+distill_student=conf/distill/lite_transformer_half.yaml  # student of stage 12: the teacher's config at half width
+distill_configs="conf/distill/minilm.yaml conf/distill/seqkd.yaml conf/distill/minilm_seqkd.yaml"  # stage 12's distillations of the student
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
@@ -93,6 +104,8 @@ fi
   --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
+  --distill_teacher "${distill_teacher}" --teacher_exp "${teacher_exp}" --distill_student "${distill_student}" \
+  --distill_configs "${distill_configs}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"
 
 # plot_frontier EXP: BLEU against decoded tokens/s of EXP's benchmark (EXP/benchmark.json) in EXP/frontier.png;
