@@ -2,9 +2,13 @@
 the shipped conf/distill/*.yaml (minilm_distillation criterion, sequence-level KD on the teacher's beam outputs),
 and the teacher / student / distilled table."""
 import json
+from pathlib import Path
 
-from conftest import cli_output, run_cli
-from test_compress_recipes import NMT_RECIPE, binarized_toy_corpus, table_rows
+from conftest import REPO_ROOT, cli_output, run_cli
+from test_compress_recipes import NMT_RECIPE, TOOLS, binarized_toy_corpus, table_rows
+from test_joint_ctc_attention import write_tiny_speech_data
+
+ASR_RECIPE = REPO_ROOT / "egs" / "mini_espeak" / "asr"
 
 
 def test_mini_nmt_recipe_distillation_stages(tmp_path):
@@ -49,3 +53,34 @@ def test_mini_nmt_recipe_distillation_stages(tmp_path):
     assert rerun.returncode == 0, cli_output(rerun)[-3000:]
     # teacher: decode, targets; 3 students: train + decode
     assert rerun.stderr.count("already done") == 2 + 3 * 2
+
+
+def test_asr_distillation_stages(tmp_path):
+    """Stages 9-10 of egs/tools/asr.sh (the mini espeak recipe's configs) on tiny random-feature data: SAN-M
+    teacher, its transcripts as the student's targets, the half-width student alone, with MiniLM on the last
+    encoder layer, and on the teacher's transcripts."""
+    (tmp_path / "s2t").mkdir()
+    s2t = write_tiny_speech_data(tmp_path / "s2t")
+    exp = tmp_path / "exp"
+    command = [
+        "bash", TOOLS / "asr.sh", "--stage", "9", "--stop_stage", "10", "--s2t_dir", s2t, "--exp_dir", exp,
+        "--train_set", "train", "--valid_set", "dev", "--test_set", "test",
+        "--configs", "conf/s2t_sanm_mini.yaml", "--distill_teacher", "conf/s2t_sanm_mini.yaml",
+        "--distill_student", "conf/distill/s2t_sanm_half.yaml",
+        "--distill_configs", "conf/distill/minilm.yaml conf/distill/seqkd.yaml",
+        "--train_args", "--max-update 2 --max-tokens 4000", "--train_jobs", "2",
+    ]
+    result = run_cli(command, cwd=ASR_RECIPE, timeout=600)
+    assert result.returncode == 0, cli_output(result)[-5000:]
+    rows = json.loads((exp / "DISTILL.json").read_text())
+    assert [row["experiment"] for row in rows] == [
+        "s2t_sanm_mini", "s2t_sanm_half", "s2t_sanm_half__minilm", "s2t_sanm_half__seqkd"]
+    assert rows[0]["params"] > 2 * rows[1]["params"] and rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
+    minilm_log = (exp / "s2t_sanm_half__minilm" / "train.log").read_text()
+    assert "at_loss" in minilm_log and "ctc_loss" in minilm_log and "conv_at_loss" not in minilm_log
+    seqkd = Path(f"{s2t}_seqkd_s2t_sanm_mini")
+    teacher_rows = (seqkd / "train.tsv").read_text().splitlines()
+    assert len(teacher_rows) == len((s2t / "train.tsv").read_text().splitlines())
+    assert [row.split("\t")[:3] for row in teacher_rows] == [
+        row.split("\t")[:3] for row in (s2t / "train.tsv").read_text().splitlines()]  # same utterances
+    assert str(seqkd) in (exp / "s2t_sanm_half__seqkd" / "train.log").read_text()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared ASR pipeline (stages 2-8) that the corpus recipes egs/<corpus>/asr/run.sh call once their
+# Shared ASR pipeline (stages 2-10) that the corpus recipes egs/<corpus>/asr/run.sh call once their
 # stage 1 has written Kaldi-style data directories (wav.scp, text, utt2spk) for --train_set,
 # --valid_set and --test_set below --kaldi_dir.
 #
@@ -24,6 +24,12 @@
 #      section adds options such as int4), decoded in int8 like the base, into <exp_dir>/<model>__int8/;
 #      bytes, --sweep_metric and utterances/s before and after in <exp_dir>/COMPRESSION.{md,json} and the
 #      metric against size in <exp_dir>/compression.png
+#   9  distillation teacher (distill_stages.sh): the --teacher_exp model (trained from --distill_teacher if that
+#      folder holds no checkpoint), decoded; if a --distill_configs config has `distill: targets: teacher`, a copy
+#      of <s2t dir> whose training manifest holds the teacher's transcripts, <s2t dir>_seqkd_<teacher>
+#   10 distillation: --distill_student trained alone and with each of --distill_configs (conf/distill/*.yaml)
+#      into <exp_dir>/<student>__<distill>/, decoded, and <exp_dir>/DISTILL.md: teacher, student alone,
+#      distilled students (WER/CER, parameters, decoding speed)
 #
 # Finished steps leave .done markers and are skipped on a rerun; an interrupted training resumes
 # from its checkpoint_last.pt. The console shows one line per step, progress bars and the tables; the full
@@ -58,6 +64,10 @@ quantize_args=""        # extra fairseq-accel-compress arguments of stage 8, e.g
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
 sweep_metric=wer        # metric plotted by the sweep: wer or cer
+distill_teacher=""      # config of the teacher experiment (stage 9 trains it unless --teacher_exp has a checkpoint)
+teacher_exp=""          # experiment directory of an already trained teacher (default: <exp_dir>/<teacher config name>)
+distill_student=""      # config of the student experiment (stage 10 trains it alone and distilled)
+distill_configs=""      # distillation configs laid over --distill_student (conf/distill/*.yaml) of stage 10
 recipe_cmd=""           # the corpus recipe's command line, quoted in the sweep table
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
@@ -65,6 +75,7 @@ tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "${tools_dir}/recipe.sh"
 . "${tools_dir}/fairseq_stages.sh"
 . "${tools_dir}/compress_stages.sh"
+. "${tools_dir}/distill_stages.sh"
 case "${sweep_metric}" in
   wer|cer) ;;
   *) log "error: --sweep_metric must be wer or cer, got '${sweep_metric}'"; exit 2 ;;
@@ -146,4 +157,44 @@ fi
 if in_stage 8; then
   log "Stage 8: post-training compression of ${compress_base} and its fine-tunes, decoded in int8 on ${test_set}"
   quantize_stage "${sweep_metric}" utterances_per_s
+fi
+
+# decode_and_profile CONFIG EXP: for the distillation stages; the ASR table reads the parameters from the checkpoint.
+decode_and_profile() { decode_test "$1" "$2"; }
+
+# teacher_targets CHECKPOINT OUT: ${s2t_dir} with the training manifest's targets replaced by the teacher's
+# transcripts (decoded with the teacher config's generate: section), the other files linked.
+teacher_targets() {
+  local checkpoint=$1 out=$2 utterances config_args file
+  stage_done "${out}/.done" "teacher targets ${out}" && return 0
+  require fairseq-generate
+  utterances=$(($(wc -l < "${s2t_dir}/${train_set}.tsv") - 1))
+  mkdir -p "${out}/targets"
+  python3 "${repo_root}/egs/tools/yaml2args.py" "$(teacher_dir)/config.yaml" --section generate > "${out}/targets/generate.args"
+  mapfile -t config_args < "${out}/targets/generate.args"
+  log "transcribe the ${utterances} training utterances with ${checkpoint} (sequence-level KD targets)"
+  run_logged "${out}/targets/generate.txt" --desc "teacher targets" --sentences "${utterances}" -- \
+    fairseq-generate "${s2t_dir}" --user-dir "${repo_root}/user_dir" --task speech_to_text_accel \
+    --config-yaml config.yaml --path "${checkpoint}" --gen-subset "${train_set}" "${config_args[@]}"
+  for file in "${s2t_dir}"/*; do
+    [ "$(basename "${file}")" = "${train_set}.tsv" ] || ln -sf "$(cd "$(dirname "${file}")" && pwd)/$(basename "${file}")" "${out}/"
+  done
+  python3 "${repo_root}/egs/tools/teacher_manifest.py" "${s2t_dir}/${train_set}.tsv" "${out}/targets/generate.txt" \
+    --out "${out}/${train_set}.tsv"
+  touch "${out}/.done"
+}
+
+seqkd_dir="${s2t_dir}_seqkd_$(basename "$(teacher_dir)")"
+
+if in_stage 9; then
+  log "Stage 9: distillation teacher $(teacher_dir)"
+  teacher_stage "${s2t_dir}" "${seqkd_dir}" --task speech_to_text_accel --config-yaml config.yaml \
+    --train-subset "${train_set}" --valid-subset "${valid_set}"
+fi
+
+if in_stage 10; then
+  log "Stage 10: student ${distill_student} alone and distilled (${distill_configs}), decoded on ${test_set}"
+  distill_stage "${s2t_dir}" "${seqkd_dir}" --task speech_to_text_accel --config-yaml config.yaml \
+    --train-subset "${train_set}" --valid-subset "${valid_set}"
+  cat "${exp_dir}/DISTILL.md"
 fi

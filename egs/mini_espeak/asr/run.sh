@@ -32,7 +32,13 @@
 #   8  post-training compression (egs/tools/asr.sh): fairseq-accel-compress of the --compress_base model and
 #      of each fine-tune stage 6 trained (calibration on dev, int8), decoded in int8: bytes, CER and
 #      utterances/s before and after in exp/COMPRESSION.md, CER against size in exp/compression.png
-# Stages 6-8 are not run by default (stop_stage 5; 16 fine-tunes of the mini model). After stages 0-5:
+#   9  distillation teacher (egs/tools/asr.sh): the --teacher_exp model, or --distill_teacher (the long SAN-M
+#      config) trained into exp/<its name>; with a sequence-level KD config, the training manifest transcribed by it
+#   10 distillation (egs/tools/asr.sh): the half-width --distill_student alone and distilled with each of
+#      --distill_configs (conf/distill/: word-level KD + MiniLM attention/value relations of the last encoder
+#      layer, sequence-level KD), decoded; teacher vs student alone vs distilled in exp/DISTILL.md:
+#        ./run.sh --stage 9 --stop_stage 10 --average_checkpoints 3
+# Stages 6-10 are not run by default (stop_stage 5; 16 fine-tunes of the mini model). After stages 0-5:
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
 #   ./run.sh --stage 7 --stop_stage 7    # the sweep: exp/s2t_sanm_mini/sparsity_sweep.{md,json,png}
 #   ./run.sh --stage 8 --stop_stage 8    # int8 checkpoints of the base and the stage-6 models
@@ -65,6 +71,10 @@ sweep_config=conf/compress/sparse50.yaml  # budget and schedule of every sparsit
 quantize_args=""        # extra fairseq-accel-compress arguments of stage 8 (post-training compression)
 sweep_sparsities="0 50 70 80 90"  # sparsities (%) of the sweep
 sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one point, at sparsity 1-N/M
+distill_teacher=conf/tuning/s2t_sanm_mini_long.yaml  # teacher experiment of stages 9-10 (trained unless --teacher_exp holds one)
+teacher_exp=""          # experiment directory of an already trained teacher, e.g. exp_long/s2t_sanm_mini_long
+distill_student=conf/distill/s2t_sanm_half.yaml  # student of stage 10: the teacher's config at half width
+distill_configs="conf/distill/minilm.yaml conf/distill/seqkd.yaml"  # stage 10's distillations of the student
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
@@ -102,4 +112,6 @@ fi
   --compress_args "${compress_args}" --quantize_args "${quantize_args}" \
   --sweep_config "${sweep_config}" --sweep_sparsities "${sweep_sparsities}" \
   --sweep_patterns "${sweep_patterns}" \
+  --distill_teacher "${distill_teacher}" --teacher_exp "${teacher_exp}" --distill_student "${distill_student}" \
+  --distill_configs "${distill_configs}" \
   --recipe_cmd "${recipe_cmd}" --verbose "${verbose}"
