@@ -1,9 +1,14 @@
 """The int8 linear layer (fairseq_accel/modules/int8_linear.py): its arithmetic is exactly the documented
 integer formula (no int16 saturation even at the extreme levels), rows do not depend on each other, fusing
-layers is exact, and the float emulation used off x86 and the CUDA path (torch._int_mm) compute the same."""
+layers is exact, and the C++ int8 GEMM on each instruction set, fbgemm, the float emulation used off x86 and the
+CUDA path (torch._int_mm) compute the same."""
+import copy
+import os
+
 import pytest
 import torch
 
+from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.modules.int8_linear import (
     SIGNED_ZERO_POINT,
     UNSIGNED_ZERO_POINT,
@@ -13,6 +18,20 @@ from fairseq_accel.modules.int8_linear import (
 )
 
 requires_fbgemm = pytest.mark.skipif(not int8_gemm_available(), reason="torch without fbgemm int8 kernels (not x86)")
+requires_native = pytest.mark.skipif(cpu_kernels._cpu_kernels is None and os.environ.get("CI") != "true",
+                                     reason="the C++ extension is not built (CI=true: it must be)")
+NATIVE_ISAS = ["avx512-vnni", "avx2", "baseline"]
+
+
+def without_native(layer: Int8Linear) -> Int8Linear:
+    """``layer`` on fbgemm (or, without it, the float emulation) instead of the C++ int8 GEMM."""
+    layer.native_weights = lambda: None
+    return layer
+
+
+def emulated(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's float32 emulation: its activation levels times its weight levels, :meth:`_rescaled`."""
+    return layer._rescaled(layer.quantize_input(x) @ layer.levels.float().t())
 
 
 def reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -31,14 +50,17 @@ def random_layer(rows: int, columns: int, seed: int, bias: bool = True, zero_poi
 
 
 @requires_fbgemm
+@pytest.mark.parametrize("backend", ["native", "fbgemm"])
 @pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
-def test_extreme_levels_do_not_saturate(zero_point: int) -> None:
+def test_extreme_levels_do_not_saturate(zero_point: int, backend: str) -> None:
     """All weights +-127 and all activations at the range ends: pairs of stored products reach 2 * 127 * 127,
     which full 8-bit activations would push past int16 (the layer uses 7 bits for exactly this)."""
     levels = torch.full((4, 256), 127, dtype=torch.int8)
     levels[1] = -127
     levels[2, ::2] = -127
     layer = Int8Linear(levels, torch.full((4,), 0.01), None, 0.01, zero_point)
+    if backend == "fbgemm":
+        without_native(layer)
     low, high = -zero_point * 0.01, activation_max_level(zero_point) * 0.01
     x = torch.stack([torch.full((256,), high), torch.full((256,), low), torch.linspace(low, high, 256),
                      torch.full((256,), 5.0)])  # the last row lies beyond the range: clipped to its top
@@ -49,10 +71,13 @@ def test_extreme_levels_do_not_saturate(zero_point: int) -> None:
 
 
 @requires_fbgemm
+@pytest.mark.parametrize("backend", ["native", "fbgemm"])
 @pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_gemm_is_the_integer_formula(rows: int, zero_point: int) -> None:
+def test_int8_gemm_is_the_integer_formula(rows: int, zero_point: int, backend: str) -> None:
     layer = random_layer(96, 64, seed=rows, zero_point=zero_point)
+    if backend == "fbgemm":
+        without_native(layer)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(100 + rows)) * 1.5
     if zero_point == UNSIGNED_ZERO_POINT:
         x = x.relu()
@@ -89,8 +114,43 @@ def test_float_emulation_matches_the_int8_gemm(zero_point: int) -> None:
     layer = random_layer(40, 32, seed=8, zero_point=zero_point)
     x = torch.randn(7, 32)
     int8 = layer(x)
-    layer._packed = None
+    without_native(layer)._packed = None
     assert torch.allclose(layer(x), int8, rtol=1e-5, atol=1e-4)
+
+
+@requires_native
+@pytest.mark.parametrize("isa", NATIVE_ISAS)
+@pytest.mark.parametrize("zero_point", [SIGNED_ZERO_POINT, UNSIGNED_ZERO_POINT])
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_int8_gemm_is_the_emulation_bit_for_bit_on_every_instruction_set(isa: str, zero_point: int,
+                                                                                  bias: bool) -> None:
+    """The C++ GEMM's tiles (up to 4 rows x 64 columns), their edges (rows and columns that do not fill a tile,
+    inputs that are not a multiple of 4) and its quantization give exactly the emulation's float32 outputs."""
+    weights = random_layer(1, 1, seed=0).native_weights()
+    if isa not in NATIVE_ISAS[NATIVE_ISAS.index(cpu_kernels._cpu_kernels.int8_gemm_isa()):]:
+        with pytest.raises(RuntimeError, match=f"does not support '{isa}'"):
+            weights.run(torch.zeros(1, 1), isa)
+        pytest.skip(f"this CPU has no {isa}")
+    for outputs, inputs in [(93, 61), (17, 5), (64, 256), (130, 9)]:
+        layer = random_layer(outputs, inputs, seed=outputs, bias=bias, zero_point=zero_point)
+        for rows in (1, 3, 5, 9, 13, 40):
+            x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
+            assert torch.equal(layer.native_weights().run(x, isa), emulated(layer, x)), (outputs, inputs, rows)
+    extreme = Int8Linear(torch.full((20, 256), -127, dtype=torch.int8), torch.full((20,), 0.01), None, 0.01, zero_point)
+    x = torch.full((3, 256), activation_max_level(zero_point) * 0.01)
+    assert torch.equal(extreme.native_weights().run(x, isa), emulated(extreme, x))  # no int16 saturation (AVX2)
+
+
+def test_native_int8_gemm_is_used_where_built_and_left_out_of_copies() -> None:
+    layer = random_layer(24, 16, seed=1)
+    x = torch.randn(5, 16)
+    y = layer(x)
+    if cpu_kernels._cpu_kernels is None:
+        assert layer.native_weights() is None
+        return
+    assert torch.equal(y, emulated(layer, x)) and layer._native is not None
+    copied = copy.deepcopy(layer)
+    assert copied._native is None and torch.equal(copied(x), y)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

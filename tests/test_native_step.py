@@ -14,6 +14,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from test_fast_generator import fast_from
 from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
 from fairseq_accel.inference import cpu_kernels
+from fairseq_accel.modules.int8_linear import Int8Linear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
                                 reason="the C++ CPU kernels are not built (pip install -e . with g++)")
@@ -143,4 +144,26 @@ def test_layers_without_float_weights_are_called_back_from_the_native_step() -> 
         native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
     assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
     assert calls.count(native) == calls.count(python) == len(native_logits)
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
+
+
+def test_int8_layers_run_the_native_int8_gemm_inside_the_native_step() -> None:
+    """A compressed checkpoint's Int8Linear runs in the C++ step on its packed weights (the module is not called
+    back) and gives the Python step's logits exactly."""
+    model, dictionary, sample = build(*MODELS["transformer post-norm"])
+    native, python = (fast_generator(model, dictionary, 4).fast_decoder for _ in range(2))
+    python.native_step = False
+    module_calls = []
+    for decoder in (native, python):
+        fc1 = decoder.layers[0].fc1
+        float_layer = torch.nn.Linear(fc1.weight_t.size(0), fc1.weight_t.size(1))
+        float_layer.weight.data, float_layer.bias.data = fc1.weight_t.t().clone(), fc1.bias.clone()
+        int8 = Int8Linear.from_linear(float_layer, 8, 0.05)
+        int8.register_forward_hook(lambda *_, owner=decoder: module_calls.append(owner))
+        decoder.layers[0].fc1 = int8
+    with torch.no_grad():
+        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
+        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
+    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    assert module_calls.count(native) == 0 and module_calls.count(python) == len(python_logits)
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))

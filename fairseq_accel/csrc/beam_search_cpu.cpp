@@ -573,5 +573,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_candidates", &merge_candidates, "each sentence's best candidates over its rows' best k (CPU)");
   m.def("advance_beams", &advance_beams, "fairseq's beam advance over the candidates, histories updated in place (CPU)");
   m.def("compact_sentences", &compact_sentences, "move the kept sentences' rows to the buffer's front in place (CPU)");
+  register_int8_gemm(m);
   register_decoder_step(m);
 }

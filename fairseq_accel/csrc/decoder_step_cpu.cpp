@@ -4,7 +4,8 @@
 // The Python step (transformer_step.py, sanm_step.py) issues ~20 torch calls per layer, each ~5-10 us of Python
 // and dispatch, which at a decoding step's few rows cost as much as the arithmetic. Here the same ATen ops
 // (addmm on the weights transposed once, layer_norm, relu/gelu, glu, add) and the step kernels of
-// beam_search_cpu.cpp run in the same order from C++, so the logits are the Python step's, bit for bit.
+// beam_search_cpu.cpp run in the same order from C++, so the logits are the Python step's, bit for bit (int8
+// layers run the same int8 GEMM as their Python module, int8_gemm_cpu.cpp).
 //
 // State stays in Python (beam_cache.py: the caches are reallocated when sentences leave the batch): every call
 // takes the caches' tensors as one list in the order the layers consume them (per layer: each self-attention
@@ -20,17 +21,20 @@ namespace {
 
 using torch::Tensor;
 
-// x @ W^T + b with W^T stored contiguous once (int8_execution.TransposedLinear), or a Python layer called back
-// (an int8 layer of a compressed checkpoint: its own quantized GEMM).
+// x @ W^T + b with W^T stored contiguous once (int8_execution.TransposedLinear), an int8 layer's packed weights
+// (int8_gemm_cpu.cpp), or a Python layer called back.
 struct Linear {
   Linear(Tensor weight_t, std::optional<Tensor> bias) : weight_t(std::move(weight_t)), bias(std::move(bias)) {}
+  explicit Linear(std::shared_ptr<Int8Weights> int8) : int8(std::move(int8)) {}
   explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
   Tensor operator()(const Tensor& x) const {
+    if (int8) return (*int8)(x);
     if (layer) return (*layer)(x).cast<Tensor>();
     return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
   }
   Tensor weight_t;
   std::optional<Tensor> bias;
+  std::shared_ptr<Int8Weights> int8;
   std::optional<pybind11::object> layer;
 };
 
@@ -257,8 +261,9 @@ struct DecoderStep {
 
 void register_decoder_step(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Linear>(m, "Linear", "x @ W^T + b on W^T stored once, or a Python layer called back")
+  py::class_<Linear>(m, "Linear", "x @ W^T + b on W^T stored once, int8 weights, or a Python layer called back")
       .def(py::init<Tensor, std::optional<Tensor>>())
+      .def(py::init<std::shared_ptr<Int8Weights>>())
       .def_static("calling", [](py::object layer) { return Linear(std::move(layer)); });
   py::class_<Norm>(m, "Norm", "layer norm over the last dimension")
       .def(py::init<std::optional<Tensor>, std::optional<Tensor>, double, int64_t>());

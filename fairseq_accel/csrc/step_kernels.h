@@ -1,8 +1,11 @@
-// The step kernels of beam_search_cpu.cpp that the native decoder step (decoder_step_cpu.cpp) calls, and the
-// registration of that step's classes into the extension module.
+// The step kernels of beam_search_cpu.cpp and the int8 linear layer of int8_gemm_cpu.cpp that the native decoder
+// step (decoder_step_cpu.cpp) calls, and the registration of those classes into the extension module.
 #pragma once
 
 #include <torch/extension.h>
+
+#include <optional>
+#include <string>
 
 torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
@@ -14,4 +17,23 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
 torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
                                       int64_t step, const torch::Tensor& weight);
 
+// An int8 linear layer (int8_gemm_cpu.cpp): int8 levels [out, in] packed once, 7-bit activations with a static
+// scale and zero point, y = (levels . (q - z)) * scales + bias with scales = row scales * input scale.
+struct Int8Weights {
+  Int8Weights(const torch::Tensor& levels, const torch::Tensor& scales, std::optional<torch::Tensor> bias,
+              double input_scale, int64_t zero_point);
+  torch::Tensor operator()(const torch::Tensor& input) const { return run(input, ""); }
+  // on the kernels of `isa` ("avx512-vnni", "avx2", "baseline"; "": the best this CPU has)
+  torch::Tensor run(const torch::Tensor& input, const std::string& isa) const;
+  int64_t out_features, in_features;
+  torch::Tensor scales;
+  std::optional<torch::Tensor> bias;
+  float input_scale;
+  int64_t zero_point;
+  torch::Tensor packed;   // [out / 16, in / 4, 64] int8 (both rounded up, zero-padded)
+  torch::Tensor offsets;  // [out rounded up to 16] int32: zero point x each row's sum of levels
+  torch::Tensor padded_scales, padded_bias;  // [out rounded up to 16] float32, zeros beyond out
+};
+
 void register_decoder_step(pybind11::module_& m);
+void register_int8_gemm(pybind11::module_& m);

@@ -12,7 +12,8 @@ time), the generator keeps its torch path and says so in one line.
 The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp); the
 Python step objects build it from their own weights with the ``native_*`` helpers here, and say with
 ``NativeStepUnsupported`` why a model keeps the Python step (int8 or float16 caches, the int8 attention path,
-other activations; int8 layers are called back from C++).
+other activations). Its int8 layers (a compressed checkpoint's ``Int8Linear``) run the extension's int8 GEMM
+(``Int8Weights``, csrc/int8_gemm_cpu.cpp), as their Python module does.
 """
 from __future__ import annotations
 
@@ -96,15 +97,27 @@ class NativeStepUnsupported(Exception):
     """The decoder runs the Python step, not the C++ one; the message says why."""
 
 
+def int8_weights(levels: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor], input_scale: float,
+                 zero_point: int) -> Optional["_cpu_kernels.Int8Weights"]:
+    """An int8 layer's weights packed for the C++ int8 GEMM (``scales``: row scales times ``input_scale``), or None
+    where the extension is not built."""
+    if _cpu_kernels is None or levels.device.type != "cpu":
+        return None
+    return _cpu_kernels.Int8Weights(levels, scales.float().contiguous(), bias, input_scale, zero_point)
+
+
 def native_linear(step: Callable) -> "_cpu_kernels.Linear":
-    """The C++ twin of a linear step: a float32 ``TransposedLinear``'s own ``W^T`` and bias, or any other layer
-    (an int8 one) called back from C++."""
+    """The C++ twin of a linear step: a float32 ``TransposedLinear``'s own ``W^T`` and bias, an int8 layer's packed
+    weights, or any other layer called back from C++."""
     from fairseq_accel.inference.int8_execution import TransposedLinear
+    from fairseq_accel.modules.int8_linear import Int8Linear
 
     if isinstance(step, TransposedLinear):
         if step.weight_t.dtype != torch.float32:
             raise NativeStepUnsupported(f"a linear layer's weights are {step.weight_t.dtype}, not float32")
         return _cpu_kernels.Linear(step.weight_t, step.bias)
+    if isinstance(step, Int8Linear) and step.native_weights() is not None:
+        return _cpu_kernels.Linear(step.native_weights())
     return _cpu_kernels.Linear.calling(step)
 
 

@@ -7,12 +7,17 @@ with z = 64 for inputs of both signs and z = 0 for inputs that calibration saw o
 symmetric levels would leave half of them unused; measured on the mini LSRA, that alone cost 0.13 nats of
 valid loss, almost all of the int8 loss).
 
-Backend: fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (one call: quantize, int8
-GEMM, rescale). Measured on these machines (2026-11-30, 1 thread, AMD EPYC with AVX2, no VNNI; ratios to
-fp32 ``F.linear`` at 5 / 40 / 160 rows): 256x8000 6.8 / 3.0 / 1.9, 256x1024 1.7 / 1.8 / 1.6, 1024x256
-2.1 / 1.7 / 1.8, 256x256 0.7 / 1.2 / 1.0; oneDNN's dynamic and ``qlinear_pointwise`` paths were slower
-than fbgemm at every shape there (0.3-2.6) and faster only at >= 160 rows on AMX machines
-(``../shared/design.md`` §6). One backend everywhere keeps outputs identical from machine to machine.
+Backend on the CPU: the plugin's own int8 GEMM (``fairseq_accel/csrc/int8_gemm_cpu.cpp``: AVX-512 VNNI, AVX2 or
+plain loops, all giving the same integers, and the float rescale of :meth:`_rescaled` exactly), built with the
+C++ extension; without it fbgemm's ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (one call:
+quantize, int8 GEMM, rescale; the same integers, its own float rounding). fbgemm quantizes and packs the
+activations and their row offsets in separate passes, ~30-40 us per call whatever the layer: measured on an
+AVX-512 VNNI Xeon (2026-11-30, 1 thread, us at 5 / 160 rows, fp32 ``addmm`` / fbgemm / own): 160x8000 314 /
+148 / 38 and 3569 / 2112 / 1369; 160x640 9.2 / 50 / 4.2 and 253 / 173 / 99; 640x160 8.8 / 63 / 5.0 and
+248 / 201 / 157. Earlier, on an AVX2 EPYC without VNNI (ratios of fbgemm to fp32 ``F.linear`` at 5 / 40 / 160
+rows): 256x8000 6.8 / 3.0 / 1.9, 256x1024 1.7 / 1.8 / 1.6, 1024x256 2.1 / 1.7 / 1.8, 256x256 0.7 / 1.2 /
+1.0; oneDNN's dynamic and ``qlinear_pointwise`` paths were slower than fbgemm at every shape there (0.3-2.6)
+and faster only at >= 160 rows on AMX machines (``../shared/design.md`` §6).
 
 On CUDA the layer runs ``torch._int_mm`` (cuBLASLt int8 GEMM with int32 accumulation) on the same levels and
 the same 7-bit activation levels, then rescales in float32: the same integer formula as on the CPU. cuBLASLt's
@@ -116,6 +121,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("output_absmax", None if output_absmax is None else
                              output_absmax.float().reshape(-1).clamp(min=torch.finfo(torch.float32).tiny))
         self._packed_to_levels = None  # the rows times 127 / output_absmax, packed when first needed
+        self._native = None  # the C++ int8 GEMM's packed weights, made when first needed
+
+    def __getstate__(self):
+        """Copies and pickles leave the C++ packed weights out (they are made again when needed)."""
+        return {**self.__dict__, "_native": None}
+
+    def native_weights(self):
+        """The C++ int8 GEMM's packed weights of this layer (``_cpu_kernels.Int8Weights``), or None where the
+        extension is not built."""
+        if self._native is None:
+            from fairseq_accel.inference.cpu_kernels import int8_weights
+
+            bias = None if self.bias is None else self.bias.detach()
+            self._native = int8_weights(self.levels, self.row_scales * self.input_scale, bias, self.input_scale,
+                                        self.input_zero_point)
+        return self._native
 
     @classmethod
     def from_linear(cls, layer: nn.Module, bits: int, input_scale: float,
@@ -179,7 +200,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        native = self.native_weights() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if native is not None:
+            y = native(x)
+        elif self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
             # bound x to the 7-bit range first: fbgemm rounds and clamps to 0..255, which could overflow
             x = torch.clamp(x, *self._input_range)
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
