@@ -80,7 +80,7 @@ def test_other_head_counts_use_minilmv2_relations():
                                v=relation_heads_of(teacher.v, 2))
     at, vr = minilm_losses(teacher, student)
     assert at.item() == pytest.approx(0.0, abs=1e-6) and vr.item() == pytest.approx(0.0, abs=1e-6)
-    at, vr = minilm_losses(teacher, random_view(heads=2, dim=4, seed=2))
+    at, vr = minilm_losses(teacher, random_view(heads=2, dim=4, seed=2))  # default: the teacher's 4 heads
     assert at.item() > 0.01 and vr.item() > 0.01
     with pytest.raises(DistillationSetupError, match="3 relation heads .* do not divide the attention width 8"):
         minilm_losses(teacher, student, relation_heads=3)
@@ -285,6 +285,8 @@ def test_fairseq_train_distils_and_saves_the_student_only(tiny_translation_data,
     log = train.stdout + train.stderr
     for term in ("kd_loss", "at_loss", "vr_loss", "conv_at_loss"):
         assert f"| {term} " in log, log[-3000:]
+    for side in ("encoder: teacher layer 1 -> student layer 0", "decoder: teacher layer 1 -> student layer 0"):
+        assert f"minilm_distillation, {side}, teacher 2 / student 2 heads: MiniLM per-head" in log
     state = read_checkpoint(str(save_dir / "checkpoint_last.pt"))
     assert state["criterion"] is None and state["cfg"]["criterion"]["_name"] == "minilm_distillation"
     student, _ = build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(teacher_checkpoint))[1:]

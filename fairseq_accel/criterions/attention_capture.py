@@ -159,6 +159,11 @@ def _view_function(module: Optional[nn.Module]) -> Optional[Callable[[nn.Module,
     return next((view for kind, view in VIEWS.items() if isinstance(module, kind)), None)
 
 
+def attention_heads(module: nn.Module) -> int:
+    """Head count of a module :func:`attention_module` returned."""
+    return module.num_heads if isinstance(module, MultiheadAttention) else module.h
+
+
 def conv_branches(self_attn: Optional[nn.Module]) -> List[ConvBranch]:
     """The convolution branches of an LSRA layer (none for any other self-attention)."""
     if not isinstance(self_attn, MultiBranch):
@@ -180,6 +185,7 @@ class LayerTap:
     def __init__(
         self, model: nn.Module, side: str, index: int, option: str, who: str, attention: bool, convolution: bool
     ) -> None:
+        self.side = side
         self.part = getattr(model, side, None)
         layers = layer_stack(model, side)
         self.index = resolve_layer(index, len(layers), option, f"{who} {side}")

@@ -32,6 +32,7 @@ first batch for the student and when the criterion is built for the teacher; pos
 The math lives in module-level functions (tested directly); the criterion only wires them.
 """
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -49,12 +50,15 @@ from fairseq_accel.criterions.attention_capture import (
     ConvView,
     DistillationSetupError,
     LayerTap,
+    attention_heads,
 )
 from fairseq_accel.criterions.frozen_teacher import FrozenTeacher, load_teacher
 from fairseq_accel.criterions.joint_ctc_attention import (
     JointCTCAttentionCriterion,
     JointCTCAttentionCriterionConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 #: logged distillation terms, in nats: ``kd_loss`` per target token, the others per head and position
 TERMS = ("kd_loss", "at_loss", "vr_loss", "conv_at_loss")
@@ -141,13 +145,21 @@ def minilm_losses(
 
 
 def word_kd_loss(teacher_logits: Tensor, student_logits: Tensor, keep: Tensor, temperature: float) -> Tensor:
-    """Σ over target tokens where ``keep`` of τ²·KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) (Hinton et al. 2015)."""
+    """Σ over target tokens where ``keep`` of τ²·KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) (Hinton et al. 2015).
+
+    Only the kept rows are normalised (padding is a fair share of a batch, and each row is a softmax over
+    the whole vocabulary); the teacher's side carries no gradient, so KL = Σ p_t·log p_t − Σ p_t·log p_s
+    has one term with a graph.
+    """
     if temperature <= 0:
         raise ValueError(f"--kd-temperature must be > 0, got {temperature}")
-    teacher_log = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    student_log = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
-    return (kl * keep.to(kl.dtype)).sum() * temperature**2
+    rows = keep.reshape(-1)
+    vocabulary = student_logits.size(-1)
+    teacher_log = torch.log_softmax(teacher_logits.reshape(-1, vocabulary)[rows].float() / temperature, dim=-1)
+    student_log = torch.log_softmax(student_logits.reshape(-1, vocabulary)[rows].float() / temperature, dim=-1)
+    teacher_probs = teacher_log.exp()
+    kl = (teacher_probs * teacher_log.detach()).sum() - (teacher_probs.detach() * student_log).sum()
+    return kl * temperature**2
 
 
 def window_distribution(probs: Tensor, kernel_size: int, left: int) -> Tensor:
@@ -272,6 +284,18 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
             return []
         return [LayerTap(model, side, layer, option, who, attention, convolution) for side in self.sides]
 
+    def _describe(self, teacher: LayerTap, student: LayerTap) -> str:
+        """One line saying which layers are paired and which form of the attention terms applies."""
+        line = f"minilm_distillation, {teacher.side}: teacher layer {teacher.index} -> student layer {student.index}"
+        if teacher.attention is None or student.attention is None:
+            return line + " (convolution attention transfer only)"
+        heads = (attention_heads(teacher.attention), attention_heads(student.attention))
+        if self.relation_heads is None and heads[0] == heads[1]:
+            form = f"MiniLM per-head attention and value relations ({heads[0]} heads)"
+        else:
+            form = f"MiniLMv2 Q-Q/K-K/V-V relations over {self.relation_heads or heads[0]} relation heads"
+        return f"{line}, teacher {heads[0]} / student {heads[1]} heads: {form}"
+
     def forward(self, model: Any, sample: Dict[str, Any], reduce: bool = True) -> Tuple[Tensor, int, Dict[str, Any]]:
         """Return (loss, sample_size, logging_output): the task loss plus the weighted distillation terms."""
         if not reduce:
@@ -279,6 +303,8 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
         if self.student_taps is None:
             self.student_taps = self._taps(model, self.student_layer, "--student-layer", "student", student=True)
             self.teacher.follow(model)
+            for teacher_tap, student_tap in zip(self.teacher_taps, self.student_taps):
+                logger.info(self._describe(teacher_tap, student_tap))
         with _recording(self.student_taps):
             net_output = model(**sample["net_input"])
         loss, sample_size, logging_output = self.task_loss(model, net_output, sample)
