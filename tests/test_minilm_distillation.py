@@ -11,7 +11,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
-from fairseq_accel.compat.checkpoint_files import CheckpointNotFoundError
+from fairseq_accel.compat.checkpoint_files import CheckpointLoadError, CheckpointNotFoundError
 from fairseq_accel.compat.checkpoint_loading import read_checkpoint
 from fairseq_accel.criterions.attention_capture import AttentionView, ConvView, DistillationSetupError, LayerTap
 from fairseq_accel.criterions.minilm_distillation import (
@@ -255,6 +255,10 @@ def test_teacher_errors_are_one_clear_line(tiny_translation_data, teacher_checkp
         build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(tmp_path / "missing.pt"))
     with pytest.raises(CheckpointNotFoundError, match="--teacher-path is required"):
         build_like_fairseq_train(tiny_translation_data)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointLoadError, match=r"checkpoint .*garbage.pt \(160 bytes\) is truncated or corrupt"):
+        build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(garbage))  # the safe loader's check
     with pytest.raises(DistillationSetupError, match=r"--teacher-layer 2 is out of range: the teacher .* encoder has 2"):
         build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(teacher_checkpoint),
                                  "--teacher-layer", "2")
