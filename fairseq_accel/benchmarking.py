@@ -8,9 +8,9 @@ CUDA kernels), for a calibrated compressed checkpoint
 ``--int8-min-weights``; w8a8, w8a8-kv8 with the int8 self-attention cache too, w8a8-kv8-cross with int8
 cross-attention keys/values as well; where the checkpoint has calibrated output ranges, the int8 caches
 take the int8 projections' output levels as they are; the other systems run its weights in float32), and
-for a stock
-``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when ``ctranslate2`` is
-installed). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
+for a stock ``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when
+``ctranslate2`` is installed; for a compressed checkpoint, of the float checkpoint it was made from,
+``--ct2-from``). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
 decoder at its row counts (batch x beam).
 Every system runs at every thread count: first its first batch alone (building and warming up: reported
 apart as "first batch s"), then ``repeats`` timed passes over all batches, the systems taking turns (stock,
@@ -42,6 +42,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
 from omegaconf import OmegaConf
 
+from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
 from fairseq_accel.data.features import audio_seconds
 from fairseq_accel.decoding_metrics import corpus_score, token_decoder
 from fairseq_accel.inference.int8_execution import convert_to_int8
@@ -283,18 +284,29 @@ def _ct2_sources(work: Workload) -> List[Tuple[int, List[str]]]:
     return sources
 
 
-def _ct2_unavailable(work: Workload) -> Optional[str]:
+def _is_compressed(path: str) -> bool:
+    """Whether ``path`` is a compressed checkpoint (fairseq-accel-compress): the plugin's loader expands it and
+    hands its packed section to the task state."""
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    return COMPRESSED_KEY in (state.get("task_state") or {})
+
+
+def _ct2_unavailable(args, work: Workload) -> Optional[str]:
     try:
         import ctranslate2  # noqa: F401
     except ImportError:
         return "ctranslate2 is not installed (pip install ctranslate2)"
     if type(work.models[0]).__name__ != "TransformerModel":
         return f"CTranslate2 converts stock fairseq transformer models, not {type(work.models[0]).__name__}"
+    if args.ct2_from is None and _is_compressed(args.path):
+        return ("--path is a compressed checkpoint, which CTranslate2's converter cannot read: give the float "
+                "checkpoint it was made from with --ct2-from")
     return None
 
 
 def _ct2_convert(args, work: Workload, quantization: str, directory: Path) -> Path:
-    """The checkpoint converted by CTranslate2's fairseq converter (once per quantization).
+    """The checkpoint (``--ct2-from``, else ``--path``) converted by CTranslate2's fairseq converter (once per
+    quantization).
 
     The converter calls ``torch.load`` on the checkpoint itself; it is routed through the plugin's
     checked loader, so the checkpoint's allowlist and trust apply as for fairseq's own loads.
@@ -306,7 +318,8 @@ def _ct2_convert(args, work: Workload, quantization: str, directory: Path) -> Pa
     target = directory / quantization
     if not target.exists():
         cfg = work.task.cfg
-        converter = FairseqConverter(args.path, args.data, source_lang=cfg.source_lang, target_lang=cfg.target_lang)
+        converter = FairseqConverter(args.ct2_from or args.path, args.data, source_lang=cfg.source_lang,
+                                     target_lang=cfg.target_lang)
         with torch_load_through_checks():
             converter.convert(str(target), quantization=quantization)
     return target
@@ -356,7 +369,7 @@ def _settings(args, work: Workload, tmp: Path, progress: Callable[[str], None]) 
         run = lambda batches, generator=generator: _run_fairseq(work, generator, batches)  # noqa: E731
         settings += [_Setting(system, threads, run, generator) for threads in args.threads]
     ct2_systems = [s for s in args.systems if s in CT2_SYSTEMS]
-    reason = _ct2_unavailable(work) if ct2_systems else None
+    reason = _ct2_unavailable(args, work) if ct2_systems else None
     if reason:
         progress(f"skipping {' '.join(ct2_systems)}: {reason}")
         ct2_systems = []
@@ -388,6 +401,8 @@ def run_benchmark(args: argparse.Namespace,
     the model with int8 layers (None where the checkpoint has none)."""
     if min(args.beam, args.repeats, *args.batch_sizes, *args.threads, *args.ct2_threads) < 1:
         raise BenchmarkError("--beam, --repeats, --batch-sizes, --threads and --ct2-threads must be positive")
+    if args.ct2_from is not None and not Path(args.ct2_from).is_file():
+        raise BenchmarkError(f"--ct2-from {args.ct2_from}: no such checkpoint")
     task, models = load_checkpoint(args)
     int8 = take_int8_model(task, models, args.int8_min_weights)
     task.load_dataset(args.gen_subset)  # once: every batch size batches the same sentences

@@ -71,18 +71,20 @@ def test_generator_takes_the_kernel_on_cpu_and_says_once_when_it_is_missing(monk
     assert len(notices) == 1 and "pip install -e ." in notices[0]
 
 
-def caches(beam: int = 4, batch: int = 3, heads: int = 4, dim: int = 36, steps: int = 9):
-    """The same float32 self-attention cache twice over one indirection: torch path and C++ kernel."""
+def caches(dtype: str = "fp32", beam: int = 4, batch: int = 3, heads: int = 4, dim: int = 36, steps: int = 9):
+    """The same self-attention cache twice over one indirection: torch path and C++ kernel."""
     indirection = BeamIndirection(batch, beam, steps, torch.device("cpu"))
-    make = lambda kernels: AttentionKVCache(indirection, heads, dim, "fp32", torch.float32,  # noqa: E731
+    make = lambda kernels: AttentionKVCache(indirection, heads, dim, dtype, torch.float32,  # noqa: E731
                                             torch.device("cpu"), cpu_kernels=kernels)
     return indirection, make(None), make(cpu_kernels)
 
 
-def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finished_sentences() -> None:
-    """head size 36: the 8-wide dot product and its tail; beams reordered every step, a sentence leaves."""
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finished_sentences(dtype: str) -> None:
+    """head size 36: the 16-wide dot product and its tail; beams reordered every step, a sentence leaves. The int8
+    cache: the same levels and scales as the torch path's quantization, read without a float32 copy."""
     torch.manual_seed(0)
-    indirection, reference, kernel = caches()
+    indirection, reference, kernel = caches(dtype)
     assert kernel.cpu_kernels is cpu_kernels and reference.cpu_kernels is None
     for step in range(7):
         rows = indirection.batch * indirection.beam
@@ -90,6 +92,10 @@ def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finish
         q, k, v = torch.randn(rows, 3, 4, 36).unbind(1) if step % 2 else (torch.randn(rows, 4, 36) for _ in range(3))
         expected, got = reference.step(q, k, v), kernel.step(q, k, v)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for name in ("keys", "values", "key_scale", "value_scale"):
+            if getattr(reference, name) is not None:
+                used = slice(0, step + 1)
+                assert torch.equal(getattr(kernel, name)[:, :, used], getattr(reference, name)[:, :, used]), name
         if step == 3:  # sentence 1 finished
             keep = torch.tensor([0, 2])
             indirection.keep(keep)
@@ -119,11 +125,12 @@ def test_memory_attention_equals_the_torch_memory_and_leaves_padding_out() -> No
     assert kernel.attend(torch.randn(batch * beam, heads, dim)).abs().max() < 1e3
 
 
-def test_int8_and_half_caches_keep_the_torch_path() -> None:
+def test_half_caches_and_the_int8_attention_path_keep_the_torch_path() -> None:
     indirection = BeamIndirection(2, 3, 4, torch.device("cpu"))
-    for dtype in ("fp16", "int8"):
-        cache = AttentionKVCache(indirection, 2, 8, dtype, torch.float32, torch.device("cpu"), cpu_kernels=cpu_kernels)
-        assert cache.cpu_kernels is None
+    half = AttentionKVCache(indirection, 2, 8, "fp16", torch.float32, torch.device("cpu"), cpu_kernels=cpu_kernels)
+    levels = AttentionKVCache(indirection, 2, 8, "int8", torch.float32, torch.device("cpu"), cpu_kernels=cpu_kernels,
+                              level_steps=(torch.ones(2, 8), torch.ones(2, 8)))
+    assert half.cpu_kernels is None and levels.cpu_kernels is None
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -325,6 +325,27 @@ def test_benchmark_cli(trained: Path, tiny_translation_data: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("trained", ["transformer"], indirect=True)
+def test_benchmark_converts_the_float_checkpoint_of_a_compressed_one_for_ctranslate2(
+        trained: Path, tiny_translation_data: Path, tmp_path: Path) -> None:
+    """CTranslate2's converter reads float fairseq checkpoints only: for a compressed --path it is skipped with the
+    reason, and with --ct2-from it converts the float checkpoint the compressed one was made from."""
+    compressed = tmp_path / "compressed.pt"
+    compress = run_cli(["fairseq-accel-compress", "--path", trained, "--out", compressed])
+    assert compress.returncode == 0, cli_output(compress)
+    common = ["fairseq-accel-benchmark", tiny_translation_data, "--path", compressed, "--batch-sizes", "4",
+              "--threads", "1", "--repeats", "1", "--max-sentences", "8", "--systems", "stock", "ct2-int8"]
+    skipped = run_cli(common)
+    assert skipped.returncode == 0, cli_output(skipped)
+    assert "skipping ct2-int8: --path is a compressed checkpoint" in skipped.stderr and "--ct2-from" in skipped.stderr
+    assert "| ct2-int8 |" not in skipped.stdout
+    converted = run_cli([*common, "--ct2-from", trained])
+    assert converted.returncode == 0, cli_output(converted)
+    assert "| ct2-int8 | 1 | 4 |" in converted.stdout
+    missing = run_cli([*common, "--ct2-from", tmp_path / "nothing.pt"])
+    assert missing.returncode == 2 and f"--ct2-from {tmp_path / 'nothing.pt'}: no such checkpoint" in missing.stderr
+
+
+@pytest.mark.parametrize("trained", ["transformer"], indirect=True)
 def test_benchmark_batches_like_fairseq_generate(trained: Path, tiny_translation_data: Path) -> None:
     """The benchmark decodes the batches fairseq-generate would (its length order), not the file's order."""
     args = SimpleNamespace(path=str(trained), data=str(tiny_translation_data), config_yaml="config.yaml",

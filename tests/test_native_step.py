@@ -107,8 +107,22 @@ def test_native_step_decodes_what_the_python_step_decodes(name: str, beam: int) 
             assert torch.equal(a["score"], b["score"]) and torch.equal(a["positional_scores"], b["positional_scores"])
 
 
+@pytest.mark.parametrize("name", [name for name in sorted(MODELS) if "sanm" not in name])
+def test_native_step_with_the_int8_cache_decodes_what_the_python_step_decodes(name: str) -> None:
+    """The int8 self-attention cache (per-token scales) in the C++ step: the Python step runs the same C++ cache
+    kernel, so hypotheses and scores are identical."""
+    model, dictionary, sample = build(*MODELS[name])
+    native, python = (fast_generator(model, dictionary, 5, kv_cache_dtype="int8") for _ in range(2))
+    python.fast_decoder.native_step = False
+    native_hyps, python_hyps = native.generate([model], sample), python.generate([model], sample)
+    assert isinstance(native.fast_decoder.native_step, cpu_kernels.native_kernels().DecoderStep)
+    for native_list, python_list in zip(native_hyps, python_hyps):
+        for a, b in zip(native_list, python_list):
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["score"], b["score"])
+
+
 @pytest.mark.parametrize("options,reason", [
-    ({"kv_cache_dtype": "int8"}, "the int8 self-attention cache has no C\\+\\+ step"),
+    ({"kv_cache_dtype": "int8", "quantize_cross_kv": True}, "a cross-attention memory of int8 or float16 has no C"),
     ({"kv_cache_dtype": "fp16"}, "the fp16 self-attention cache has no C\\+\\+ step"),
 ])
 def test_models_without_a_native_step_keep_the_python_step_and_say_why(options: dict, reason: str, caplog) -> None:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="as fairseq-generate's: outputs stop at a * source length + b tokens (default: 200)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="thread counts to try for the fairseq systems; the best is reported (default: 1 2)")
+    parser.add_argument("--ct2-from", metavar="FLOAT_CHECKPOINT",
+                        help="the float checkpoint CTranslate2 converts, where --path is a compressed checkpoint made "
+                             "from it (default: --path)")
     parser.add_argument("--ct2-threads", nargs="+", type=int, default=[1],
                         help="CTranslate2 intra_threads to try (default: 1; with 2 it is 5-10x slower on 2-vCPU machines)")
     parser.add_argument("--repeats", type=int, default=3,

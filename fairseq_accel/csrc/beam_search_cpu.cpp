@@ -315,29 +315,12 @@ torch::Tensor compact_sentences(torch::Tensor& buffer, const torch::Tensor& sent
 
 namespace {
 
-// out[0..d) = sum_t softmax(q . keys[t])_t values[t] over n key/value rows (pointers), the rows `masked` names
-// left out (nullptr: none); scores: n floats of scratch. Written so that every loop vectorizes (builtins, not
-// std:: calls, which an ISA-specific caller below cannot inline; setup.py compiles with -fno-trapping-math): dot
-// products in 16 independent sums reduced pairwise, and exp(x) for x <= 0 branch-free: x = k ln2 + r, exp(r) by
-// Cephes' expf polynomial (S. L. Moshier, Cephes Math Library, expf.c), 2^k from the exponent bits; within 2 ulp
-// of std::exp, ~1e-38 instead of 0 below -87.3 (where expf underflows).
-__attribute__((always_inline)) inline void attend_body(const float* q, const float* const* keys,
-                                                      const float* const* values, const bool* masked, int64_t n,
-                                                      int64_t d, float* scores, float* out) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float* k = keys[t];
-    float sums[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-      for (int j = 0; j < 16; ++j) sums[j] += q[i + j] * k[i + j];
-    }
-    float halves[8], quarters[4];
-    for (int j = 0; j < 8; ++j) halves[j] = sums[j] + sums[j + 8];
-    for (int j = 0; j < 4; ++j) quarters[j] = halves[j] + halves[j + 4];
-    float total = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
-    for (; i < d; ++i) total += q[i] * k[i];
-    scores[t] = masked != nullptr && masked[t] ? kNegInf : total;
-  }
+// scores[0..n) <- softmax(scores), entries of -inf (left out) giving 0. exp(x) for x <= 0 branch-free: x = k ln2 + r,
+// exp(r) by Cephes' expf polynomial (S. L. Moshier, Cephes Math Library, expf.c), 2^k from the exponent bits; within
+// 2 ulp of std::exp, ~1e-38 instead of 0 below -87.3 (where expf underflows). Returns nothing: the caller divides
+// by the sum it gets back. Written so that every loop vectorizes (builtins, not std:: calls, which an ISA-specific
+// caller below cannot inline; setup.py compiles with -fno-trapping-math).
+__attribute__((always_inline)) inline float exponentiate(float* scores, int64_t n) {
   float largest = kNegInf;
   for (int64_t t = 0; t < n; ++t) largest = scores[t] > largest ? scores[t] : largest;
   for (int64_t t = 0; t < n; ++t) {
@@ -357,11 +340,53 @@ __attribute__((always_inline)) inline void attend_body(const float* q, const flo
   }
   float total = 0;
   for (int64_t t = 0; t < n; ++t) total += scores[t];
+  return total;
+}
+
+// q . k over d values (float32 or int8 keys): 16 independent sums reduced pairwise, so that the loop vectorizes.
+template <typename Key>
+__attribute__((always_inline)) inline float dot(const float* q, const Key* k, int64_t d) {
+  float sums[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    for (int j = 0; j < 16; ++j) sums[j] += q[i + j] * static_cast<float>(k[i + j]);
+  }
+  float halves[8], quarters[4];
+  for (int j = 0; j < 8; ++j) halves[j] = sums[j] + sums[j + 8];
+  for (int j = 0; j < 4; ++j) quarters[j] = halves[j] + halves[j + 4];
+  float total = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
+  for (; i < d; ++i) total += q[i] * static_cast<float>(k[i]);
+  return total;
+}
+
+// out[0..d) = sum_t softmax(q . keys[t])_t values[t] over n key/value rows (pointers), the rows `masked` names
+// left out (nullptr: none); scores: n floats of scratch.
+__attribute__((always_inline)) inline void attend_body(const float* q, const float* const* keys,
+                                                      const float* const* values, const bool* masked, int64_t n,
+                                                      int64_t d, float* scores, float* out) {
+  for (int64_t t = 0; t < n; ++t) scores[t] = masked != nullptr && masked[t] ? kNegInf : dot(q, keys[t], d);
+  const float total = exponentiate(scores, n);
   for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float p = scores[t] / total;
     const float* v = values[t];
     for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
+  }
+}
+
+// The same over int8 keys and values with one scale per row (the int8 cache): scores (q . k8[t]) k_scale[t],
+// out = sum_t p_t v_scale[t] v8[t]; no row is left out.
+__attribute__((always_inline)) inline void attend_int8_body(const float* q, const int8_t* const* keys,
+                                                           const float* key_scales, const int8_t* const* values,
+                                                           const float* value_scales, int64_t n, int64_t d,
+                                                           float* scores, float* out) {
+  for (int64_t t = 0; t < n; ++t) scores[t] = dot(q, keys[t], d) * key_scales[t];
+  const float total = exponentiate(scores, n);
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = scores[t] / total * value_scales[t];
+    const int8_t* v = values[t];
+    for (int64_t i = 0; i < d; ++i) out[i] += p * static_cast<float>(v[i]);
   }
 }
 
@@ -399,7 +424,42 @@ AttendFunction best_attend() {
   return attend_baseline;
 }
 
+using AttendInt8Function = void (*)(const float*, const int8_t* const*, const float*, const int8_t* const*,
+                                    const float*, int64_t, int64_t, float*, float*);
+
+void attend_int8_baseline(const float* q, const int8_t* const* keys, const float* key_scales,
+                          const int8_t* const* values, const float* value_scales, int64_t n, int64_t d, float* scores,
+                          float* out) {
+  attend_int8_body(q, keys, key_scales, values, value_scales, n, d, scores, out);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void attend_int8_avx2(const float* q, const int8_t* const* keys,
+                                                          const float* key_scales, const int8_t* const* values,
+                                                          const float* value_scales, int64_t n, int64_t d,
+                                                          float* scores, float* out) {
+  attend_int8_body(q, keys, key_scales, values, value_scales, n, d, scores, out);
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) void attend_int8_avx512(
+    const float* q, const int8_t* const* keys, const float* key_scales, const int8_t* const* values,
+    const float* value_scales, int64_t n, int64_t d, float* scores, float* out) {
+  attend_int8_body(q, keys, key_scales, values, value_scales, n, d, scores, out);
+}
+#endif
+
+AttendInt8Function best_attend_int8() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return attend_int8_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return attend_int8_avx2;
+#endif
+  return attend_int8_baseline;
+}
+
 const AttendFunction attend = best_attend();
+const AttendInt8Function attend_int8 = best_attend_int8();
 
 // [rows, H, D] with unit stride along D and H stride D (the query/key/value views a fused projection's output
 // unbinds into, rows apart by 3 H D), as it is; anything else as a contiguous copy. Returns it and its row stride.
@@ -463,6 +523,82 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
       }
       attend(qp + row * q_row + h * dim, key_rows.data(), value_rows.data(), nullptr, step + 1, dim, scores.data(),
              out_p + index * dim);
+    }
+  });
+  return out;
+}
+
+// cache_attention_step over the int8 cache ([B, H, T, beam, D] int8, scales [B, H, T, beam] float32): each (row,
+// head)'s key and value written as q = clamp(nearbyint(x * 127 / absmax), -127, 127), scale absmax / 127 (0 for
+// an all-zero vector: beam_cache.quantize_int8's formula, so both give the same levels), and read as levels times
+// scales inside the attention, without a float32 copy of the cache.
+torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                        torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
+                                        torch::Tensor& value_scale, const torch::Tensor& table, int64_t step) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(k, "k", 3);
+  check_float_cpu(v, "v", 3);
+  for (const auto* cache : {&keys, &values})
+    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == torch::kInt8 && cache->dim() == 5 &&
+                    cache->is_contiguous(),
+                "the int8 caches must be contiguous int8 CPU tensors [B, H, T, beam, D]");
+  for (const auto* scale : {&key_scale, &value_scale})
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+                    scale->sizes() == keys.sizes().slice(0, 4),
+                "the int8 caches' scales must be contiguous float32 [B, H, T, beam]");
+  TORCH_CHECK(values.sizes() == keys.sizes(), "the keys and values caches must have one shape");
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
+                dim = keys.size(4), rows = batch * beam;
+  TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
+  TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
+  const auto [query, q_row] = rows_of_heads(q);
+  const auto [key, k_row] = rows_of_heads(k);
+  const auto [value, v_row] = rows_of_heads(v);
+  auto slots = table.contiguous();
+  auto out = torch::empty({rows, heads, dim}, q.options());
+  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
+  float *key_scale_p = key_scale.data_ptr<float>(), *value_scale_p = value_scale.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t table_steps = slots.size(2);
+  auto at_scale = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
+    return ((b * heads + h) * max_steps + t) * beam + slot;
+  };
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, b = row / beam, slot = row % beam;
+      const int64_t at = at_scale(b, h, step, slot);
+      const std::pair<const float*, std::pair<int8_t*, float*>> writes[2] = {
+          {kp + row * k_row + h * dim, {keys_p + at * dim, key_scale_p + at}},
+          {vp + row * v_row + h * dim, {values_p + at * dim, value_scale_p + at}}};
+      for (const auto& [in, target] : writes) {
+        float absmax = 0.f;
+        for (int64_t i = 0; i < dim; ++i) absmax = std::max(absmax, std::fabs(in[i]));
+        const float inverse = absmax > 0.f ? 127.0f / absmax : 0.f;
+        for (int64_t i = 0; i < dim; ++i)
+          target.first[i] = static_cast<int8_t>(std::min(std::max(std::nearbyint(in[i] * inverse), -127.f), 127.f));
+        *target.second = absmax / 127.0f;
+      }
+    }
+  });
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(step + 1), key_scales(step + 1), value_scales(step + 1);
+    std::vector<const int8_t*> key_rows(step + 1), value_rows(step + 1);
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, b = row / beam, own = row % beam;
+      const int64_t* history = slot_p + (b * beam + own) * table_steps;
+      for (int64_t t = 0; t <= step; ++t) {
+        const int64_t at = at_scale(b, h, t, history[t]);
+        key_rows[t] = keys_p + at * dim;
+        value_rows[t] = values_p + at * dim;
+        key_scales[t] = key_scale_p[at];
+        value_scales[t] = value_scale_p[at];
+      }
+      attend_int8(qp + row * q_row + h * dim, key_rows.data(), key_scales.data(), value_rows.data(),
+                  value_scales.data(), step + 1, dim, scores.data(), out_p + index * dim);
     }
   });
   return out;
@@ -567,6 +703,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write a step's inputs into the window buffer and convolve each hypothesis' last inputs (CPU)");
   m.def("cache_attention_step", &cache_attention_step,
         "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)");
+  m.def("int8_cache_attention_step", &int8_cache_attention_step,
+        "cache_attention_step over the int8 caches with per-(head, token) scales (CPU)");
   m.def("memory_attention", &memory_attention, "attention of the beams' queries over their encoder memory (CPU)");
   m.def("log_softmax_topk", &log_softmax_topk,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");

@@ -9,7 +9,8 @@
 //
 // State stays in Python (beam_cache.py: the caches are reallocated when sentences leave the batch): every call
 // takes the caches' tensors as one list in the order the layers consume them (per layer: each self-attention
-// branch's keys and values or a convolution's window buffer, then the cross-attention's keys, values, padding).
+// branch's keys and values (an int8 cache: and their scales) or a convolution's window buffer, then the
+// cross-attention's keys, values, padding).
 #include "step_kernels.h"
 
 #include <memory>
@@ -74,21 +75,27 @@ struct Branch {
   virtual Tensor forward(const Tensor& x, StepState& state) const = 0;
 };
 
-// Q/K/V in one GEMM (query scaling folded in), then cache_attention_step; takes the keys and values caches.
+// Q/K/V in one GEMM (query scaling folded in), then cache_attention_step; takes the keys and values caches (and
+// with an int8 cache their scales: int8_cache_attention_step).
 struct AttentionBranch : Branch {
-  AttentionBranch(Linear qkv, Linear out, int64_t heads, int64_t head_dim)
-      : qkv(std::move(qkv)), out(std::move(out)), heads(heads), head_dim(head_dim) {}
+  AttentionBranch(Linear qkv, Linear out, int64_t heads, int64_t head_dim, bool int8_cache)
+      : qkv(std::move(qkv)), out(std::move(out)), heads(heads), head_dim(head_dim), int8_cache(int8_cache) {}
   Tensor forward(const Tensor& x, StepState& state) const override {
     const int64_t rows = x.size(0);
     const auto projected = qkv(x).view({rows, 3, heads, head_dim});
+    const auto q = projected.select(1, 0), k = projected.select(1, 1), v = projected.select(1, 2);
     Tensor& keys = state.take();
     Tensor& values = state.take();
-    const auto attended = cache_attention_step(projected.select(1, 0), projected.select(1, 1), projected.select(1, 2),
-                                               keys, values, state.table, state.step);
-    return out(attended.view({rows, heads * head_dim}));
+    if (!int8_cache)
+      return out(cache_attention_step(q, k, v, keys, values, state.table, state.step).view({rows, heads * head_dim}));
+    Tensor& key_scale = state.take();
+    Tensor& value_scale = state.take();
+    return out(int8_cache_attention_step(q, k, v, keys, values, key_scale, value_scale, state.table, state.step)
+                   .view({rows, heads * head_dim}));
   }
   Linear qkv, out;
   int64_t heads, head_dim;
+  bool int8_cache;
 };
 
 // An LSRA convolution branch: linear, GLU optionally, the causal window, linear; takes the window. Lightweight:
@@ -271,7 +278,8 @@ void register_decoder_step(pybind11::module_& m) {
       .def(py::init<Linear, int64_t, std::optional<Norm>, Linear>());
   py::class_<Branch, std::shared_ptr<Branch>>(m, "Branch");
   py::class_<AttentionBranch, Branch, std::shared_ptr<AttentionBranch>>(m, "AttentionBranch")
-      .def(py::init<Linear, Linear, int64_t, int64_t>());
+      .def(py::init<Linear, Linear, int64_t, int64_t, bool>(), py::arg("qkv"), py::arg("out"), py::arg("heads"),
+           py::arg("head_dim"), py::arg("int8_cache") = false);
   py::class_<ConvolutionBranch, Branch, std::shared_ptr<ConvolutionBranch>>(m, "ConvolutionBranch")
       .def(py::init<Linear, bool, std::optional<Tensor>, std::optional<Linear>, int64_t, int64_t, bool, Linear>());
   py::class_<CrossAttention, std::shared_ptr<CrossAttention>>(m, "CrossAttention")

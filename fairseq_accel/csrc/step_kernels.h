@@ -11,6 +11,10 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
                                    torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
                                    int64_t step);
 
+torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                        torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
+                                        torch::Tensor& value_scale, const torch::Tensor& table, int64_t step);
+
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& padding, int64_t beam);
 

@@ -184,8 +184,9 @@ class AttentionKVCache:
         self.level_steps = level_steps
         scaled_int8 = dtype == "int8" and level_steps is None
         self.kernels = kernels if scaled_int8 else None  # the CUDA kernels serve the per-token int8 cache only
-        # the C++ CPU kernels serve the float32 cache: write and attention in one call
-        self.cpu_kernels = cpu_kernels if dtype == "fp32" and compute_dtype == torch.float32 else None
+        # the C++ CPU kernels serve the float32 and the per-token int8 cache: write and attention in one call
+        self.cpu_kernels = (cpu_kernels if compute_dtype == torch.float32 and (dtype == "fp32" or scaled_int8)
+                            else None)
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
         # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
@@ -216,9 +217,12 @@ class AttentionKVCache:
 
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """:meth:`write` the step's keys and values, then :meth:`attend` with its queries."""
+        ind = self.indirection
+        if self.cpu_kernels is not None and self.key_scale is not None:
+            return self.cpu_kernels.int8_cache_attention_step(q, k, v, self.keys, self.values, self.key_scale,
+                                                              self.value_scale, ind.table, ind.step)
         if self.cpu_kernels is not None:
-            return self.cpu_kernels.cache_attention_step(q, k, v, self.keys, self.values, self.indirection.table,
-                                                         self.indirection.step)
+            return self.cpu_kernels.cache_attention_step(q, k, v, self.keys, self.values, ind.table, ind.step)
         self.write(k, v)
         return self.attend(q)
 
@@ -250,18 +254,19 @@ class AttentionKVCache:
         return _beams_to_rows(out)
 
     def kernel_tensors(self) -> List[Tensor]:
-        """What the C++ decoder step reads and writes: the float32 keys and values."""
+        """What the C++ decoder step reads and writes: the keys and values (int8: and their scales)."""
         if self.cpu_kernels is None:
-            raise NativeStepUnsupported(f"the {self.dtype} self-attention cache has no C++ step")
-        return [self.keys, self.values]
+            what = "int8 attention path's" if self.level_steps is not None else self.dtype
+            raise NativeStepUnsupported(f"the {what} self-attention cache has no C++ step")
+        return [self.keys, self.values] + ([] if self.key_scale is None else [self.key_scale, self.value_scale])
 
     def keep(self, sentences: Tensor) -> None:
         steps = self.indirection.step + 1
         self.keys = keep_rows(self.keys, sentences, 2, steps, self.cpu_kernels)
         self.values = keep_rows(self.values, sentences, 2, steps, self.cpu_kernels)
         if self.key_scale is not None:
-            self.key_scale = keep_rows(self.key_scale, sentences, 2, steps)
-            self.value_scale = keep_rows(self.value_scale, sentences, 2, steps)
+            self.key_scale = keep_rows(self.key_scale, sentences, 2, steps, self.cpu_kernels)
+            self.value_scale = keep_rows(self.value_scale, sentences, 2, steps, self.cpu_kernels)
 
     def bytes_per_sentence(self, steps: int) -> CacheBytes:
         """Bytes a sentence's ``steps`` decoded steps occupy (all beams; keys, values and scales)."""

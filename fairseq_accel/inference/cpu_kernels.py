@@ -6,13 +6,14 @@ generator's candidate step (log-softmax, fairseq's token rules, the hypothesis' 
 pass over the logits instead of four. ``cache_attention_step`` and ``memory_attention`` are a decoding
 step's attention over the float32 self-attention cache (through the beam indirection) and over the encoder
 memory, one call each instead of a dozen ops; ``window_convolution_step`` a causal depthwise convolution's
-step (LSRA's lightweight convolution, SAN-M's FSMN) over the window buffer. Where the extension was not built (no compiler at install
+step (LSRA's lightweight convolution, SAN-M's FSMN) over the window buffer; ``int8_cache_attention_step`` the
+self-attention step over the int8 cache (per-token scales, read without a float32 copy). Where the extension was not built (no compiler at install
 time), the generator keeps its torch path and says so in one line.
 
 The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp); the
 Python step objects build it from their own weights with the ``native_*`` helpers here, and say with
-``NativeStepUnsupported`` why a model keeps the Python step (int8 or float16 caches, the int8 attention path,
-other activations). Its int8 layers (a compressed checkpoint's ``Int8Linear``) run the extension's int8 GEMM
+``NativeStepUnsupported`` why a model keeps the Python step (float16 caches, int8 cross-attention memories, the
+int8 attention path, other activations). Its int8 layers (a compressed checkpoint's ``Int8Linear``) run the extension's int8 GEMM
 (``Int8Weights``, csrc/int8_gemm_cpu.cpp), as their Python module does.
 """
 from __future__ import annotations
@@ -77,6 +78,14 @@ def cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
     ``[B, H, T, beam, D]`` and return the attention of the pre-scaled queries ``[B * beam, H, D]`` over each
     hypothesis' steps ``0..step`` through the indirection ``table`` ``[B, beam, T]`` (``beam_cache``)."""
     return _cpu_kernels.cache_attention_step(q, k, v, keys, values, table, step)
+
+
+def int8_cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
+                              table: torch.Tensor, step: int) -> torch.Tensor:
+    """:func:`cache_attention_step` over int8 caches with one scale per (head, token) (``[B, H, T, beam]``): keys and
+    values quantized as ``beam_cache.quantize_int8`` does, read as levels times scales."""
+    return _cpu_kernels.int8_cache_attention_step(q, k, v, keys, values, key_scale, value_scale, table, step)
 
 
 def memory_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor,

@@ -85,6 +85,7 @@ class SelfAttentionStep:
         # the int8 attention path: one level's value per channel of the query, key and value [3, H, D]
         steps = output_level_steps(self.qkv, self.heads, self.head_dim)
         self.level_steps = steps if options.kv_cache_dtype == "int8" else None
+        self.int8_cache = options.kv_cache_dtype == "int8"
 
     @property
     def int8_levels(self) -> bool:
@@ -107,11 +108,11 @@ class SelfAttentionStep:
         return self.out(self.cache.step(q, k, v).reshape(rows, self.heads * self.head_dim))
 
     def native(self):
-        """The C++ step's branch (float32 cache); takes the cache's keys and values."""
+        """The C++ step's branch (float32 or per-token int8 cache); takes the cache's keys and values (and scales)."""
         if self.level_steps is not None:
             raise NativeStepUnsupported("self-attention takes the int8 attention path")
         return native_kernels().AttentionBranch(native_linear(self.qkv), native_linear(self.out), self.heads,
-                                                self.head_dim)
+                                                self.head_dim, self.int8_cache)
 
 
 class ConvBranchStep:
