@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -340,14 +341,19 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   const auto x = input.contiguous();
   const int64_t rows = x.size(0), groups = packed.size(1), blocks = packed.size(0);
   const int64_t padded_in = groups * kGroup;
-  auto levels = torch::zeros({rows, padded_in}, torch::kUInt8);
+  // the activation levels: a per-thread buffer reused from call to call (a torch allocation and memset cost as
+  // much as a small layer's GEMM); the padding inputs beyond in_features meet zero weights, but are set to 0
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(rows * padded_in);
   auto out = torch::empty({rows, out_features}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
-  uint8_t* qp = levels.data_ptr<uint8_t>();
+  uint8_t* qp = buffer.data();
   const float low = static_cast<float>(-zero_point), high = static_cast<float>(kMaxLevel - zero_point);
-  for (int64_t m = 0; m < rows; ++m)
+  for (int64_t m = 0; m < rows; ++m) {
     kernels.quantize(xp + m * in_features, in_features, input_scale, low, high, static_cast<int32_t>(zero_point),
-             qp + m * padded_in);
+                     qp + m * padded_in);
+    std::fill(qp + m * padded_in + in_features, qp + (m + 1) * padded_in, uint8_t{0});
+  }
   const int8_t* wp = packed.data_ptr<int8_t>();
   const Epilogue all{offsets.data_ptr<int32_t>(), padded_scales.data_ptr<float>(), padded_bias.data_ptr<float>(),
                      out.data_ptr<float>(), out_features, out_features};
