@@ -3,12 +3,15 @@ checkpoint stores as integer levels, whose input it has a calibrated scale for, 
 an int8 GEMM to pay, becomes an :class:`~fairseq_accel.modules.int8_linear.Int8Linear` on exactly those
 levels (nothing is re-quantized). Smaller layers run float32 on the same stored levels.
 
-Why a size floor: fbgemm's int8 linear costs ~30-40 us per call whatever its size (it quantizes and packs
-the activations, and computes row offsets, on every call), and float32 ``F.linear`` of a 128x128 or 256x256
-layer on the few rows of a decoding step takes 5-40 us. Measured with ``fairseq-accel-benchmark`` on the
-mini LSRA (2026-11-30, AVX2 without VNNI; docs/results/2026-11-30_int8_execution): int8 over float32 at 5 /
-160 rows, 1 thread: 128x128 0.16 / 0.53, 256x256 0.38 / 0.98, 256x8000 6.2 / 1.8; earlier microbenchmark:
-256x1024 1.7 / 1.6, 1024x256 2.1 / 1.8. So layers of 256x1024 (262,144 weights) and more run in int8.
+The size floor depends on the int8 GEMM. The plugin's own (the C++ extension, csrc/int8_gemm_cpu.cpp) beats
+float32 ``addmm`` at every layer size measured, from 160x160 up, at a decoding step's 5 rows as at 160 (2.3x and
+1.7x there; 1 thread, AVX-512 VNNI Xeon, 2026-12-01): no floor. fbgemm's, the fallback where the extension is
+not built, costs ~30-40 us per call whatever its size (it quantizes and packs the activations, and computes row
+offsets, on every call), while float32 of a 128x128 or 256x256 layer on a step's few rows takes 5-40 us:
+measured with ``fairseq-accel-benchmark`` on the mini LSRA (2026-11-30, AVX2 without VNNI;
+docs/results/2026-11-30_int8_execution), int8 over float32 at 5 / 160 rows, 1 thread: 128x128 0.16 / 0.53,
+256x256 0.38 / 0.98, 256x8000 6.2 / 1.8; earlier microbenchmark: 256x1024 1.7 / 1.6, 1024x256 2.1 / 1.8. So
+with fbgemm, layers of 256x1024 (262,144 weights) and more run in int8.
 
 Both generators then run it: fairseq's ``SequenceGenerator`` through the modules, and the fast generator,
 whose steps call :func:`linear_step` / :func:`fused_linear_step` and so pick the int8 layers up too.
@@ -23,11 +26,14 @@ from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from fairseq_accel.compression.compressed_format import check_version, packed_tensors
+from fairseq_accel.inference.cpu_kernels import cpu_kernels_available
 from fairseq_accel.modules.int8_linear import OUTPUT_LEVEL, Int8Linear
 
 logger = logging.getLogger(__name__)
 LinearStep = Callable[[Tensor], Tensor]
-INT8_MIN_WEIGHTS = 256 * 1024  # smallest layer that runs as an int8 GEMM (module docstring)
+FBGEMM_MIN_WEIGHTS = 256 * 1024  # smallest layer that pays as an fbgemm int8 GEMM (module docstring)
+# smallest layer that runs as an int8 GEMM by default: every one with the plugin's own int8 GEMM
+INT8_MIN_WEIGHTS = 0 if cpu_kernels_available() else FBGEMM_MIN_WEIGHTS
 
 
 def _canonical(name: str, aliases: Dict[str, str]) -> str:
