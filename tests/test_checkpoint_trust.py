@@ -242,7 +242,7 @@ def test_ctranslate2_conversion_goes_through_the_checks(tmp_path: Path) -> None:
 
     marker = tmp_path / "payload_ran"
     path = malicious_checkpoint(tmp_path, "evil", payloads(marker)["subprocess_call"])
-    args = types.SimpleNamespace(path=str(path), data=str(tmp_path))
+    args = types.SimpleNamespace(path=str(path), data=str(tmp_path), ct2_from=None)
     work = types.SimpleNamespace(task=types.SimpleNamespace(cfg=types.SimpleNamespace(source_lang="src",
                                                                                         target_lang="tgt")))
     with pytest.raises(CheckpointLoadError, match="CAN EXECUTE CODE"):
