@@ -80,15 +80,21 @@ def drive(decoder, encoder_out: dict, batch: int, beam: int, dictionary, steps: 
     return logits
 
 
+def drive_both(model, sample, dictionary, native, python) -> tuple:
+    """Both decoders' logits (``drive``) on the same encoder output; the first one must have built its C++ step."""
+    with torch.no_grad():
+        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
+        logits = tuple(drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
+    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    return logits
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_native_step_gives_the_python_steps_logits_through_reorders_and_finished_sentences(name: str) -> None:
     model, dictionary, sample = build(*MODELS[name])
     native, python = (fast_generator(model, dictionary, 4).fast_decoder for _ in range(2))
     python.native_step = False  # the Python step with the same kernels
-    with torch.no_grad():
-        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
-        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
-    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
 
 
@@ -153,10 +159,7 @@ def test_layers_without_float_weights_are_called_back_from_the_native_step() -> 
     for decoder in (native, python):
         fc1 = decoder.layers[0].fc1
         decoder.layers[0].fc1 = lambda x, fc1=fc1, owner=decoder: (calls.append(owner), fc1(x) * 1.5)[1]
-    with torch.no_grad():
-        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
-        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
-    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
     assert calls.count(native) == calls.count(python) == len(native_logits)
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
 
@@ -175,9 +178,6 @@ def test_int8_layers_run_the_native_int8_gemm_inside_the_native_step() -> None:
         int8 = Int8Linear.from_linear(float_layer, 8, 0.05)
         int8.register_forward_hook(lambda *_, owner=decoder: module_calls.append(owner))
         decoder.layers[0].fc1 = int8
-    with torch.no_grad():
-        encoder_out = model.encoder.forward_torchscript(sample["net_input"])
-        native_logits, python_logits = (drive(d, encoder_out, 4, 4, dictionary) for d in (native, python))
-    assert isinstance(native.native_step, cpu_kernels.native_kernels().DecoderStep)
+    native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
     assert module_calls.count(native) == 0 and module_calls.count(python) == len(python_logits)
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
