@@ -26,6 +26,7 @@ one run: compare rows, not runs. The recipes draw the rows' speed against their 
 """
 import argparse
 import copy
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -126,7 +127,11 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
         raise BenchmarkError(f"--path {args.path}: no such checkpoint")
     if not Path(args.data).is_dir():
         raise BenchmarkError(f"data directory {args.data} does not exist")
-    overrides = {"data": args.data, "config_yaml": args.config_yaml}
+    # the generation options a checkpoint's task config saved (the defaults of when it was trained) do not apply:
+    # each benchmarked system sets its own
+    overrides = {"data": args.data, "config_yaml": args.config_yaml,
+                 **{option.name: option.default for option in dataclasses.fields(AccelGenerationConfig)
+                    if not option.name.startswith("_")}}
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides)
     for model in models:
         model.eval()

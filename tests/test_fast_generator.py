@@ -21,6 +21,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from fairseq_accel import benchmarking
+from fairseq_accel.compat import checkpoint_loading
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.beam_cache import AttentionKVCache
@@ -358,6 +359,23 @@ def test_benchmark_batches_like_fairseq_generate(trained: Path, tiny_translation
     expected = [batch["id"].tolist() for batch in generate]
     assert [batch["id"].tolist() for batch in work.batches] == expected
     assert expected != [list(range(i, min(i + 4, len(dataset)))) for i in range(0, len(dataset), 4)]
+
+
+@pytest.mark.parametrize("trained", ["transformer"], indirect=True)
+def test_benchmark_ignores_the_generation_options_a_checkpoint_saved(trained: Path, tiny_translation_data: Path,
+                                                                    tmp_path: Path) -> None:
+    """A checkpoint saves its task's generation options with the defaults of its day (here an older
+    --int8-min-weights and --accel-generator fast); the benchmark sets each system's options itself."""
+    state = checkpoint_loading.read_checkpoint(str(trained))
+    state["cfg"]["task"].update(_name="translation_accel", int8_min_weights=256 * 1024, accel_generator="fast")
+    older = tmp_path / "older.pt"
+    torch.save(state, older)
+    args = SimpleNamespace(path=str(older), data=str(tiny_translation_data), config_yaml="config.yaml",
+                           gen_subset="test", max_sentences=4, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200)
+    task, models = benchmarking.load_checkpoint(args)
+    task.load_dataset("test")
+    work = benchmarking.build_workload(args, 4, task, models)
+    assert type(benchmarking._fairseq_generator(work, "stock")).__name__ == "SequenceGenerator"
 
 
 def test_benchmark_settings_take_turns() -> None:
