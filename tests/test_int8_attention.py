@@ -12,6 +12,7 @@ from fairseq.modules import MultiheadAttention
 import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from model_builders import build_speech_model
 from fairseq_accel.compression.activation_calibration import cached_projections
+from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import BeamState
 from fairseq_accel.inference.fast_decoder import FastDecodingOptions
 from fairseq_accel.inference.sanm_step import SANMCrossAttentionStep
@@ -47,10 +48,12 @@ def step_inputs() -> List[torch.Tensor]:
     return [torch.randn(BATCH * BEAM, EMBED, generator=generator) for _ in range(STEPS)]
 
 
-def run_self_attention(attention: MultiheadAttention, options: FastDecodingOptions) -> List[torch.Tensor]:
-    """The step's outputs over ``STEPS`` steps, the beams reordered after each (hypothesis 0 continues 2)."""
+def run_self_attention(attention: MultiheadAttention, options: FastDecodingOptions,
+                       kernels=None) -> List[torch.Tensor]:
+    """The step's outputs over ``STEPS`` steps, the beams reordered after each (hypothesis 0 continues 2), on the
+    torch path or the C++ ``kernels``."""
     step = SelfAttentionStep(attention, options)
-    state = BeamState(BATCH, BEAM, STEPS, torch.device("cpu"))
+    state = BeamState(BATCH, BEAM, STEPS, torch.device("cpu"), cpu_kernels=kernels)
     step.start(state, options, torch.float32, torch.device("cpu"))
     outputs = []
     for x in step_inputs():
@@ -65,13 +68,22 @@ def relative_error(approximate: torch.Tensor, exact: torch.Tensor) -> float:
     return float((approximate - exact).detach().norm() / exact.detach().norm())
 
 
-def test_self_attention_on_output_levels_is_the_float_cache_attention() -> None:
+@pytest.mark.parametrize("kernels", ["torch", "C++"])
+def test_self_attention_on_output_levels_is_the_float_cache_attention(kernels: str) -> None:
+    """On the torch path and on the C++ kernel (which rounds the projection's float32 outputs to their levels
+    itself); the two agree to float rounding."""
+    if kernels == "C++" and not cpu_kernels.cpu_kernels_available():
+        pytest.skip("the C++ CPU kernels are not built (pip install -e . with g++)")
+    module = cpu_kernels if kernels == "C++" else None
     inputs = torch.cat(step_inputs())
     attention = int8_attention(inputs)
     exact = run_self_attention(attention, FLOAT)
-    on_levels = run_self_attention(attention, LEVELS)
+    on_levels = run_self_attention(attention, LEVELS, module)
     errors = [relative_error(a, b) for a, b in zip(on_levels, exact)]
     assert max(errors) < 0.02, errors  # 8-bit keys/values per channel: ~1 % of the attention output
+    if module is not None:
+        on_torch = run_self_attention(attention, LEVELS)
+        assert max(relative_error(a, b) for a, b in zip(on_levels, on_torch)) < 1e-5
 
 
 def sanm_cross_attention(queries: torch.Tensor, memory: torch.Tensor) -> MultiHeadedCrossAttention:

@@ -181,3 +181,20 @@ def test_int8_layers_run_the_native_int8_gemm_inside_the_native_step() -> None:
     native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
     assert module_calls.count(native) == 0 and module_calls.count(python) == len(python_logits)
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
+
+
+def test_the_int8_attention_path_runs_in_the_native_step() -> None:
+    """Self-attention projections with calibrated output ranges and an int8 cache (the int8 attention path): the C++
+    step stores their output levels and attends over them, giving the Python step's logits exactly."""
+    model, dictionary, sample = build(*MODELS["transformer post-norm"])
+    for layer in model.decoder.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            int8 = Int8Linear.from_linear(getattr(layer.self_attn, name), 8, 0.05)
+            ranges = torch.full((int8.out_features,), 2.0)  # some outputs beyond: their levels clamp
+            setattr(layer.self_attn, name, Int8Linear(int8.levels, int8.row_scales, int8.bias, int8.input_scale,
+                                                      int8.input_zero_point, ranges))
+    native, python = (fast_generator(model, dictionary, 4, kv_cache_dtype="int8").fast_decoder for _ in range(2))
+    python.native_step = False
+    native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
+    assert native.layers[0].self_attn.int8_levels and native.layers[0].self_attn.cache.keys.dtype == torch.int8
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))

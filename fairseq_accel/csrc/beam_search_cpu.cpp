@@ -604,6 +604,79 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
   return out;
 }
 
+// The int8 attention path's self-attention step (the int8 projection's float32 outputs q, k, v [B * beam, H, D]):
+// each output rounded to its calibrated level, clamp(nearbyint(x * factor), -128, 127) with factor = 127 / absmax
+// per channel (level_factors [3, H, D] for q, k, v: Int8Linear.forward_levels' formula), k and v levels written
+// into the int8 caches ([B, H, T, beam, D], no scales), the attention read from the levels: the query's levels
+// times its and the key's level steps (level_steps [3, H, D], absmax / 127), the output times the value's.
+torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                         torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& level_factors,
+                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(k, "k", 3);
+  check_float_cpu(v, "v", 3);
+  for (const auto* cache : {&keys, &values})
+    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == torch::kInt8 && cache->dim() == 5 &&
+                    cache->is_contiguous() && cache->sizes() == keys.sizes(),
+                "the int8 caches must be contiguous int8 CPU tensors [B, H, T, beam, D] of one shape");
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
+                dim = keys.size(4), rows = batch * beam;
+  TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
+  TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
+  for (const auto* levels : {&level_factors, &level_steps})
+    TORCH_CHECK(levels->scalar_type() == torch::kFloat32 && levels->dim() == 3 && levels->size(0) == 3 &&
+                    levels->size(1) == heads && levels->size(2) == dim,
+                "level factors and steps must be float32 [3, H, D]");
+  const auto [query, q_row] = rows_of_heads(q);
+  const auto [key, k_row] = rows_of_heads(k);
+  const auto [value, v_row] = rows_of_heads(v);
+  const auto factors = level_factors.contiguous(), steps = level_steps.contiguous(), slots = table.contiguous();
+  auto out = torch::empty({rows, heads, dim}, q.options());
+  const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
+  const float *factor_p = factors.data_ptr<float>(), *step_p = steps.data_ptr<float>();
+  int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
+  float* out_p = out.data_ptr<float>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t table_steps = slots.size(2), part = heads * dim;
+  auto level = [](float x, float factor) { return std::min(std::max(std::nearbyint(x * factor), -128.f), 127.f); };
+  auto at_cache = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
+    return (((b * heads + h) * max_steps + t) * beam + slot) * dim;
+  };
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, at = at_cache(row / beam, h, step, row % beam);
+      const float *k_in = kp + row * k_row + h * dim, *v_in = vp + row * v_row + h * dim;
+      const float *k_factor = factor_p + part + h * dim, *v_factor = factor_p + 2 * part + h * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        keys_p[at + i] = static_cast<int8_t>(level(k_in[i], k_factor[i]));
+        values_p[at + i] = static_cast<int8_t>(level(v_in[i], v_factor[i]));
+      }
+    }
+  });
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(step + 1), unit_scales(step + 1, 1.f), query_steps(dim);
+    std::vector<const int8_t*> key_rows(step + 1), value_rows(step + 1);
+    for (int64_t index = first; index < last; ++index) {
+      const int64_t row = index / heads, h = index % heads, b = row / beam;
+      const int64_t* history = slot_p + row * table_steps;
+      const float *q_in = qp + row * q_row + h * dim, *q_factor = factor_p + h * dim;
+      const float *q_step = step_p + h * dim, *k_step = step_p + part + h * dim, *v_step = step_p + 2 * part + h * dim;
+      for (int64_t i = 0; i < dim; ++i) query_steps[i] = level(q_in[i], q_factor[i]) * q_step[i] * k_step[i];
+      for (int64_t t = 0; t <= step; ++t) {
+        key_rows[t] = keys_p + at_cache(b, h, t, history[t]);
+        value_rows[t] = values_p + at_cache(b, h, t, history[t]);
+      }
+      float* o = out_p + index * dim;
+      attend_int8(query_steps.data(), key_rows.data(), unit_scales.data(), value_rows.data(), unit_scales.data(),
+                  step + 1, dim, scores.data(), o);
+      for (int64_t i = 0; i < dim; ++i) o[i] *= v_step[i];
+    }
+  });
+  return out;
+}
+
 // The attention ([B * beam, H, D]) of the (pre-scaled) queries over their sentence's encoder keys and values
 // ([B, H, S, D]), padded positions (padding [B, S], bool, or an empty tensor) left out.
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
@@ -705,6 +778,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)");
   m.def("int8_cache_attention_step", &int8_cache_attention_step,
         "cache_attention_step over the int8 caches with per-(head, token) scales (CPU)");
+  m.def("level_cache_attention_step", &level_cache_attention_step,
+        "the int8 attention path's step: projection outputs rounded to calibrated levels, int8 caches (CPU)");
   m.def("memory_attention", &memory_attention, "attention of the beams' queries over their encoder memory (CPU)");
   m.def("log_softmax_topk", &log_softmax_topk,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");

@@ -76,26 +76,40 @@ struct Branch {
 };
 
 // Q/K/V in one GEMM (query scaling folded in), then cache_attention_step; takes the keys and values caches (and
-// with an int8 cache their scales: int8_cache_attention_step).
+// with an int8 cache their scales: int8_cache_attention_step). With level factors and steps (the int8 attention
+// path): the int8 caches hold the projection's calibrated output levels, level_cache_attention_step.
 struct AttentionBranch : Branch {
-  AttentionBranch(Linear qkv, Linear out, int64_t heads, int64_t head_dim, bool int8_cache)
-      : qkv(std::move(qkv)), out(std::move(out)), heads(heads), head_dim(head_dim), int8_cache(int8_cache) {}
+  AttentionBranch(Linear qkv, Linear out, int64_t heads, int64_t head_dim, bool int8_cache,
+                  std::optional<Tensor> level_factors, std::optional<Tensor> level_steps)
+      : qkv(std::move(qkv)), out(std::move(out)), heads(heads), head_dim(head_dim), int8_cache(int8_cache),
+        level_factors(std::move(level_factors)), level_steps(std::move(level_steps)) {
+    TORCH_CHECK(this->level_factors.has_value() == this->level_steps.has_value() &&
+                    (!this->level_steps || int8_cache),
+                "the int8 attention path needs an int8 cache and both its level factors and steps");
+  }
   Tensor forward(const Tensor& x, StepState& state) const override {
     const int64_t rows = x.size(0);
     const auto projected = qkv(x).view({rows, 3, heads, head_dim});
     const auto q = projected.select(1, 0), k = projected.select(1, 1), v = projected.select(1, 2);
     Tensor& keys = state.take();
     Tensor& values = state.take();
-    if (!int8_cache)
-      return out(cache_attention_step(q, k, v, keys, values, state.table, state.step).view({rows, heads * head_dim}));
-    Tensor& key_scale = state.take();
-    Tensor& value_scale = state.take();
-    return out(int8_cache_attention_step(q, k, v, keys, values, key_scale, value_scale, state.table, state.step)
-                   .view({rows, heads * head_dim}));
+    Tensor attended;
+    if (level_steps) {
+      attended = level_cache_attention_step(q, k, v, keys, values, *level_factors, *level_steps, state.table,
+                                            state.step);
+    } else if (int8_cache) {
+      Tensor& key_scale = state.take();
+      Tensor& value_scale = state.take();
+      attended = int8_cache_attention_step(q, k, v, keys, values, key_scale, value_scale, state.table, state.step);
+    } else {
+      attended = cache_attention_step(q, k, v, keys, values, state.table, state.step);
+    }
+    return out(attended.view({rows, heads * head_dim}));
   }
   Linear qkv, out;
   int64_t heads, head_dim;
   bool int8_cache;
+  std::optional<Tensor> level_factors, level_steps;  // [3, H, D] each
 };
 
 // An LSRA convolution branch: linear, GLU optionally, the causal window, linear; takes the window. Lightweight:
@@ -278,8 +292,10 @@ void register_decoder_step(pybind11::module_& m) {
       .def(py::init<Linear, int64_t, std::optional<Norm>, Linear>());
   py::class_<Branch, std::shared_ptr<Branch>>(m, "Branch");
   py::class_<AttentionBranch, Branch, std::shared_ptr<AttentionBranch>>(m, "AttentionBranch")
-      .def(py::init<Linear, Linear, int64_t, int64_t, bool>(), py::arg("qkv"), py::arg("out"), py::arg("heads"),
-           py::arg("head_dim"), py::arg("int8_cache") = false);
+      .def(py::init<Linear, Linear, int64_t, int64_t, bool, std::optional<Tensor>, std::optional<Tensor>>(),
+           py::arg("qkv"), py::arg("out"), py::arg("heads"),
+           py::arg("head_dim"), py::arg("int8_cache") = false, py::arg("level_factors") = std::nullopt,
+           py::arg("level_steps") = std::nullopt);
   py::class_<ConvolutionBranch, Branch, std::shared_ptr<ConvolutionBranch>>(m, "ConvolutionBranch")
       .def(py::init<Linear, bool, std::optional<Tensor>, std::optional<Linear>, int64_t, int64_t, bool, Linear>());
   py::class_<CrossAttention, std::shared_ptr<CrossAttention>>(m, "CrossAttention")

@@ -15,6 +15,10 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
                                         torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
                                         torch::Tensor& value_scale, const torch::Tensor& table, int64_t step);
 
+torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                         torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& level_factors,
+                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step);
+
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& padding, int64_t beam);
 

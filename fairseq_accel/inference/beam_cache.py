@@ -184,9 +184,9 @@ class AttentionKVCache:
         self.level_steps = level_steps
         scaled_int8 = dtype == "int8" and level_steps is None
         self.kernels = kernels if scaled_int8 else None  # the CUDA kernels serve the per-token int8 cache only
-        # the C++ CPU kernels serve the float32 and the per-token int8 cache: write and attention in one call
-        self.cpu_kernels = (cpu_kernels if compute_dtype == torch.float32 and (dtype == "fp32" or scaled_int8)
-                            else None)
+        # the C++ CPU kernels serve the float32, the per-token int8 and the levels cache: write and attention in
+        # one call
+        self.cpu_kernels = cpu_kernels if compute_dtype == torch.float32 and dtype in ("fp32", "int8") else None
         storage = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
         shape = (indirection.batch, heads, indirection.max_steps, indirection.beam, head_dim)
         # Not zeroed: attention reads steps 0..step only, and every row writes its own slot at every step.
@@ -218,6 +218,8 @@ class AttentionKVCache:
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """:meth:`write` the step's keys and values, then :meth:`attend` with its queries."""
         ind = self.indirection
+        if self.cpu_kernels is not None and self.level_steps is not None:
+            raise ValueError("the levels cache on the C++ kernels takes the projection's outputs: level_step")
         if self.cpu_kernels is not None and self.key_scale is not None:
             return self.cpu_kernels.int8_cache_attention_step(q, k, v, self.keys, self.values, self.key_scale,
                                                               self.value_scale, ind.table, ind.step)
@@ -225,6 +227,15 @@ class AttentionKVCache:
             return self.cpu_kernels.cache_attention_step(q, k, v, self.keys, self.values, ind.table, ind.step)
         self.write(k, v)
         return self.attend(q)
+
+    def level_step(self, q: Tensor, k: Tensor, v: Tensor, level_factors: Tensor, level_steps: Tensor) -> Tensor:
+        """The int8 attention path on the C++ kernels (:meth:`step`'s twin, ``level_steps`` given): the int8
+        projection's float32 outputs ``q, k, v [B * beam, H, D]`` rounded to their levels inside the kernel
+        (``level_factors`` ``[3, H, D]``: 127 / calibrated absmax; ``level_steps``: its inverse), k and v
+        stored as levels, the attention read from them."""
+        ind = self.indirection
+        return self.cpu_kernels.level_cache_attention_step(q, k, v, self.keys, self.values, level_factors,
+                                                           level_steps, ind.table, ind.step)
 
     def attend(self, q: Tensor) -> Tensor:
         """Attention of the step's queries ``[B * beam, H, D]`` (pre-scaled) over each one's history."""
@@ -256,8 +267,7 @@ class AttentionKVCache:
     def kernel_tensors(self) -> List[Tensor]:
         """What the C++ decoder step reads and writes: the keys and values (int8: and their scales)."""
         if self.cpu_kernels is None:
-            what = "int8 attention path's" if self.level_steps is not None else self.dtype
-            raise NativeStepUnsupported(f"the {what} self-attention cache has no C++ step")
+            raise NativeStepUnsupported(f"the {self.dtype} self-attention cache has no C++ step")
         return [self.keys, self.values] + ([] if self.key_scale is None else [self.key_scale, self.value_scale])
 
     def keep(self, sentences: Tensor) -> None:

@@ -88,6 +88,13 @@ def int8_cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _cpu_kernels.int8_cache_attention_step(q, k, v, keys, values, key_scale, value_scale, table, step)
 
 
+def level_cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                               values: torch.Tensor, level_factors: torch.Tensor, level_steps: torch.Tensor,
+                               table: torch.Tensor, step: int) -> torch.Tensor:
+    """The int8 attention path's step over int8 caches of calibrated levels (``AttentionKVCache.level_step``)."""
+    return _cpu_kernels.level_cache_attention_step(q, k, v, keys, values, level_factors, level_steps, table, step)
+
+
 def memory_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor,
                      beam: int) -> torch.Tensor:
     """The attention of the pre-scaled queries ``[B * beam, H, D]`` over their sentence's float32 encoder

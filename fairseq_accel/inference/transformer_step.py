@@ -9,7 +9,9 @@ folded in) and runs one token per hypothesis through the same computation as
 The int8 attention path (arXiv 2104.05784): when the model runs int8 layers with calibrated output ranges
 (a compressed checkpoint, ``Int8Linear.forward_levels``) and the cache is int8, the query/key/value
 projections return int8 levels, keys and values go into the caches as they are, and Q.K^T, softmax and .V
-run in float32 on them (the caches fold each channel's fixed step into the query and the output).
+run in float32 on them (the caches fold each channel's fixed step into the query and the output). On the C++
+kernels the rounding to levels, the cache writes and the attention are one call (``level_cache_attention_step``),
+which the C++ decoder step runs too.
 """
 from types import ModuleType
 from typing import Callable, Dict, List, Optional
@@ -85,6 +87,7 @@ class SelfAttentionStep:
         # the int8 attention path: one level's value per channel of the query, key and value [3, H, D]
         steps = output_level_steps(self.qkv, self.heads, self.head_dim)
         self.level_steps = steps if options.kv_cache_dtype == "int8" else None
+        self.level_factors = None if self.level_steps is None else self.qkv.output_level_factors().view_as(steps)
         self.int8_cache = options.kv_cache_dtype == "int8"
 
     @property
@@ -100,6 +103,10 @@ class SelfAttentionStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.size(0)
+        if self.level_steps is not None and self.cache.cpu_kernels is not None:
+            q, k, v = self.qkv(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
+            attended = self.cache.level_step(q, k, v, self.level_factors, self.level_steps)
+            return self.out(attended.reshape(rows, self.heads * self.head_dim))
         if self.level_steps is not None:
             q, k, v = self.qkv.forward_levels(x).view(rows, 3, self.heads, self.head_dim).unbind(1)
             q = q.to(x.dtype) * self.level_steps[0]
@@ -108,11 +115,10 @@ class SelfAttentionStep:
         return self.out(self.cache.step(q, k, v).reshape(rows, self.heads * self.head_dim))
 
     def native(self):
-        """The C++ step's branch (float32 or per-token int8 cache); takes the cache's keys and values (and scales)."""
-        if self.level_steps is not None:
-            raise NativeStepUnsupported("self-attention takes the int8 attention path")
+        """The C++ step's branch (float32, per-token int8 or levels cache); takes the cache's keys and values (and
+        scales)."""
         return native_kernels().AttentionBranch(native_linear(self.qkv), native_linear(self.out), self.heads,
-                                                self.head_dim, self.int8_cache)
+                                                self.head_dim, self.int8_cache, self.level_factors, self.level_steps)
 
 
 class ConvBranchStep:

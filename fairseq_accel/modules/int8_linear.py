@@ -215,16 +215,22 @@ class Int8Linear(nn.Module):
             y = self._rescaled(self.quantize_input(x.float()) @ self.levels.float().t()).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def output_level_factors(self) -> Tensor:
+        """``127 / output_absmax``: an output's level is ``round(y * factor)`` (clamped to int8)."""
+        return OUTPUT_LEVEL / self.output_absmax
+
     def forward_levels(self, x: Tensor) -> Tensor:
-        """int8 outputs ``q [..., out]``, ``y[c] ~ q[c] * output_absmax[c] / 127`` (module docstring): on the
-        CPU requantized by fbgemm inside the GEMM, elsewhere rounded from the float32 outputs (same formula)."""
+        """int8 outputs ``q [..., out]``, ``y[c] ~ q[c] * output_absmax[c] / 127`` (module docstring): rounded
+        from the float32 outputs; where only fbgemm's int8 GEMM is there (no C++ extension), requantized by
+        fbgemm inside the GEMM (same formula)."""
         if self.output_absmax is None:
             raise ValueError("Int8Linear.forward_levels needs calibrated output ranges (output_absmax)")
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32
+        if self._packed is not None and cpu_float and self.native_weights() is None:
             if self._packed_to_levels is None:
-                factors = OUTPUT_LEVEL / self.output_absmax
+                factors = self.output_level_factors()
                 bias = None if self.bias is None else self.bias * factors
                 self._packed_to_levels = _prepack(self.levels, self.row_scales * factors, bias)
             x = torch.quantize_per_tensor(torch.clamp(x, *self._input_range), self.input_scale,
@@ -232,7 +238,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear(x, self._packed_to_levels, 1.0, OUTPUT_ZERO_POINT)
             q = y.int_repr().bitwise_xor_(OUTPUT_ZERO_POINT).view(torch.int8)
         else:
-            y = self.forward(x).float() * (OUTPUT_LEVEL / self.output_absmax)
+            y = self.forward(x).float() * self.output_level_factors()
             q = torch.clamp(torch.round(y), -OUTPUT_ZERO_POINT, OUTPUT_LEVEL).to(torch.int8)
         return q.reshape(*shape[:-1], self.out_features)
 
