@@ -124,7 +124,7 @@ def test_float_emulation_matches_the_int8_gemm(zero_point: int) -> None:
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_int8_gemm_is_the_emulation_bit_for_bit_on_every_instruction_set(isa: str, zero_point: int,
                                                                                   bias: bool) -> None:
-    """The C++ GEMM's tiles (up to 4 rows x 64 columns), their edges (rows and columns that do not fill a tile,
+    """The C++ GEMM's tiles (up to 6 rows x 64 columns), their edges (rows and columns that do not fill a tile,
     inputs that are not a multiple of 4) and its quantization give exactly the emulation's float32 outputs."""
     weights = random_layer(1, 1, seed=0).native_weights()
     if isa not in NATIVE_ISAS[NATIVE_ISAS.index(cpu_kernels._cpu_kernels.int8_gemm_isa()):]:
@@ -133,7 +133,7 @@ def test_native_int8_gemm_is_the_emulation_bit_for_bit_on_every_instruction_set(
         pytest.skip(f"this CPU has no {isa}")
     for outputs, inputs in [(93, 61), (17, 5), (64, 256), (130, 9)]:
         layer = random_layer(outputs, inputs, seed=outputs, bias=bias, zero_point=zero_point)
-        for rows in (1, 3, 5, 9, 13, 40):
+        for rows in (1, 3, 5, 6, 9, 13, 40):
             x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
             assert torch.equal(layer.native_weights().run(x, isa), emulated(layer, x)), (outputs, inputs, rows)
     extreme = Int8Linear(torch.full((20, 256), -127, dtype=torch.int8), torch.full((20,), 0.01), None, 0.01, zero_point)

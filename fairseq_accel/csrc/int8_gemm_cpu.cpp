@@ -2,7 +2,7 @@
 // calibrated scale, int8 weights packed once, int32 accumulation, float32 output
 //
 //     y[m, n] = (sum_k q[m, k] * w[n, k] - z * sum_k w[n, k]) * scale[n] + bias[n],
-//     q = clamp(nearbyint(x / input_scale), -z, 127 - z) + z,  scale[n] = row_scale[n] * input_scale
+//     q = clamp(nearbyint(x * (1 / input_scale)), -z, 127 - z) + z,  scale[n] = row_scale[n] * input_scale
 //
 // (fairseq_accel/modules/int8_linear.py: the same levels and formula as its fbgemm and emulated paths). fbgemm's
 // linear quantizes and packs the activations and computes their row offsets in separate passes on every call,
@@ -30,7 +30,7 @@ namespace {
 constexpr int64_t kBlockColumns = 16;  // columns per packed block
 constexpr int64_t kGroup = 4;          // inputs per column in a block row (one int32 lane of vpdpbusd)
 constexpr int64_t kBlockBytes = kBlockColumns * kGroup;
-constexpr int kMaxTileRows = 4;
+constexpr int kMaxTileRows = 6;  // AVX-512: 6 x 4 sums, 4 weights and the broadcast in 29 of its 32 registers
 constexpr int kTileBlocks = 4;  // 64 columns per tile
 constexpr int kMaxLevel = 127;  // 7-bit activations
 
@@ -74,6 +74,14 @@ void tile_baseline(const uint8_t* q, int64_t rows, int64_t groups, const int8_t*
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
+// sum += a (unsigned bytes) . w (signed bytes), four products per int32 lane, in place. The intrinsic leaves GCC 12
+// free to put the result in another register: it then copied every sum twice per step (32 register moves per 16
+// vpdpbusd, half of VNNI's peak); the tied asm operand keeps each sum in its register.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void dpbusd(__m512i& sum, __m512i a,
+                                                                                       __m512i w) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(sum) : "v"(a), "v"(w));
+}
+
 // The sums live in one flat array, every loop over it unrolled: GCC then keeps them in registers (with a 2-D
 // array it spilled them to the stack on every step). Multiply, then add in the epilogue: the emulated path's
 // float formula, not a fused multiply-add (hence fp-contract off).
@@ -94,7 +102,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), optimize("fp-contract=off"
       std::memcpy(&four, q + m * groups * kGroup + g * kGroup, sizeof(four));
       const __m512i a = _mm512_set1_epi32(four);
 #pragma GCC unroll 8
-      for (int b = 0; b < Blocks; ++b) sums[m * Blocks + b] = _mm512_dpbusd_epi32(sums[m * Blocks + b], a, weights[b]);
+      for (int b = 0; b < Blocks; ++b) dpbusd(sums[m * Blocks + b], a, weights[b]);
     }
   }
 #pragma GCC unroll 8
@@ -201,8 +209,8 @@ struct Avx2Kernel {
   }
 };
 
-// rows x blocks per tile: AVX-512 keeps 4 x 4 sums, 4 weights and the broadcast in its 32 registers (GCC 12
-// spilled 6 x 4 sums on every step); AVX2 4 x 2 (one block) of its 16
+// rows x blocks per tile: AVX-512 keeps 6 x 4 sums, 4 weights and the broadcast in its 32 registers (a beam of 5
+// in one pass over the weights); AVX2 4 x 2 (one block) of its 16
 const TileTable<VnniKernel, kMaxTileRows, kTileBlocks> vnni_tiles;
 const TileTable<Avx2Kernel, 4, 1> avx2_tiles;
 
@@ -214,46 +222,47 @@ void tile_avx2(const uint8_t* q, int64_t rows, int64_t groups, const int8_t* w, 
 }
 #endif
 
-// q[i] = clamp(nearbyint(x[i] / scale), low, high) + zero point (IEEE division and round-half-even in every
-// variant, so all give the same levels).
+// q[i] = clamp(nearbyint(x[i] * inverse), low, high) + zero point, inverse = the float32 1 / input scale (a product
+// and round-half-even in every variant, so all give the same levels; a division's throughput made quantizing a
+// 640-wide input cost as much as its GEMM).
 using QuantizeFunction = void (*)(const float* x, int64_t n, float scale, float low, float high, int32_t zero_point,
                                   uint8_t* q);
 
-void quantize_baseline(const float* x, int64_t n, float scale, float low, float high, int32_t zero_point,
+void quantize_baseline(const float* x, int64_t n, float inverse, float low, float high, int32_t zero_point,
                        uint8_t* q) {
   for (int64_t i = 0; i < n; ++i)
-    q[i] = static_cast<uint8_t>(static_cast<int>(std::min(std::max(std::nearbyint(x[i] / scale), low), high)) +
+    q[i] = static_cast<uint8_t>(static_cast<int>(std::min(std::max(std::nearbyint(x[i] * inverse), low), high)) +
                                 zero_point);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f"))) void quantize_avx512(const float* x, int64_t n, float scale, float low,
+__attribute__((target("avx512f"))) void quantize_avx512(const float* x, int64_t n, float inverse, float low,
                                                         float high, int32_t zero_point, uint8_t* q) {
-  const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
+  const __m512 s = _mm512_set1_ps(inverse), lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
   const __m512i z = _mm512_set1_epi32(zero_point);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 level = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), s),
+    const __m512 level = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), s),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512i shifted = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(level, lo), hi)), z);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(shifted));
   }
-  quantize_baseline(x + i, n - i, scale, low, high, zero_point, q + i);
+  quantize_baseline(x + i, n - i, inverse, low, high, zero_point, q + i);
 }
 
-__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float scale, float low, float high,
+__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float inverse, float low, float high,
                                                    int32_t zero_point, uint8_t* q) {
-  const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
+  const __m256 s = _mm256_set1_ps(inverse), lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(high);
   const __m256i z = _mm256_set1_epi32(zero_point);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 level = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s),
+    const __m256 level = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i shifted = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(level, lo), hi)), z);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(shifted), _mm256_extracti128_si256(shifted, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(words, words));
   }
-  quantize_baseline(x + i, n - i, scale, low, high, zero_point, q + i);
+  quantize_baseline(x + i, n - i, inverse, low, high, zero_point, q + i);
 }
 #endif
 
@@ -300,6 +309,7 @@ Int8Weights::Int8Weights(const torch::Tensor& levels, const torch::Tensor& scale
       scales(scales.contiguous()),
       bias(std::move(bias)),
       input_scale(static_cast<float>(input_scale)),
+      inverse_scale(static_cast<float>(1.0 / input_scale)),
       zero_point(zero_point) {
   TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == torch::kInt8 && levels.dim() == 2,
               "int8 weights must be an int8 CPU tensor [out, in]");
@@ -350,7 +360,7 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   uint8_t* qp = buffer.data();
   const float low = static_cast<float>(-zero_point), high = static_cast<float>(kMaxLevel - zero_point);
   for (int64_t m = 0; m < rows; ++m) {
-    kernels.quantize(xp + m * in_features, in_features, input_scale, low, high, static_cast<int32_t>(zero_point),
+    kernels.quantize(xp + m * in_features, in_features, inverse_scale, low, high, static_cast<int32_t>(zero_point),
                      qp + m * padded_in);
     std::fill(qp + m * padded_in + in_features, qp + (m + 1) * padded_in, uint8_t{0});
   }
