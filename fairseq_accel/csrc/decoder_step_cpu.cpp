@@ -30,7 +30,7 @@ struct Linear {
   explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
   Tensor operator()(const Tensor& x) const {
     if (int8) return (*int8)(x);
-    if (layer) return (*layer)(x).cast<Tensor>();
+    if (layer) return (*layer)(x).cast<Tensor>().clone();  // a tensor of its own: the step adds into outputs
     return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
   }
   Tensor weight_t;
@@ -51,9 +51,10 @@ struct Norm {
 
 enum Activation : int64_t { kRelu = 0, kGelu = 1 };
 
-Tensor activate(const Tensor& x, int64_t activation) {
+// In place on the layer's fresh output (the same values as at::relu / at::gelu, one allocation less).
+Tensor activate(Tensor x, int64_t activation) {
   TORCH_CHECK(activation == kRelu || activation == kGelu, "unknown activation ", activation);
-  return activation == kRelu ? at::relu(x) : at::gelu(x);
+  return activation == kRelu ? at::relu_(x) : at::gelu_(x);
 }
 
 // One step's inputs: the caches' tensors, taken in order, the beam indirection table and the step.
@@ -188,10 +189,11 @@ struct TransformerLayer : Layer {
     TORCH_CHECK(!this->cross || this->cross_norm, "a cross-attention needs its norm");
   }
 
-  // x + body(norm(x)) (pre-norm) or norm(x + body(x)) (post-norm)
+  // x + body(norm(x)) (pre-norm) or norm(x + body(x)) (post-norm); the sum in place on the body's fresh output
+  // (float addition commutes: the same values as x + body)
   template <typename Body>
   Tensor block(const Tensor& x, const Norm& norm, Body body) const {
-    return pre_norm ? x + body(norm(x)) : norm(x + body(x));
+    return pre_norm ? body(norm(x)).add_(x) : norm(body(x).add_(x));
   }
 
   Tensor self_attention(const Tensor& x, StepState& state) const {
