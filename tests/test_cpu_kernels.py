@@ -221,3 +221,21 @@ def test_compact_sentences_equals_index_select_of_the_written_steps(dtype: torch
     assert torch.equal(whole, before.index_select(0, torch.tensor([0, 2])))
     with pytest.raises(RuntimeError, match="increasing row indices"):
         cpu_kernels.compact_sentences(buffer, torch.tensor([2, 1]), 2, 4)
+
+
+def test_table_advance_is_the_torch_gather() -> None:
+    """BeamIndirection.advance with the C++ kernels (one in-place call) and with torch (gather) give the same table
+    over steps and a finished sentence; a parent outside the beam is a one-line error."""
+    generator = torch.Generator().manual_seed(3)
+    torch_path, native = (BeamIndirection(3, 4, 9, torch.device("cpu"), kernels) for kernels in (None, cpu_kernels))
+    for step in range(8):
+        parents = torch.randint(0, 4, (torch_path.batch, 4), generator=generator)
+        for indirection in (torch_path, native):
+            indirection.advance(parents)
+        assert torch.equal(native.table, torch_path.table) and native.step == torch_path.step
+        if step == 3:
+            for indirection in (torch_path, native):
+                indirection.keep(torch.tensor([0, 2]))
+    assert native.table[:, :, :8].ne(torch.arange(4).view(1, 4, 1)).any()  # the histories were reordered
+    with pytest.raises(RuntimeError, match="parent 4 outside the beam of 4"):
+        cpu_kernels.advance_table(native.table, torch.full((2, 4), 4), 2)

@@ -282,6 +282,31 @@ torch::Tensor advance_beams(const torch::Tensor& cand_scores, const torch::Tenso
   return parents;
 }
 
+// The beam indirection table ([B, beam, T] int64, in place) after a step: hypothesis i of sentence b continues
+// hypothesis parents[b, i] ([B, beam] int64), so its slots of steps 0..steps-1 become that one's. One call
+// instead of expand + gather + a sliced copy per step (beam_cache.BeamIndirection.advance's torch path).
+void advance_table(torch::Tensor& table, const torch::Tensor& parents, int64_t steps) {
+  check_cpu(table, "table", torch::kInt64, 3);
+  check_cpu(parents, "parents", torch::kInt64, 2);
+  const int64_t batch = table.size(0), beam = table.size(1), max_steps = table.size(2);
+  TORCH_CHECK(parents.size(0) == batch && parents.size(1) == beam, "parents must be [B, beam] for a table of ",
+              batch, " x ", beam);
+  TORCH_CHECK(steps >= 0 && steps <= max_steps, "steps ", steps, " outside the table's ", max_steps);
+  int64_t* table_p = table.data_ptr<int64_t>();
+  const int64_t* parent_p = parents.data_ptr<int64_t>();
+  std::vector<int64_t> before(beam * steps);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t* sentence = table_p + b * beam * max_steps;
+    for (int64_t i = 0; i < beam; ++i) std::copy(sentence + i * max_steps, sentence + i * max_steps + steps,
+                                                 before.begin() + i * steps);
+    for (int64_t i = 0; i < beam; ++i) {
+      const int64_t parent = parent_p[b * beam + i];
+      TORCH_CHECK(parent >= 0 && parent < beam, "parent ", parent, " outside the beam of ", beam);
+      std::copy(before.begin() + parent * steps, before.begin() + (parent + 1) * steps, sentence + i * max_steps);
+    }
+  }
+}
+
 // Moves the rows `sentences` (increasing indices into dim 0) of the contiguous CPU `buffer` to its front, in
 // place, copying only the first `steps` entries of dim `time_dim` (those written so far); returns the front rows.
 // One call instead of index_select + copy_ (two copies and an allocation) when sentences leave the batch.
@@ -785,6 +810,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
   m.def("merge_candidates", &merge_candidates, "each sentence's best candidates over its rows' best k (CPU)");
   m.def("advance_beams", &advance_beams, "fairseq's beam advance over the candidates, histories updated in place (CPU)");
+  m.def("advance_table", &advance_table, "the beam indirection table after a step's parents, in place (CPU)");
   m.def("compact_sentences", &compact_sentences, "move the kept sentences' rows to the buffer's front in place (CPU)");
   register_int8_gemm(m);
   register_decoder_step(m);

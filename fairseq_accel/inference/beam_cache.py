@@ -58,7 +58,9 @@ class BeamIndirection:
     """For hypothesis ``i`` of sentence ``b`` at time ``t``, ``table[b, i, t]`` is the beam slot holding
     that step of its history; ``step`` is the time step being decoded."""
 
-    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device):
+    def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device, cpu_kernels=None):
+        """``cpu_kernels``: the C++ CPU kernels module (the table's advance in one call), or None (torch)."""
+        self.cpu_kernels = cpu_kernels
         self.beam = beam
         self.max_steps = max_steps
         self.step = 0
@@ -108,8 +110,11 @@ class BeamIndirection:
         """After step ``step``: hypothesis ``i`` of sentence ``b`` continues hypothesis ``parents[b, i]``,
         so it inherits that one's history up to ``step``; later steps stay in its own slot."""
         steps = self.step + 1
-        index = parents.unsqueeze(-1).expand(-1, -1, steps)
-        self.table[:, :, :steps] = self.table[:, :, :steps].gather(1, index)
+        if self.cpu_kernels is not None and parents.dtype == torch.int64 and parents.is_contiguous():
+            self.cpu_kernels.advance_table(self.table, parents, steps)
+        else:
+            index = parents.unsqueeze(-1).expand(-1, -1, steps)
+            self.table[:, :, :steps] = self.table[:, :, :steps].gather(1, index)
         self.step += 1
         self._forget_derived()
 
@@ -413,7 +418,7 @@ class BeamState:
     """Everything a fast decoder keeps for one batch: the indirection and every layer's caches."""
 
     def __init__(self, batch: int, beam: int, max_steps: int, device: torch.device, kernels=None, cpu_kernels=None):
-        self.indirection = BeamIndirection(batch, beam, max_steps, device)
+        self.indirection = BeamIndirection(batch, beam, max_steps, device, cpu_kernels)
         self.kernels = kernels  # the CUDA kernels module for the int8 caches, or None (torch)
         self.cpu_kernels = cpu_kernels  # the C++ CPU kernels module for float32 attention, or None (torch)
         self.caches: List = []

@@ -95,6 +95,12 @@ def level_cache_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return _cpu_kernels.level_cache_attention_step(q, k, v, keys, values, level_factors, level_steps, table, step)
 
 
+def advance_table(table: torch.Tensor, parents: torch.Tensor, steps: int) -> None:
+    """The beam indirection table ``[B, beam, T]`` after a step, in place: hypothesis ``i`` of sentence ``b`` takes
+    the slots of its parent ``parents[b, i]`` for steps ``0 .. steps - 1``."""
+    _cpu_kernels.advance_table(table, parents, steps)
+
+
 def memory_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor,
                      beam: int) -> torch.Tensor:
     """The attention of the pre-scaled queries ``[B * beam, H, D]`` over their sentence's float32 encoder
