@@ -20,8 +20,8 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -84,19 +84,36 @@ inline float block_max(const float* x) {
 #endif
 }
 
-// The k best tokens of one row of log-probabilities under fairseq's rules (before the row's bias). Ordinary
-// tokens need one comparison each, and blocks of 16 whose largest value cannot enter the top k none; pad, unk
-// and eos are offered apart with their rules. Tokens never offered (NaN, or rows with fewer than k allowed
-// tokens) leave -inf entries, filled with the lowest ids.
-TopK row_topk(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos, float unk_penalty,
-              int64_t eos_mode) {
+// Which of a block's 16 values may enter the top k (bit i: x[i]): all of them if its largest is above the
+// threshold, else none (4-wide SSE2 max).
+struct BlockMaxScan {
+  static uint32_t lanes_above(const float* x, float threshold) { return block_max(x) > threshold ? 0xFFFFu : 0u; }
+};
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// Exactly the values above the threshold (NaN never is): one 16-wide compare into a mask.
+struct Avx512Scan {
+  __attribute__((target("avx512f"))) static inline uint32_t lanes_above(const float* x, float threshold) {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(threshold), _CMP_GT_OQ);
+  }
+};
+#endif
+
+// The k best tokens of one row of log-probabilities under fairseq's rules (before the row's bias). Only the
+// values a block's scan marks are looked at (each against the threshold as it rises); pad, unk and eos are
+// offered apart with their rules. Tokens never offered (NaN, or rows with fewer than k allowed tokens) leave
+// -inf entries, filled with the lowest ids.
+template <typename Scan>
+inline TopK row_topk_scan(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos,
+                          float unk_penalty, int64_t eos_mode) {
   TopK best(k);
   if (eos_mode != kEosOnly) {
     float threshold = kNegInf;
     for (int64_t start = 0; start < vocab; start += kBlock) {
-      const int64_t end = std::min(start + kBlock, vocab);
-      if (end - start == kBlock && !(block_max(log_prob + start) > threshold)) continue;
-      for (int64_t id = start; id < end; ++id) {
+      const int64_t size = std::min(kBlock, vocab - start);
+      uint32_t lanes = size == kBlock ? Scan::lanes_above(log_prob + start, threshold) : (1u << size) - 1u;
+      for (; lanes != 0; lanes &= lanes - 1) {
+        const int64_t id = start + __builtin_ctz(lanes);
         const float value = log_prob[id];
         if (value > threshold && id != pad && id != unk && id != eos) {
           best.offer(value, id);
@@ -116,6 +133,33 @@ TopK row_topk(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int6
   }
   return best;
 }
+
+using RowTopkFunction = TopK (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+
+TopK row_topk_baseline(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos,
+                       float unk_penalty, int64_t eos_mode) {
+  return row_topk_scan<BlockMaxScan>(log_prob, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// flatten: the scan's compare is inlined here, where AVX-512 is enabled
+__attribute__((target("avx512f"), flatten)) TopK row_topk_avx512(const float* log_prob, int64_t vocab, int64_t k,
+                                                                 int64_t pad, int64_t unk, int64_t eos,
+                                                                 float unk_penalty, int64_t eos_mode) {
+  return row_topk_scan<Avx512Scan>(log_prob, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+}
+#endif
+
+// The AVX-512 scan where the CPU has it, chosen once at load.
+RowTopkFunction best_row_topk() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return row_topk_avx512;
+#endif
+  return row_topk_baseline;
+}
+
+const RowTopkFunction row_topk = best_row_topk();
 
 }  // namespace
 
