@@ -5,6 +5,7 @@ generators decode its test split in-process (every hypothesis of every beam comp
 fairseq-generate. Speech models (SAN-M's FSMN decoder, stock s2t_transformer) are compared on random
 filterbanks with trained-looking weights.
 """
+import gc
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from fairseq_accel.compat import checkpoint_loading
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.beam_cache import AttentionKVCache
-from fairseq_accel.inference.fast_generator import FastSequenceGenerator
+from fairseq_accel.inference.fast_generator import FastSequenceGenerator, _BeamSearch
 
 TINY_MODELS = {
     "transformer": [
@@ -404,3 +405,29 @@ def test_benchmark_cli_bad_checkpoint(tiny_translation_data: Path, tmp_path: Pat
     result = run_cli(["fairseq-accel-benchmark", tiny_translation_data, "--path", tmp_path / "missing.pt"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"fairseq-accel-benchmark: error: --path {tmp_path / 'missing.pt'}: no such checkpoint"
+
+
+def test_the_cycle_collector_is_paused_while_a_batch_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's cycle collector is off during the search and back as it was after it (also after an error)."""
+    dictionary = toy_dictionary()
+    model = build_translation_model("transformer", dictionary, encoder_layers=1, decoder_layers=1)
+    fast = fast_from(SequenceGenerator([model], dictionary, beam_size=2, max_len_b=5), [model])
+    src = torch.randint(dictionary.nspecial, len(dictionary), (2, 6), generator=torch.Generator().manual_seed(0))
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((2,), 6)}}
+    collector_on = []
+    run = _BeamSearch.run
+    monkeypatch.setattr(_BeamSearch, "run", lambda search: (collector_on.append(gc.isenabled()), run(search))[1])
+    assert gc.isenabled()
+    fast.generate([model], sample)
+    assert collector_on == [False] and gc.isenabled()
+    monkeypatch.setattr(_BeamSearch, "run", lambda search: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fast.generate([model], sample)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        monkeypatch.setattr(_BeamSearch, "run", run)
+        fast.generate([model], sample)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
