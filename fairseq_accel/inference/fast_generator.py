@@ -185,16 +185,18 @@ class _BeamSearch:
         if gen.normalize_scores:
             eos_scores = eos_scores / (step + 1) ** gen.len_penalty
         sentences = torch.div(rows, beam, rounding_mode="trunc").tolist()
-        for i, sentence in enumerate(sentences):
+        # one view per hypothesis from a single unbind each (not an indexing op per hypothesis and tensor)
+        for sentence, hyp_tokens, score, hyp_positional in zip(sentences, tokens.unbind(0), eos_scores.unbind(0),
+                                                                positional.unbind(0)):
             hypotheses = self.finalized[self.sentence_ids[sentence]]
             if len(hypotheses) < beam:
                 hypotheses.append(
                     {
-                        "tokens": tokens[i],
-                        "score": eos_scores[i],
+                        "tokens": hyp_tokens,
+                        "score": score,
                         "attention": torch.empty(0),
                         "alignment": torch.empty(0),
-                        "positional_scores": positional[i],
+                        "positional_scores": hyp_positional,
                     }
                 )
         finished = [
