@@ -125,7 +125,8 @@ def test_float_emulation_matches_the_int8_gemm(zero_point: int) -> None:
 def test_native_int8_gemm_is_the_emulation_bit_for_bit_on_every_instruction_set(isa: str, zero_point: int,
                                                                                   bias: bool) -> None:
     """The C++ GEMM's tiles (up to 6 rows x 64 columns), their edges (rows and columns that do not fill a tile,
-    inputs that are not a multiple of 4) and its quantization give exactly the emulation's float32 outputs."""
+    inputs that are not a multiple of 4) and its quantization give exactly the emulation's float32 outputs (and
+    with the fused relu, their relu)."""
     weights = random_layer(1, 1, seed=0).native_weights()
     if isa not in NATIVE_ISAS[NATIVE_ISAS.index(cpu_kernels._cpu_kernels.int8_gemm_isa()):]:
         with pytest.raises(RuntimeError, match=f"does not support '{isa}'"):
@@ -136,6 +137,7 @@ def test_native_int8_gemm_is_the_emulation_bit_for_bit_on_every_instruction_set(
         for rows in (1, 3, 5, 6, 9, 13, 40):
             x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
             assert torch.equal(layer.native_weights().run(x, isa), emulated(layer, x)), (outputs, inputs, rows)
+            assert torch.equal(layer.native_weights().run(x, isa, relu=True), torch.relu(emulated(layer, x)))
     extreme = Int8Linear(torch.full((20, 256), -127, dtype=torch.int8), torch.full((20,), 0.01), None, 0.01, zero_point)
     x = torch.full((3, 256), activation_max_level(zero_point) * 0.01)
     assert torch.equal(extreme.native_weights().run(x, isa), emulated(extreme, x))  # no int16 saturation (AVX2)

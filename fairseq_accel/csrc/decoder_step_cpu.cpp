@@ -161,7 +161,8 @@ struct FeedForward {
   FeedForward(Linear fc1, int64_t activation, std::optional<Norm> inner_norm, Linear fc2)
       : fc1(std::move(fc1)), activation(activation), inner_norm(std::move(inner_norm)), fc2(std::move(fc2)) {}
   Tensor operator()(const Tensor& x) const {
-    auto hidden = activate(fc1(x), activation);
+    // an int8 fc1 applies the relu in its GEMM's epilogue (the same values: max(0, y))
+    auto hidden = fc1.int8 && activation == kRelu ? fc1.int8->run(x, "", true) : activate(fc1(x), activation);
     return fc2(inner_norm ? (*inner_norm)(hidden) : hidden);
   }
   Linear fc1;

@@ -36,7 +36,8 @@ constexpr int kMaxLevel = 127;  // 7-bit activations
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// Where a tile's sums go: y[m, n] = (sum - offsets[n]) * scales[n] + bias[n] into out (row stride ldo), for the
+// Where a tile's sums go: y[m, n] = (sum - offsets[n]) * scales[n] + bias[n] (max(0, y) with relu: a feed-forward
+// layer's activation fused) into out (row stride ldo), for the
 // tile's first `columns` columns (the rest are the packing's zero padding). The per-column arrays are padded to
 // whole blocks, and all pointers start at the tile's first column.
 struct Epilogue {
@@ -46,6 +47,7 @@ struct Epilogue {
   float* out;
   int64_t ldo;
   int64_t columns;
+  bool relu;
 };
 
 // out[m, n] for `rows` rows and the tile's `blocks` blocks, from q (uint8 rows of `groups` * 4 bytes) and w (the
@@ -67,7 +69,8 @@ void tile_baseline(const uint8_t* q, int64_t rows, int64_t groups, const int8_t*
       }
       for (int64_t c = 0; c < std::min(kBlockColumns, e.columns - b * kBlockColumns); ++c) {
         const int64_t n = b * kBlockColumns + c;
-        e.out[m * e.ldo + n] = static_cast<float>(sums[c] - e.offsets[n]) * e.scales[n] + e.bias[n];
+        const float y = static_cast<float>(sums[c] - e.offsets[n]) * e.scales[n] + e.bias[n];
+        e.out[m * e.ldo + n] = e.relu ? std::max(y, 0.f) : y;
       }
     }
   }
@@ -115,7 +118,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), optimize("fp-contract=off"
 #pragma GCC unroll 8
     for (int m = 0; m < Rows; ++m) {
       const __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[m * Blocks + b], offsets));
-      _mm512_mask_storeu_ps(e.out + m * e.ldo + first, keep, _mm512_add_ps(_mm512_mul_ps(y, scales), bias));
+      __m512 z = _mm512_add_ps(_mm512_mul_ps(y, scales), bias);
+      if (e.relu) z = _mm512_max_ps(z, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(e.out + m * e.ldo + first, keep, z);
     }
   }
 }
@@ -156,8 +161,9 @@ __attribute__((target("avx2"), optimize("fp-contract=off"))) void tile_avx2_fixe
     const __m256 scales = _mm256_loadu_ps(e.scales + first), bias = _mm256_loadu_ps(e.bias + first);
 #pragma GCC unroll 8
     for (int m = 0; m < Rows; ++m) {
-      const __m256 y = _mm256_add_ps(
+      __m256 y = _mm256_add_ps(
           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums[m * Halves + h], offsets)), scales), bias);
+      if (e.relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
       if (valid == 8) {
         _mm256_storeu_ps(e.out + m * e.ldo + first, y);
       } else {
@@ -188,7 +194,7 @@ struct TileTable {
       for (int64_t m = 0; m < rows; m += MaxRows) {
         const int64_t first = b * kBlockColumns;
         const Epilogue part{e.offsets + first, e.scales + first, e.bias + first, e.out + m * e.ldo + first, e.ldo,
-                            e.columns - first};
+                            e.columns - first, e.relu};
         table[std::min<int64_t>(MaxRows, rows - m) - 1][std::min<int64_t>(MaxBlocks, blocks - b) - 1](
             q + m * groups * kGroup, groups, w + b * stride, part);
       }
@@ -343,7 +349,7 @@ Int8Weights::Int8Weights(const torch::Tensor& levels, const torch::Tensor& scale
   }
 }
 
-torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& isa) const {
+torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& isa, bool relu) const {
   const Kernels kernels = isa.empty() ? best : kernels_for(isa);
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == torch::kFloat32 && input.dim() == 2 &&
                   input.size(1) == in_features,
@@ -366,12 +372,12 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   }
   const int8_t* wp = packed.data_ptr<int8_t>();
   const Epilogue all{offsets.data_ptr<int32_t>(), padded_scales.data_ptr<float>(), padded_bias.data_ptr<float>(),
-                     out.data_ptr<float>(), out_features, out_features};
+                     out.data_ptr<float>(), out_features, out_features, relu};
   // columns split between threads in whole tiles: each thread streams its share of the weights once
   at::parallel_for(0, blocks, kTileBlocks, [&](int64_t first, int64_t last) {
     const int64_t column = first * kBlockColumns;
     const Epilogue part{all.offsets + column, all.scales + column, all.bias + column, all.out + column, all.ldo,
-                        all.columns - column};
+                        all.columns - column, all.relu};
     kernels.tile(qp, rows, groups, wp + first * groups * kBlockBytes, last - first, part);
   });
   return out;
@@ -384,8 +390,9 @@ void register_int8_gemm(pybind11::module_& m) {
       .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, double, int64_t>(), py::arg("levels"),
            py::arg("scales"), py::arg("bias"), py::arg("input_scale"), py::arg("zero_point"))
       .def("__call__", &Int8Weights::operator(), py::arg("input"))
-      .def("run", &Int8Weights::run, py::arg("input"), py::arg("isa"),
-           "the layer on the kernels of `isa` (avx512-vnni, avx2, baseline) where the CPU has them (tests)");
+      .def("run", &Int8Weights::run, py::arg("input"), py::arg("isa"), py::arg("relu") = false,
+           "the layer on the kernels of `isa` (avx512-vnni, avx2, baseline) where the CPU has them, max(0, y) with "
+           "relu");
   m.def("int8_gemm_isa", [] { return std::string(best.isa); },
         "the instruction set the int8 GEMM runs on: avx512-vnni, avx2 or baseline");
 }

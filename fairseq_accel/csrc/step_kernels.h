@@ -30,9 +30,9 @@ torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inp
 struct Int8Weights {
   Int8Weights(const torch::Tensor& levels, const torch::Tensor& scales, std::optional<torch::Tensor> bias,
               double input_scale, int64_t zero_point);
-  torch::Tensor operator()(const torch::Tensor& input) const { return run(input, ""); }
-  // on the kernels of `isa` ("avx512-vnni", "avx2", "baseline"; "": the best this CPU has)
-  torch::Tensor run(const torch::Tensor& input, const std::string& isa) const;
+  torch::Tensor operator()(const torch::Tensor& input) const { return run(input, "", false); }
+  // on the kernels of `isa` (avx512-vnni, avx2, baseline; "": the best this CPU has), relu: max(0, y) fused
+  torch::Tensor run(const torch::Tensor& input, const std::string& isa, bool relu) const;
   int64_t out_features, in_features;
   torch::Tensor scales;
   std::optional<torch::Tensor> bias;
