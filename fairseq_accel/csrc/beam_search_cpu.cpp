@@ -597,6 +597,30 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   return out;
 }
 
+namespace {
+
+// What the int8 cache steps check of their inputs: q, k and v float32 [B * beam, H, D], the keys and values caches
+// contiguous int8 CPU tensors [B, H, T, beam, D] of one shape, the table int64 [B, beam, T], step inside the cache.
+void check_int8_cache_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table,
+                           int64_t step) {
+  check_float_cpu(q, "q", 3);
+  check_float_cpu(k, "k", 3);
+  check_float_cpu(v, "v", 3);
+  for (const auto* cache : {&keys, &values})
+    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == torch::kInt8 && cache->dim() == 5 &&
+                    cache->is_contiguous() && cache->sizes() == keys.sizes(),
+                "the int8 caches must be contiguous int8 CPU tensors [B, H, T, beam, D] of one shape");
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  const int64_t rows = keys.size(0) * keys.size(3);
+  TORCH_CHECK(q.size(0) == rows && q.size(1) == keys.size(1) && q.size(2) == keys.size(4),
+              "q must be [B * beam, H, D]");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
+  TORCH_CHECK(step >= 0 && step < keys.size(2), "step ", step, " outside the cache's ", keys.size(2), " steps");
+}
+
+}  // namespace
+
 // cache_attention_step over the int8 cache ([B, H, T, beam, D] int8, scales [B, H, T, beam] float32): each (row,
 // head)'s key and value written as q = clamp(nearbyint(x * 127 / absmax), -127, 127), scale absmax / 127 (0 for
 // an all-zero vector: beam_cache.quantize_int8's formula, so both give the same levels), and read as levels times
@@ -604,24 +628,13 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
 torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                         torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
                                         torch::Tensor& value_scale, const torch::Tensor& table, int64_t step) {
-  check_float_cpu(q, "q", 3);
-  check_float_cpu(k, "k", 3);
-  check_float_cpu(v, "v", 3);
-  for (const auto* cache : {&keys, &values})
-    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == torch::kInt8 && cache->dim() == 5 &&
-                    cache->is_contiguous(),
-                "the int8 caches must be contiguous int8 CPU tensors [B, H, T, beam, D]");
+  check_int8_cache_step(q, k, v, keys, values, table, step);
   for (const auto* scale : {&key_scale, &value_scale})
     TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
                     scale->sizes() == keys.sizes().slice(0, 4),
                 "the int8 caches' scales must be contiguous float32 [B, H, T, beam]");
-  TORCH_CHECK(values.sizes() == keys.sizes(), "the keys and values caches must have one shape");
-  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
   const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
                 dim = keys.size(4), rows = batch * beam;
-  TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
-  TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
   const auto [query, q_row] = rows_of_heads(q);
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
@@ -681,19 +694,9 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
 torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                          torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& level_factors,
                                          const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step) {
-  check_float_cpu(q, "q", 3);
-  check_float_cpu(k, "k", 3);
-  check_float_cpu(v, "v", 3);
-  for (const auto* cache : {&keys, &values})
-    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == torch::kInt8 && cache->dim() == 5 &&
-                    cache->is_contiguous() && cache->sizes() == keys.sizes(),
-                "the int8 caches must be contiguous int8 CPU tensors [B, H, T, beam, D] of one shape");
-  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 3, "table must be int64 [B, beam, T]");
+  check_int8_cache_step(q, k, v, keys, values, table, step);
   const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
                 dim = keys.size(4), rows = batch * beam;
-  TORCH_CHECK(q.size(0) == rows && q.size(1) == heads && q.size(2) == dim, "q must be [B * beam, H, D]");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must all be [B * beam, H, D]");
-  TORCH_CHECK(step >= 0 && step < max_steps, "step ", step, " outside the cache's ", max_steps, " steps");
   for (const auto* levels : {&level_factors, &level_steps})
     TORCH_CHECK(levels->scalar_type() == torch::kFloat32 && levels->dim() == 3 && levels->size(0) == 3 &&
                     levels->size(1) == heads && levels->size(2) == dim,
