@@ -1,7 +1,8 @@
 """A linear layer that runs as an int8 GEMM: per-output-row int8 weights (the levels a compressed checkpoint
 stores), activations quantized with one calibrated scale, int32 accumulation, float32 output.
 
-    y[o] = scale_w[o] * scale_x * sum_i q_w[o, i] * q_x[i] + bias[o],   q_x = clamp(round(x * (1 / scale_x)), -z, 127 - z)
+    y[o] = scale_w[o] * scale_x * sum_i q_w[o, i] * q_x[i] + bias[o],
+    q_x = clamp(round(x * (1 / scale_x)), -z, 127 - z)
 
 with z = 64 for inputs of both signs and z = 0 for inputs that calibration saw only >= 0 (after a ReLU:
 symmetric levels would leave half of them unused; measured on the mini LSRA, that alone cost 0.13 nats of
