@@ -767,16 +767,23 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   const bool* pad_p = masked ? pad.data_ptr<bool>() : nullptr;
   float* out_p = out.data_ptr<float>();
-  at::parallel_for(0, batch * beam * heads, 1, [&](int64_t first, int64_t last) {
+  // tasks in (sentence, head, beam) order: a sentence's beams read the same keys and values one after another,
+  // while they are in L1 (each (row, head) computes what it computed in any order)
+  at::parallel_for(0, batch * heads * beam, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(source);
     std::vector<const float*> key_rows(source), value_rows(source);
-    for (int64_t index = first; index < last; ++index) {
-      const int64_t row = index / heads, h = index % heads, b = row / beam;
-      const float* head_keys = kp + (b * heads + h) * source * dim;
-      const float* head_values = vp + (b * heads + h) * source * dim;
-      for (int64_t s = 0; s < source; ++s) {
-        key_rows[s] = head_keys + s * dim;
-        value_rows[s] = head_values + s * dim;
+    int64_t gathered = -1;  // the (sentence, head) whose rows key_rows / value_rows hold
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t sentence_head = task / beam, b = sentence_head / heads, h = sentence_head % heads;
+      const int64_t index = (b * beam + task % beam) * heads + h;  // (row, head) of q and out
+      if (sentence_head != gathered) {
+        const float* head_keys = kp + sentence_head * source * dim;
+        const float* head_values = vp + sentence_head * source * dim;
+        for (int64_t s = 0; s < source; ++s) {
+          key_rows[s] = head_keys + s * dim;
+          value_rows[s] = head_values + s * dim;
+        }
+        gathered = sentence_head;
       }
       attend(qp + index * dim, key_rows.data(), value_rows.data(), pad_p == nullptr ? nullptr : pad_p + b * source,
              source, dim, scores.data(), out_p + index * dim);
