@@ -225,7 +225,7 @@ def test_compact_sentences_equals_index_select_of_the_written_steps(dtype: torch
 
 def test_table_advance_is_the_torch_gather() -> None:
     """BeamIndirection.advance with the C++ kernels (one in-place call) and with torch (gather) give the same table
-    over steps and a finished sentence; a parent outside the beam is a one-line error."""
+    over steps and a finished sentence; a parent outside the beam is a one-line error that leaves the table as is."""
     generator = torch.Generator().manual_seed(3)
     torch_path, native = (BeamIndirection(3, 4, 9, torch.device("cpu"), kernels) for kernels in (None, cpu_kernels))
     for step in range(8):
@@ -237,5 +237,7 @@ def test_table_advance_is_the_torch_gather() -> None:
             for indirection in (torch_path, native):
                 indirection.keep(torch.tensor([0, 2]))
     assert native.table[:, :, :8].ne(torch.arange(4).view(1, 4, 1)).any()  # the histories were reordered
+    before = native.table.clone()
     with pytest.raises(RuntimeError, match="parent 4 outside the beam of 4"):
-        cpu_kernels.advance_table(native.table, torch.full((2, 4), 4), 2)
+        cpu_kernels.advance_table(native.table, torch.tensor([[1, 0, 3, 2], [1, 4, 0, 0]]), 8)
+    assert torch.equal(native.table, before)  # checked before anything was moved

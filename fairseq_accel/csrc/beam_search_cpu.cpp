@@ -338,6 +338,8 @@ void advance_table(torch::Tensor& table, const torch::Tensor& parents, int64_t s
   TORCH_CHECK(steps >= 0 && steps <= max_steps, "steps ", steps, " outside the table's ", max_steps);
   int64_t* table_p = table.data_ptr<int64_t>();
   const int64_t* parent_p = parents.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch * beam; ++i)  // all checked before any is applied: a bad one leaves the table as is
+    TORCH_CHECK(parent_p[i] >= 0 && parent_p[i] < beam, "parent ", parent_p[i], " outside the beam of ", beam);
   std::vector<int64_t> before(beam * steps);
   for (int64_t b = 0; b < batch; ++b) {
     int64_t* sentence = table_p + b * beam * max_steps;
@@ -345,7 +347,6 @@ void advance_table(torch::Tensor& table, const torch::Tensor& parents, int64_t s
                                                  before.begin() + i * steps);
     for (int64_t i = 0; i < beam; ++i) {
       const int64_t parent = parent_p[b * beam + i];
-      TORCH_CHECK(parent >= 0 && parent < beam, "parent ", parent, " outside the beam of ", beam);
       std::copy(before.begin() + parent * steps, before.begin() + (parent + 1) * steps, sentence + i * max_steps);
     }
   }

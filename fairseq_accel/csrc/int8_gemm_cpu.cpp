@@ -231,7 +231,7 @@ void tile_avx2(const uint8_t* q, int64_t rows, int64_t groups, const int8_t* w, 
 // q[i] = clamp(nearbyint(x[i] * inverse), low, high) + zero point, inverse = the float32 1 / input scale (a product
 // and round-half-even in every variant, so all give the same levels; a division's throughput made quantizing a
 // 640-wide input cost as much as its GEMM).
-using QuantizeFunction = void (*)(const float* x, int64_t n, float scale, float low, float high, int32_t zero_point,
+using QuantizeFunction = void (*)(const float* x, int64_t n, float inverse, float low, float high, int32_t zero_point,
                                   uint8_t* q);
 
 void quantize_baseline(const float* x, int64_t n, float inverse, float low, float high, int32_t zero_point,
@@ -314,7 +314,6 @@ Int8Weights::Int8Weights(const torch::Tensor& levels, const torch::Tensor& scale
       in_features(levels.size(1)),
       scales(scales.contiguous()),
       bias(std::move(bias)),
-      input_scale(static_cast<float>(input_scale)),
       inverse_scale(static_cast<float>(1.0 / input_scale)),
       zero_point(zero_point) {
   TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == torch::kInt8 && levels.dim() == 2,

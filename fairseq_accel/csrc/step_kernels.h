@@ -36,8 +36,7 @@ struct Int8Weights {
   int64_t out_features, in_features;
   torch::Tensor scales;
   std::optional<torch::Tensor> bias;
-  float input_scale;
-  float inverse_scale;  // float32 1 / input_scale: activations are quantized by this product
+  float inverse_scale;  // float32 1 / input scale: activations are quantized by this product
   int64_t zero_point;
   torch::Tensor packed;   // [out / 16, in / 4, 64] int8 (both rounded up, zero-padded)
   torch::Tensor offsets;  // [out rounded up to 16] int32: zero point x each row's sum of levels
