@@ -3,14 +3,17 @@
 Every system decodes the same batches of the same subset in one process (the subset's first ``--max-sentences``,
 batched as fairseq-generate batches them: in the dataset's length order): fairseq's ``SequenceGenerator``
 (stock), the fast generator with an fp32 and an int8 key/value cache (fast-torch: fp32, without its C++ or
-CUDA kernels), for a calibrated compressed checkpoint
+CUDA kernels; at N > 1 threads it decodes N shards of each batch, one thread each, and fast-operations runs
+every operation on the N threads instead), for a calibrated compressed checkpoint
 (``fairseq-accel-compress --data``) the fast generator with its int8 layers (those of at least
 ``--int8-min-weights``; w8a8, w8a8-kv8 with the int8 self-attention cache too, w8a8-kv8-cross with int8
 cross-attention keys/values as well; where the checkpoint has calibrated output ranges, the int8 caches
 take the int8 projections' output levels as they are; the other systems run its weights in float32), and
 for a stock ``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when
 ``ctranslate2`` is installed; for a compressed checkpoint, of the float checkpoint it was made from,
-``--ct2-from``). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
+``--ct2-from``; at batch sizes above one also as 2 translators of one thread each, ``--ct2-translators``, that take
+parts of each batch at the same time, as the fast generator's sentence shards do: "by sentence" in the threads
+column). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
 decoder at its row counts (batch x beam).
 Every system runs at every thread count: first its first batch alone (building and warming up: reported
 apart as "first batch s"), then ``repeats`` timed passes over all batches, the systems taking turns (stock,
@@ -62,6 +65,7 @@ FAIRSEQ_SYSTEMS = {
     "fast-w8a8": {"kv_cache_dtype": "fp32"},
     "fast-w8a8-kv8": {"kv_cache_dtype": "int8"},
     "fast-w8a8-kv8-cross": {"kv_cache_dtype": "int8", "quantize_cross_kv": True},
+    "fast-operations": {"kv_cache_dtype": "fp32", "accel_parallel": "operations"},  # threads share every operation
 }
 INT8_LINEAR_SYSTEMS = ("fast-w8a8", "fast-w8a8-kv8", "fast-w8a8-kv8-cross")  # the compressed checkpoint's int8 layers
 CT2_SYSTEMS = {"ct2-float32": "float32", "ct2-int8": "int8"}
@@ -88,6 +92,7 @@ class Row:
     self_kv_bytes: Optional[int] = None  # per decoded sentence, all beams (fast generator only)
     cross_kv_bytes: Optional[int] = None
     audio_seconds: Optional[float] = None  # speech: the decoded audio's length
+    by_sentence: bool = False  # the threads decoded shards of each batch (CTranslate2: translators), one thread each
     ratio: float = field(default=float("nan"))
 
     @property
@@ -240,14 +245,19 @@ class _Setting:
     threads: int
     run: Callable[[Sequence[dict]], Pass]
     generator: object = None  # the fairseq generator (its cache statistics), None for CTranslate2
+    by_sentence: bool = False  # threads > 1 decode shards of a batch, one thread each
     first_batch_seconds: float = float("nan")
     passes: List[Pass] = field(default_factory=list)
     peak_rss_mb: Optional[float] = None
 
     def _timed(self, batches: Sequence[dict]) -> Pass:
+        previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         _reset_peak_rss()
-        result = self.run(batches)
+        try:
+            result = self.run(batches)
+        finally:
+            torch.set_num_threads(previous)
         peak = _peak_rss_mb()
         if peak is not None:
             self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
@@ -330,23 +340,26 @@ def _ct2_convert(args, work: Workload, quantization: str, directory: Path) -> Pa
     return target
 
 
-def _ct2_runner(args, work: Workload, model_dir: Path):
-    """A ``run(batches)`` for a :class:`_Setting`, translating with CTranslate2 at the current torch thread count."""
+def _ct2_runner(args, work: Workload, model_dir: Path, translators: int = 1):
+    """A ``run(batches)`` for a :class:`_Setting`, translating with CTranslate2: one translator at the current torch
+    thread count, or ``translators`` of one thread each that take parts of each batch at the same time
+    (``inter_threads``; as the fast generator's sentence shards)."""
     import ctranslate2
 
     sources = _ct2_sources(work)
-    translators = {}
+    by_threads = {}
     # fairseq's limit is per batch (a * its source length + b); CTranslate2 takes one for the whole call
     max_length = int(work.max_len_a * max(len(tokens) + 1 for _, tokens in sources) + work.max_len_b)
 
     def run(batches: Sequence[dict]) -> Tuple[float, int, Dict[int, str]]:
-        threads = torch.get_num_threads()
-        if threads not in translators:
-            translators[threads] = ctranslate2.Translator(str(model_dir), device="cpu", inter_threads=1, intra_threads=threads)
+        threads = torch.get_num_threads() if translators == 1 else 1
+        if threads not in by_threads:
+            by_threads[threads] = ctranslate2.Translator(str(model_dir), device="cpu", inter_threads=translators,
+                                                         intra_threads=threads)
         chosen = sources[: sum(len(batch["id"]) for batch in batches)]
         start = time.perf_counter()
-        results = translators[threads].translate_batch(
-            [tokens for _, tokens in chosen], beam_size=work.beam, max_batch_size=work.batch_size,
+        results = by_threads[threads].translate_batch(
+            [tokens for _, tokens in chosen], beam_size=work.beam, max_batch_size=-(-work.batch_size // translators),
             max_decoding_length=max_length,
         )
         seconds = time.perf_counter() - start
@@ -372,15 +385,19 @@ def _settings(args, work: Workload, tmp: Path, progress: Callable[[str], None]) 
     for system in fairseq_systems:
         generator = _fairseq_generator(work, system)
         run = lambda batches, generator=generator: _run_fairseq(work, generator, batches)  # noqa: E731
-        settings += [_Setting(system, threads, run, generator) for threads in args.threads]
+        by_sentence = getattr(generator, "sentence_parallel", None) is not None and work.batch_size > 1
+        settings += [_Setting(system, threads, run, generator, by_sentence and threads > 1) for threads in args.threads]
     ct2_systems = [s for s in args.systems if s in CT2_SYSTEMS]
     reason = _ct2_unavailable(args, work) if ct2_systems else None
     if reason:
         progress(f"skipping {' '.join(ct2_systems)}: {reason}")
         ct2_systems = []
     for system in ct2_systems:
-        run = _ct2_runner(args, work, _ct2_convert(args, work, CT2_SYSTEMS[system], tmp))
+        model_dir = _ct2_convert(args, work, CT2_SYSTEMS[system], tmp)
+        run = _ct2_runner(args, work, model_dir)
         settings += [_Setting(system, threads, run) for threads in args.ct2_threads]
+        settings += [_Setting(system, count, _ct2_runner(args, work, model_dir, count), by_sentence=True)
+                     for count in args.ct2_translators if count > 1 and work.batch_size > 1]
     return settings
 
 
@@ -396,7 +413,7 @@ def rows_for_batch_size(args, work: Workload, tmp: Path, progress: Callable[[str
         rows.append(Row(system, best.threads, work.batch_size, work.beam, sentences, tokens, best.median_seconds,
                         work.score_name, _score(work, hypotheses), best.first_batch_seconds, best.peak_rss_mb,
                         *(_cache_bytes(best.generator) if best.generator is not None else (None, None)),
-                        work.audio_seconds))
+                        work.audio_seconds, best.by_sentence))
     return rows
 
 
@@ -404,8 +421,9 @@ def run_benchmark(args: argparse.Namespace,
                   progress: Callable[[str], None]) -> Tuple[List[Row], Optional[torch.nn.Module]]:
     """Every system of ``args.systems`` at every ``args.batch_sizes``, ``ratio`` filled in against stock; and
     the model with int8 layers (None where the checkpoint has none)."""
-    if min(args.beam, args.repeats, *args.batch_sizes, *args.threads, *args.ct2_threads) < 1:
-        raise BenchmarkError("--beam, --repeats, --batch-sizes, --threads and --ct2-threads must be positive")
+    if min(args.beam, args.repeats, *args.batch_sizes, *args.threads, *args.ct2_threads, *args.ct2_translators) < 1:
+        raise BenchmarkError("--beam, --repeats, --batch-sizes, --threads, --ct2-threads and --ct2-translators must be "
+                             "positive")
     if args.ct2_from is not None and not Path(args.ct2_from).is_file():
         raise BenchmarkError(f"--ct2-from {args.ct2_from}: no such checkpoint")
     task, models = load_checkpoint(args)

@@ -193,7 +193,7 @@ def test_advance_beams_equals_the_torch_advance() -> None:
         search.cands_to_ignore = torch.zeros(batch, beam, dtype=torch.bool)
         search.tokens = torch.arange(batch * beam * (length + 2)).view(batch * beam, -1)
         search.scores = torch.randn(batch * beam, length + 1, generator=torch.Generator().manual_seed(5))
-        search.gen = SimpleNamespace(fast_decoder=SimpleNamespace(advance=parents_seen.append))
+        search.decoder = SimpleNamespace(advance=parents_seen.append)
         searches.append(search)
     for step in range(6):
         scores = torch.randn(batch, k, generator=generator).sort(dim=1, descending=True).values

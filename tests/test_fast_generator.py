@@ -27,6 +27,7 @@ from model_builders import build_speech_model, build_translation_model, toy_dict
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
 from fairseq_accel.inference.beam_cache import AttentionKVCache
 from fairseq_accel.inference.fast_generator import FastSequenceGenerator, _BeamSearch
+from fairseq_accel.inference.sentence_parallel import split_batch
 
 TINY_MODELS = {
     "transformer": [
@@ -162,6 +163,18 @@ def test_fairseq_generate_fast_matches_stock(trained: Path, tiny_translation_dat
     assert abs(stock["bleu"] - int8["bleu"]) <= 2.0
 
 
+def test_sentence_shards_decode_what_stock_decodes(trained: Path, tiny_translation_data: Path) -> None:
+    """--accel-threads 3: each batch of 16 in three shards of every third sentence, one thread each."""
+    options = ["--beam", "5", "--nbest", "2", "--prefix-size", "1", "--lenpen", "0.8"]
+    stock = outputs(generate(tiny_translation_data, trained, *options))
+    result = generate(tiny_translation_data, trained, *options, "--accel-generator", "fast", "--accel-threads", "3")
+    assert outputs(result) == stock
+    assert "--accel-parallel sentences: batches of 3 or more sentences decode in 3 shards" in result.stderr
+    by_operations = generate(tiny_translation_data, trained, *options, "--accel-generator", "fast",
+                             "--accel-threads", "3", "--accel-parallel", "operations")
+    assert outputs(by_operations) == stock and "--accel-parallel sentences" not in by_operations.stderr
+
+
 def test_unsupported_search_falls_back_or_stops(trained: Path, tiny_translation_data: Path) -> None:
     sampling = ["--sampling", "--beam", "1", "--seed", "3"]
     fallback = generate(tiny_translation_data, trained, *sampling, "--accel-generator", "fast")
@@ -212,6 +225,31 @@ def test_speech_models_fast_equals_stock(arch: str, overrides: dict, beam: int) 
     fast_hyps = dict(enumerate(fast.generate([model], sample)))
     identical, worst = compare(stock_hyps, fast_hyps)
     assert identical == 1.0 and worst <= 1e-4, (identical, worst)
+
+
+@pytest.mark.parametrize("arch", ["s2t_sanm_mini", "s2t_transformer_s"])
+def test_speech_batch_in_shards_equals_stock(arch: str) -> None:
+    """Two shards on two threads, each with its own decoder state over the same weights, return what stock
+    returns for the same shards. (Stock s2t_transformer's convolution subsampler reads the padding after an
+    utterance into its last frame, so its results depend on the batch, 0.01 in these scores; SAN-M's do not.)"""
+    dictionary = toy_dictionary()
+    model = build_speech_model(arch, dictionary, encoder_layers=2, decoder_layers=2)
+    stock = SequenceGenerator([model], dictionary, beam_size=5, max_len_b=15)
+    fast = fast_from(stock, [model], accel_threads="2")
+    sample = speech_sample(batch=5)
+    with torch.no_grad():
+        by_shard = {position: hypotheses for positions, shard, _ in split_batch(sample, None, 2)
+                    for position, hypotheses in zip(positions, stock.generate([model], shard))}
+        whole_batch = dict(enumerate(stock.generate([model], sample)))
+    fast_hyps = dict(enumerate(fast.generate([model], sample)))
+    identical, worst = compare(by_shard, fast_hyps)
+    assert identical == 1.0 and worst <= 1e-4, (identical, worst)
+    if arch == "s2t_sanm_mini":
+        identical, worst = compare(whole_batch, fast_hyps)
+        assert identical == 1.0 and worst <= 1e-4, (identical, worst)
+    main, replica = fast.sentence_parallel.decoders
+    assert replica.output_projection.weight_t.data_ptr() == main.output_projection.weight_t.data_ptr()
+    assert replica.state is not main.state and replica.layers[0] is not main.layers[0]
 
 
 def test_int8_on_a_decoder_without_attention_cache() -> None:
@@ -321,6 +359,8 @@ def test_benchmark_cli(trained: Path, tiny_translation_data: Path, tmp_path: Pat
         assert by_system["fast-int8", batch]["cross_kv_bytes"] > by_system["fast-int8-cross", batch]["cross_kv_bytes"]
         assert by_system["ct2-float32", batch]["score"] > 10  # CTranslate2 decoded the converted checkpoint
     assert "| fast | 1 | 8 | 5 |" in result.stdout
+    ct2 = by_system["ct2-float32", 8]  # one translator or two (--ct2-translators 1 2), whichever was faster
+    assert table["ct2-float32", 8][1] == ("2 by sentence" if ct2["by_sentence"] else "1")
     for row in rows:
         assert row["first_batch_seconds"] > 0 and row["peak_rss_mb"] > 100  # torch and a model are resident
         assert table[row["system"], row["batch"]][12] == f"{row['first_batch_seconds']:.2f}"
@@ -335,7 +375,8 @@ def test_benchmark_converts_the_float_checkpoint_of_a_compressed_one_for_ctransl
     compress = run_cli(["fairseq-accel-compress", "--path", trained, "--out", compressed])
     assert compress.returncode == 0, cli_output(compress)
     common = ["fairseq-accel-benchmark", tiny_translation_data, "--path", compressed, "--batch-sizes", "4",
-              "--threads", "1", "--repeats", "1", "--max-sentences", "8", "--systems", "stock", "ct2-int8"]
+              "--threads", "1", "--repeats", "1", "--max-sentences", "8", "--systems", "stock", "ct2-int8",
+              "--ct2-translators", "1"]
     skipped = run_cli(common)
     assert skipped.returncode == 0, cli_output(skipped)
     assert "skipping ct2-int8: --path is a compressed checkpoint" in skipped.stderr and "--ct2-from" in skipped.stderr

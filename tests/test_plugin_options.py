@@ -47,6 +47,8 @@ NO_EFFECT_BY_DESIGN = {
     ("accel_threads", "2", "fast"): "a thread count: the same results",
     ("accel_threads", "torch", "fast int8"): "a thread count: the same results (and the tests run 1 thread)",
     ("accel_threads", "2", "fast int8"): "a thread count: the same results",
+    ("accel_parallel", "operations", "fast"): "how threads share a batch: the same results (test_fast_generator.py)",
+    ("accel_parallel", "operations", "fast int8"): "how threads share a batch: the same results",
 }
 STRING_VALUES = {"accel_threads": ["auto", "torch", "2"]}  # options that take text, and the values walked
 REJECTED = (AccelGenerationError, cuda_kernels.CudaKernelsUnavailable)
@@ -126,7 +128,8 @@ def test_every_generation_option_acts_or_is_rejected(model_and_sample) -> None:
 
 def test_guard_and_backend_options_act_where_they_apply(model_and_sample, monkeypatch) -> None:
     """The options NO_EFFECT_BY_DESIGN exempts: --no-accel-fallback stops a fallback; --accel-kernels
-    torch keeps the torch path where auto would take the CUDA kernels."""
+    torch keeps the torch path where auto would take the CUDA kernels; --accel-parallel operations decodes a batch
+    without sentence shards."""
     model, dictionary, _ = model_and_sample
     sampling = SequenceGenerator([model], dictionary, beam_size=1, search_strategy=search.Sampling(dictionary))
     fast = {"accel_generator": "fast"}
@@ -138,11 +141,16 @@ def test_guard_and_backend_options_act_where_they_apply(model_and_sample, monkey
     stock = SequenceGenerator([model], dictionary, beam_size=2)
     assert build_accel_generator(stock, [model], AccelGenerationConfig(**fast)).kernels is cuda_kernels
     assert build_accel_generator(stock, [model], AccelGenerationConfig(**fast, accel_kernels="torch")).kernels is None
+    # --accel-parallel operations: no sentence shards (that both decode what stock does: test_fast_generator.py)
+    assert build_accel_generator(stock, [model], AccelGenerationConfig(**fast)).sentence_parallel is not None
+    assert build_accel_generator(stock, [model], AccelGenerationConfig(**fast, accel_parallel="operations")
+                                 ).sentence_parallel is None
 
 
 @pytest.mark.parametrize("settings,message", [
     ({"key_scale": "channel"}, "--key-scale apply to the fast generator"),
     ({"no_accel_fallback": True}, "--no-accel-fallback apply to the fast generator"),
+    ({"accel_parallel": "operations"}, "--accel-parallel apply to the fast generator"),
     ({"accel_generator": "fast", "quantize_cross_kv": True}, "--quantize-cross-kv apply to a quantized cache"),
     ({"accel_generator": "fast", "key_scale": "channel"}, "--key-scale channel apply to a quantized cache"),
     ({"accel_generator": "fast", "kv_cache_dtype": "fp16", "key_scale": "channel"}, "use --kv-cache-dtype int8"),

@@ -1,5 +1,5 @@
 """--accel-threads (fairseq_accel/inference/thread_choice.py): auto measures torch's thread count against 1 thread
-on the first two batches, keeps the faster and says so once, measures again when the kept one slows down 3x;
+on two batches each after the first, in turn, keeps the faster and says so once, measures again when the kept one slows down 3x;
 a fixed count or `torch` leaves nothing to measure; torch's own count comes back after every batch; bad values
 and the option without the fast generator are one-line errors; and fairseq-generate says what auto chose."""
 import logging
@@ -46,8 +46,8 @@ def test_auto_keeps_the_faster_and_gives_torch_its_count_back(two_threads, monke
     monkeypatch.setattr(thread_choice, "time", machine)
     chooser = ThreadChooser("auto")
     with caplog.at_level(logging.INFO, logger=thread_choice.__name__):
-        results = [chooser.run(machine.decode()) for _ in range(5)]
-    assert machine.seen == [2, 2, 1, 1, 1] and results[0] == "batch at 2"  # warm-up, measurements, the choice
+        results = [chooser.run(machine.decode()) for _ in range(7)]
+    assert machine.seen == [2, 2, 1, 2, 1, 1, 1] and results[0] == "batch at 2"  # warm-up, in turn, the choice
     assert torch.get_num_threads() == 2  # the caller's count after every batch
     lines = [r.message for r in caplog.records if r.message.startswith("--accel-threads auto")]
     assert lines == ["--accel-threads auto: decoding with 1 thread (per hypothesis and step, "
@@ -58,13 +58,24 @@ def test_auto_measures_again_when_the_load_changes(two_threads, monkeypatch) -> 
     machine = LoadedMachine({2: 30e-3, 1: 1e-3})
     monkeypatch.setattr(thread_choice, "time", machine)
     chooser = ThreadChooser("auto")
-    for _ in range(4):
+    for _ in range(6):
         chooser.run(machine.decode())
     machine.per_row = {2: 0.5e-3, 1: 4e-3}  # the other process ended, ours got slower at 1 thread (4x)
-    for _ in range(4):
+    for _ in range(6):
         chooser.run(machine.decode())
-    assert machine.seen == [2, 2, 1, 1, 1, 2, 1, 2]  # the slow batch starts a new measurement; 2 threads win it
+    # the slow batch starts a new measurement; 2 threads win it
+    assert machine.seen == [2, 2, 1, 2, 1, 1, 1, 2, 1, 2, 1, 2]
     assert chooser.chosen == 2
+
+
+def test_auto_keeps_torch_count_unless_one_thread_is_clearly_faster(two_threads, monkeypatch) -> None:
+    for per_row, kept in (({2: 1.05e-3, 1: 1e-3}, 2), ({2: 1.2e-3, 1: 1e-3}, 1)):  # within / beyond thread_choice.MARGIN
+        machine = LoadedMachine(per_row)
+        monkeypatch.setattr(thread_choice, "time", machine)
+        chooser = ThreadChooser("auto")
+        for _ in range(6):
+            chooser.run(machine.decode())
+        assert chooser.chosen == kept, per_row
 
 
 def test_fixed_counts_and_torch(two_threads, monkeypatch) -> None:

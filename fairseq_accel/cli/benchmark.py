@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "from it (default: --path)")
     parser.add_argument("--ct2-threads", nargs="+", type=int, default=[1],
                         help="CTranslate2 intra_threads to try (default: 1; with 2 it is 5-10x slower on 2-vCPU machines)")
+    parser.add_argument("--ct2-translators", nargs="+", type=int, default=[1, 2],
+                        help="CTranslate2 inter_threads to try besides: N translators of one thread each take 1/N of "
+                             "each batch at the same time, as the fast generator's sentence shards (default: 1 2)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed passes per setting, the settings taking turns; the median is reported (default: 3)")
     parser.add_argument("--max-sentences", type=int, help="decode only the first N sentences of the subset")
@@ -74,7 +77,8 @@ def format_table(rows: List[Row]) -> str:
         rss = "" if row.peak_rss_mb is None else f"{row.peak_rss_mb:,.0f}"
         per_second = f"{row.sentences_per_second:,.1f} | {row.real_time_factor:.4f} | " if speech else ""
         lines.append(
-            f"| {row.system} | {row.threads} | {row.batch} | {row.beam} | {row.sentences} | {row.tokens} | "
+            f"| {row.system} | {row.threads}{' by sentence' if row.by_sentence else ''} | {row.batch} | {row.beam} | "
+            f"{row.sentences} | {row.tokens} | "
             f"{row.seconds:.2f} | {row.tokens_per_second:,.0f} | {per_second}{row.ratio:.2f} | {row.score:.2f} | "
             f"{caches} | {row.first_batch_seconds:.2f} | {rss} |"
         )

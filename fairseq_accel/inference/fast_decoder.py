@@ -6,10 +6,11 @@ Exact classes, not subclasses: a subclass may change the maths, and a wrong fast
 ``kernels`` is the kernel backend, resolved once by the generator builder (:func:`resolve_kernels`): the
 CUDA kernels module, or None for the torch path.
 """
+import copy
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,10 @@ class FastDecoder:
                 self.native_step = self.build_native_step()
             self.native_caches = self.state.kernel_tensors()
         except NativeStepUnsupported as reason:
-            logger.info(f"the fast decoder runs its Python step: {reason}")
+            said = self.__dict__.setdefault("notices", set())  # shared with the replicas: one line for all
+            if str(reason) not in said:
+                said.add(str(reason))
+                logger.info(f"the fast decoder runs its Python step: {reason}")
             self.native_step = False
 
     def native_logits(self, tokens: Tensor, output_rows: Optional[Tensor],
@@ -101,6 +105,35 @@ class FastDecoder:
     def has_self_attention_cache(self) -> bool:
         """Whether the decoder keeps self-attention keys/values (what ``--kv-cache-dtype`` stores)."""
         return True
+
+    def replica(self) -> "FastDecoder":
+        """A decoder on the same weights with its own per-batch state: for a shard of a batch that another
+        thread decodes at the same time (``sentence_parallel``). The step objects of ``fairseq_accel.inference``
+        are copied; everything else they hold (tensors, torch modules, the C++ step, which takes the caches as
+        arguments) is shared, so the weights are stored once."""
+        self.__dict__.setdefault("notices", set())  # what bind_native_step said: a set, shared, not copied
+        memo: Dict[int, object] = {}
+        _share_all_but_step_objects(self, memo, set())
+        return copy.deepcopy(self, memo)
+
+
+def _share_all_but_step_objects(obj: object, memo: Dict[int, object], seen: Set[int]) -> None:
+    """Fill ``memo`` so that ``copy.deepcopy`` copies only the containers and the objects of the fast decoding
+    modules reachable from ``obj`` and shares everything else."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        children = obj
+    elif isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    elif type(obj).__module__.startswith(__package__ + ".") and hasattr(obj, "__dict__"):
+        children = vars(obj).values()
+    else:
+        memo[id(obj)] = obj
+        return
+    for child in children:
+        _share_all_but_step_objects(child, memo, seen)
 
 
 FastDecoderBuilder = Callable[[nn.Module, FastDecodingOptions, Optional[ModuleType]], FastDecoder]

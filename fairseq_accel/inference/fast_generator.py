@@ -11,6 +11,7 @@ per-step reordering of the encoder output. The generator is built from a stock `
 import contextlib
 import gc
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import CacheBytes
 from fairseq_accel.inference.fast_decoder import FastDecoder
+from fairseq_accel.inference.sentence_parallel import SentenceParallel
 from fairseq_accel.inference.thread_choice import ThreadChooser
 
 Hypothesis = Dict[str, Tensor]
@@ -47,10 +49,12 @@ class CacheStats:
 
     sentences: int = 0
     total: CacheBytes = field(default_factory=CacheBytes)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shards record from their threads
 
     def record(self, sentences: int, per_sentence: CacheBytes) -> None:
-        self.sentences += sentences
-        self.total = self.total + per_sentence * sentences
+        with self.lock:
+            self.sentences += sentences
+            self.total = self.total + per_sentence * sentences
 
     def per_sentence(self) -> Optional[CacheBytes]:
         """Mean bytes per decoded sentence, or None before any sentence was decoded."""
@@ -62,13 +66,15 @@ class FastSequenceGenerator(nn.Module):
     ``generate``); one model, beam search."""
 
     def __init__(self, stock: SequenceGenerator, model: nn.Module, decoder: FastDecoder, kernels=None,
-                 threads: Optional[ThreadChooser] = None):
+                 threads: Optional[ThreadChooser] = None, parallel_sentences: bool = True):
         """``kernels``: the module of the fused log-softmax + top-k kernel (the CUDA kernels the decoder was
         built with, or the C++ CPU kernels), or None for the torch path; ``threads``: who sets the CPU thread
-        count before each batch (None: torch's count as it is)."""
+        count before each batch (None: torch's count as it is); ``parallel_sentences``: N > 1 CPU threads
+        decode N shards of a batch, one thread each (``sentence_parallel``), not every operation on N threads."""
         super().__init__()
         self.model = model
         self.fast_decoder = decoder
+        self.sentence_parallel = SentenceParallel(decoder) if parallel_sentences else None
         self.kernels = kernels
         self.tgt_dict = stock.tgt_dict
         self.pad, self.unk, self.eos = stock.pad, stock.unk, stock.eos
@@ -89,30 +95,45 @@ class FastSequenceGenerator(nn.Module):
         if constraints is not None:
             raise ValueError("the fast generator does not support --constraints (use --accel-generator stock)")
         with cyclic_gc_paused():
-            if self.threads is None or sample["net_input"]["src_tokens"].device.type != "cpu":
-                return _BeamSearch(self, sample, prefix_tokens, bos_token).run()
+            if sample["net_input"]["src_tokens"].device.type != "cpu":
+                return _BeamSearch(self, self.fast_decoder, sample, prefix_tokens, bos_token).run()
+            if self.threads is None:
+                return self._decode_on_cpu(sample, prefix_tokens, bos_token)[0]
+            return self.threads.run(lambda: self._decode_on_cpu(sample, prefix_tokens, bos_token))
 
-            def decode():
-                search = _BeamSearch(self, sample, prefix_tokens, bos_token)
-                return search.run(), search.rows_decoded
+    def _decode_on_cpu(self, sample, prefix_tokens: Optional[Tensor], bos_token: Optional[int]):
+        """(hypotheses per sentence, rows decoded) at torch's thread count: by sentence shards where that is on."""
+        source_width = sample["net_input"]["src_tokens"].size(1)  # the batch's: --max-len-a's limit depends on it
 
-            return self.threads.run(decode)
+        def decode(decoder: FastDecoder, shard_sample, shard_prefix: Optional[Tensor]):
+            search = _BeamSearch(self, decoder, shard_sample, shard_prefix, bos_token, source_width)
+            return search.run(), search.rows_decoded
+
+        shards = min(torch.get_num_threads(), sample["net_input"]["src_tokens"].size(0))
+        if self.sentence_parallel is None or shards < 2:
+            return decode(self.fast_decoder, sample, prefix_tokens)
+        return self.sentence_parallel.decode(sample, prefix_tokens, shards, decode)
 
 
 class _BeamSearch:
     """One batch of beam search; attributes hold the active sentences' buffers."""
 
-    def __init__(self, gen: FastSequenceGenerator, sample, prefix_tokens: Optional[Tensor], bos_token: Optional[int]):
+    def __init__(self, gen: FastSequenceGenerator, decoder: FastDecoder, sample, prefix_tokens: Optional[Tensor],
+                 bos_token: Optional[int], source_width: Optional[int] = None):
+        """``source_width``: the padded source length the output length limit is taken from (default: the
+        sample's; a shard of a batch gets the batch's)."""
         self.gen = gen
+        self.decoder = decoder
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
-        self.bsz, src_len = src_tokens.shape[:2]
+        self.bsz = src_tokens.size(0)
+        src_len = source_width or src_tokens.size(1)
         self.beam = gen.beam_size
         self.max_len = min(int(gen.max_len_a * src_len + gen.max_len_b), gen.max_len - 1)
         if gen.min_len > self.max_len:
             raise ValueError(f"--min-len {gen.min_len} is larger than the maximum output length {self.max_len}")
         encoder_out = gen.model.encoder.forward_torchscript(net_input)
-        gen.fast_decoder.start(encoder_out, self.beam, self.max_len + 1)
+        decoder.start(encoder_out, self.beam, self.max_len + 1)
         device = src_tokens.device
         rows = self.bsz * self.beam
         self.tokens = torch.full((rows, self.max_len + 2), gen.pad, dtype=torch.long, device=device)
@@ -133,7 +154,7 @@ class _BeamSearch:
         remaining = self.bsz
         for step in range(self.max_len + 1):
             self.rows_decoded += self.bsz * self.beam
-            logits = self.gen.fast_decoder.step(self.tokens[:, step], self._output_rows(step))
+            logits = self.decoder.step(self.tokens[:, step], self._output_rows(step))
             if self.native_search:
                 cand_scores, cand_indices, cand_beams, eos_mask, ending = cpu_kernels.merge_candidates(
                     *self._row_candidates(logits, step), self.cands_to_ignore, self.gen.eos)
@@ -204,7 +225,7 @@ class _BeamSearch:
             if len(self.finalized[self.sentence_ids[sentence]]) == beam or step == self.max_len
         ]
         if finished:
-            self.gen.cache_stats.record(len(finished), self.gen.fast_decoder.state.bytes_per_sentence(step + 1))
+            self.gen.cache_stats.record(len(finished), self.decoder.state.bytes_per_sentence(step + 1))
         return finished
 
     def _keep_sentences(self, keep: Tensor) -> None:
@@ -218,14 +239,14 @@ class _BeamSearch:
         if self.prefix_tokens is not None:
             self.prefix_tokens = self.prefix_tokens.index_select(0, keep)
         self.bsz = new_bsz
-        self.gen.fast_decoder.keep(keep)
+        self.decoder.keep(keep)
 
     def _advance(self, step: int, cand_scores: Tensor, cand_indices: Tensor, cand_beams: Tensor, eos_mask: Tensor) -> None:
         """Each sentence goes on with its best ``beam`` candidates that do not end with EOS."""
         if self.native_search:
             parents = cpu_kernels.advance_beams(cand_scores, cand_indices, cand_beams, eos_mask, self.cands_to_ignore,
                                                 self.tokens, self.scores, step)
-            self.gen.fast_decoder.advance(parents)
+            self.decoder.advance(parents)
             return
         beam, cand_size = self.beam, 2 * self.beam
         eos_mask[:, :beam] |= self.cands_to_ignore
@@ -239,7 +260,7 @@ class _BeamSearch:
         if step > 0:
             self.scores[:, :step] = self.scores[rows, :step]
         self.scores.view(self.bsz, beam, -1)[:, :, step] = cand_scores.gather(1, active)
-        self.gen.fast_decoder.advance(parents)
+        self.decoder.advance(parents)
 
     # --- candidates ---------------------------------------------------------------------------------
 

@@ -75,10 +75,19 @@ class AccelGenerationConfig(FairseqDataclass):
     accel_threads: str = field(
         default="auto",
         metadata={"help": "CPU threads of the fast generator: auto (default) decodes the first batch with torch's "
-                          "thread count and the next with 1, keeps the faster (one log line says which) and measures "
+                          "thread count, then two batches each with it and with 1, in turn, keeps the faster (one log "
+                          "line says which; --accel-parallel says how the threads share a batch) and measures "
                           "again when it slows down 3x (another process took the cores: OpenMP threads then wait "
                           "for each other at every small operation); torch: leave torch's count as set "
                           "(OMP_NUM_THREADS, torch.set_num_threads); N: that many"},
+    )
+    accel_parallel: ChoiceEnum(["sentences", "operations"]) = field(
+        default="sentences",
+        metadata={"help": "how the fast generator's N > 1 CPU threads share a batch: sentences (default) splits it "
+                          "into N shards of every N-th sentence, each decoded on one thread (same hypotheses; a "
+                          "step's small operations gain little from OpenMP threads); operations runs every "
+                          "operation on N threads (torch's intra-op parallelism). Batches of one sentence always "
+                          "run by operations"},
     )
     no_accel_fallback: bool = field(
         default=False, metadata={"help": "stop with the reason instead of falling back to the stock generator"}
@@ -126,7 +135,8 @@ def _check_fast_only_options(cfg) -> None:
         given = [name for name, value in (
             ("--kv-cache-dtype", cfg.kv_cache_dtype != "fp32"), ("--quantize-cross-kv", cfg.quantize_cross_kv),
             ("--key-scale", cfg.key_scale != "token"), ("--accel-kernels", cfg.accel_kernels != "auto"),
-            ("--accel-threads", cfg.accel_threads != "auto"), ("--no-accel-fallback", cfg.no_accel_fallback),
+            ("--accel-threads", cfg.accel_threads != "auto"), ("--accel-parallel", cfg.accel_parallel != "sentences"),
+            ("--no-accel-fallback", cfg.no_accel_fallback),
         ) if value]
         if given:
             raise AccelGenerationError(f"{', '.join(given)} apply to the fast generator: add --accel-generator fast")
@@ -191,7 +201,7 @@ def build_accel_generator(stock, models: List, cfg) -> object:
             "cross-attention keys/values that way"
         )
     return FastSequenceGenerator(stock, model, decoder, kernels or resolve_cpu_kernels(options.kernel_choice, device),
-                                 threads)
+                                 threads, parallel_sentences=cfg.accel_parallel == "sentences")
 
 
 def build_task_generator(models: List, cfg, tgt_dict: Dictionary, build_stock: Callable[[], object],
