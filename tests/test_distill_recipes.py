@@ -58,7 +58,7 @@ def test_mini_nmt_recipe_distillation_stages(tmp_path):
 def test_asr_distillation_stages(tmp_path):
     """Stages 9-10 of egs/tools/asr.sh (the mini espeak recipe's configs) on tiny random-feature data: SAN-M
     teacher, its transcripts as the student's targets, the half-width student alone, with MiniLM on the last
-    encoder layer, and on the teacher's transcripts."""
+    encoder layer and KD of the CTC head, and on the teacher's transcripts."""
     (tmp_path / "s2t").mkdir()
     s2t = write_tiny_speech_data(tmp_path / "s2t")
     exp = tmp_path / "exp"
@@ -67,17 +67,17 @@ def test_asr_distillation_stages(tmp_path):
         "--train_set", "train", "--valid_set", "dev", "--test_set", "test",
         "--configs", "conf/s2t_sanm_mini.yaml", "--distill_teacher", "conf/s2t_sanm_mini.yaml",
         "--distill_student", "conf/distill/s2t_sanm_half.yaml",
-        "--distill_configs", "conf/distill/minilm.yaml conf/distill/seqkd.yaml",
+        "--distill_configs", "conf/distill/minilm_ctc.yaml conf/distill/seqkd.yaml",
         "--train_args", "--max-update 2 --max-tokens 4000", "--train_jobs", "2",
     ]
     result = run_cli(command, cwd=ASR_RECIPE, timeout=600)
     assert result.returncode == 0, cli_output(result)[-5000:]
     rows = json.loads((exp / "DISTILL.json").read_text())
     assert [row["experiment"] for row in rows] == [
-        "s2t_sanm_mini", "s2t_sanm_half", "s2t_sanm_half__minilm", "s2t_sanm_half__seqkd"]
+        "s2t_sanm_mini", "s2t_sanm_half", "s2t_sanm_half__minilm_ctc", "s2t_sanm_half__seqkd"]
     assert rows[0]["params"] > 2 * rows[1]["params"] and rows[1]["params"] == rows[2]["params"] == rows[3]["params"]
-    minilm_log = (exp / "s2t_sanm_half__minilm" / "train.log").read_text()
-    assert "at_loss" in minilm_log and "ctc_loss" in minilm_log and "conv_at_loss" not in minilm_log
+    minilm_log = (exp / "s2t_sanm_half__minilm_ctc" / "train.log").read_text()
+    assert "at_loss" in minilm_log and "ctc_kd_loss" in minilm_log and "conv_at_loss" not in minilm_log
     seqkd = Path(f"{s2t}_seqkd_s2t_sanm_mini")
     teacher_rows = (seqkd / "train.tsv").read_text().splitlines()
     assert len(teacher_rows) == len((s2t / "train.tsv").read_text().splitlines())

@@ -170,6 +170,9 @@ def test_sentence_shards_decode_what_stock_decodes(trained: Path, tiny_translati
     result = generate(tiny_translation_data, trained, *options, "--accel-generator", "fast", "--accel-threads", "3")
     assert outputs(result) == stock
     assert "--accel-parallel sentences: batches of 3 or more sentences decode in 3 shards" in result.stderr
+    python_step = generate(tiny_translation_data, trained, *options, "--accel-generator", "fast", "--accel-threads",
+                           "3", "--accel-kernels", "torch")  # the Python step and torch candidates in the threads
+    assert outputs(python_step) == stock and "decode in 3 shards" in python_step.stderr
     by_operations = generate(tiny_translation_data, trained, *options, "--accel-generator", "fast",
                              "--accel-threads", "3", "--accel-parallel", "operations")
     assert outputs(by_operations) == stock and "--accel-parallel sentences" not in by_operations.stderr

@@ -17,6 +17,7 @@ from fairseq_accel.criterions.attention_capture import AttentionView, ConvView, 
 from fairseq_accel.criterions.minilm_distillation import (
     MiniLMDistillationCriterion,
     conv_attention_loss,
+    ctc_kd_loss,
     minilm_losses,
     relation_heads_of,
     window_distribution,
@@ -104,6 +105,22 @@ def test_word_kd_is_a_temperature_scaled_kl_summed_over_target_tokens():
     assert word_kd_loss(logits, student, keep, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="--kd-temperature must be > 0"):
         word_kd_loss(logits, student, keep, 0.0)
+
+
+def test_ctc_kd_is_a_mean_kl_over_valid_frames():
+    teacher = torch.randn(4, 2, 5).log_softmax(-1)  # T x B x V
+    lengths = torch.tensor([4, 2])
+    assert ctc_kd_loss((teacher, lengths), (teacher, lengths)).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(4, 2, 5).log_softmax(-1).requires_grad_()
+    frames = [(t, b) for b in range(2) for t in range(int(lengths[b]))]
+    expected = sum(torch.nn.functional.kl_div(student[t, b], teacher[t, b], log_target=True, reduction="sum")
+                   for t, b in frames) / len(frames)
+    loss = ctc_kd_loss((teacher, lengths), (student, lengths))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert student.grad[2:, 1].abs().sum() == 0  # padding frames get no gradient
+    with pytest.raises(DistillationSetupError, match="--ctc-kd-weight: .* same front-end subsampling"):
+        ctc_kd_loss((teacher, lengths), (student[:3], torch.tensor([3, 2])))
 
 
 def test_window_distribution_takes_the_kernels_taps_and_renormalises():
@@ -266,6 +283,11 @@ def test_teacher_errors_are_one_clear_line(tiny_translation_data, teacher_checkp
         tiny_translation_data, "--teacher-path", str(teacher_checkpoint), "--student-layer", "-2")
     with pytest.raises(DistillationSetupError, match=r"--student-layer -2 is out of range: the student encoder has 1"):
         criterion(model, train_batch(task))
+    with pytest.raises(ValueError, match="--ctc-kd-weight distils the student's CTC head: it needs --ctc-weight > 0"):
+        build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(teacher_checkpoint), "--ctc-kd-weight", "1")
+    with pytest.raises(DistillationSetupError, match=r"--ctc-kd-weight: teacher .*checkpoint_last.pt has no CTC head"):
+        build_like_fairseq_train(tiny_translation_data, "--teacher-path", str(teacher_checkpoint), "--ctc-kd-weight",
+                                 "1", "--ctc-weight", "0.3")
     # another dictionary: the same data with one more symbol
     other = tmp_path / "other-dict"
     shutil.copytree(tiny_translation_data, other)

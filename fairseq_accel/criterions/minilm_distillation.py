@@ -14,6 +14,12 @@ The student's task loss (label-smoothed CE; with ``--ctc-weight`` > 0 the joint 
   of MiniLMv2 (Wang et al. 2021, arXiv 2012.15828, Eq. 4-6) are used instead: Q, K and V of all heads
   are concatenated and re-split into R relation heads, L_AT is the mean of the Q-Q and K-K relation KLs and
   L_VR the V-V relation KL.
+* CTC KD (``--ctc-kd-weight``, speech students trained with ``--ctc-weight`` > 0 and a teacher with a CTC
+  head): KL(teacher ‖ student) of the CTC heads' posteriors per encoder frame, averaged over valid frames
+  (frame-level KD of CTC models, Takashima et al. 2018, ICASSP, "An investigation of a knowledge distillation
+  method for CTC acoustic models"). Word-level KD teaches the attention decoder only; where the student is
+  decoded by its CTC head, this is the term that reaches what is decoded (measured on the mini ASR recipe:
+  egs/mini_espeak/asr/RESULTS.md). Frames must line up (the same front-end subsampling).
 * LSRA convolution attention transfer (``--conv-attention-weight``): a softmax-normalised lightweight or
   dynamic convolution is an attention whose distribution is confined to a K-tap window (Wu et al. 2019,
   arXiv 1901.10430, Sec. 3); the teacher's attention distribution of the same layer (mean over its
@@ -57,11 +63,13 @@ from fairseq_accel.criterions.joint_ctc_attention import (
     JointCTCAttentionCriterion,
     JointCTCAttentionCriterionConfig,
 )
+from fairseq_accel.models.ctc_head import CTCHeadError, ctc_log_probs, encoder_out_of, find_ctc_head
 
 logger = logging.getLogger(__name__)
 
-#: logged distillation terms, in nats: ``kd_loss`` per target token, the others per head and position
-TERMS = ("kd_loss", "at_loss", "vr_loss", "conv_at_loss")
+#: logged distillation terms, in nats: ``kd_loss`` per target token, ``ctc_kd_loss`` per frame, the others per
+#: head and position
+TERMS = ("kd_loss", "at_loss", "vr_loss", "conv_at_loss", "ctc_kd_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +170,22 @@ def word_kd_loss(teacher_logits: Tensor, student_logits: Tensor, keep: Tensor, t
     return kl * temperature**2
 
 
+def ctc_kd_loss(teacher: Tuple[Tensor, Tensor], student: Tuple[Tensor, Tensor]) -> Tensor:
+    """Mean over valid frames of KL(teacher ‖ student) between two CTC heads' (T x B x V log-probabilities,
+    valid frames per sentence) outputs; the teacher's side carries no gradient."""
+    (teacher_log, teacher_lengths), (student_log, student_lengths) = teacher, student
+    if teacher_log.shape != student_log.shape or not torch.equal(teacher_lengths, student_lengths):
+        raise DistillationSetupError(
+            f"--ctc-kd-weight: the teacher's CTC head sees {tuple(teacher_log.shape[:2])} (frames x batch) and "
+            f"the student's {tuple(student_log.shape[:2])}, or other valid frames: frame-level KD needs the same "
+            "front-end subsampling (e.g. the same LFR or convolution settings) and the same output units"
+        )
+    frames = torch.arange(student_log.size(0), device=student_log.device)[:, None] < student_lengths[None, :]
+    teacher_log = teacher_log.detach()
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
+    return (kl * frames).sum() / frames.sum().clamp_min(1)
+
+
 def window_distribution(probs: Tensor, kernel_size: int, left: int) -> Tensor:
     """(batch, time, time) attention distributions -> (batch, time, K): the mass query t puts on key
     ``t - left + j`` (0 outside the sentence), renormalised over the K taps."""
@@ -206,6 +230,12 @@ class MiniLMDistillationConfig(JointCTCAttentionCriterionConfig):
         default=0.0,
         metadata={"help": "weight of the LSRA convolution attention transfer (student with conv branches)"},
     )
+    ctc_kd_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of frame-level KD of the CTC head: KL(teacher's CTC posteriors ‖ the student's) "
+                  "per encoder frame (speech students with --ctc-weight > 0, a teacher with a CTC head and the "
+                  "same front-end subsampling)"},
+    )
     distill_side: ChoiceEnum(["encoder", "decoder", "both"]) = field(
         default="encoder", metadata={"help": "whose self-attention the attention terms distil"}
     )
@@ -221,11 +251,12 @@ class MiniLMDistillationConfig(JointCTCAttentionCriterionConfig):
 @register_criterion("minilm_distillation", dataclass=MiniLMDistillationConfig)
 class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
     """Task loss + kd_weight·KD + (attention_weight·L_AT + value_relation_weight·L_VR +
-    conv_attention_weight·L_conv)·sample_size.
+    conv_attention_weight·L_conv + ctc_kd_weight·L_CTC-KD)·sample_size.
 
-    KD is a sum over target tokens like the CE; the attention terms are means per head and position,
-    scaled by ``sample_size`` so that the Trainer's division leaves them means. Logged (nats):
-    ``kd_loss`` per target token, ``at_loss``, ``vr_loss``, ``conv_at_loss`` per head and position.
+    KD is a sum over target tokens like the CE; the other terms are means (per head and position, per
+    frame), scaled by ``sample_size`` so that the Trainer's division leaves them means. Logged (nats):
+    ``kd_loss`` per target token, ``at_loss``, ``vr_loss``, ``conv_at_loss`` per head and position,
+    ``ctc_kd_loss`` per frame.
     """
 
     def __init__(
@@ -244,6 +275,7 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
         attention_weight: float = 1.0,
         value_relation_weight: float = 1.0,
         conv_attention_weight: float = 0.0,
+        ctc_kd_weight: float = 0.0,
         distill_side: str = "encoder",
         teacher_layer: int = -1,
         student_layer: int = -1,
@@ -255,19 +287,29 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
         )
         for name, value in (("kd-weight", kd_weight), ("attention-weight", attention_weight),
                             ("value-relation-weight", value_relation_weight),
-                            ("conv-attention-weight", conv_attention_weight)):
+                            ("conv-attention-weight", conv_attention_weight), ("ctc-kd-weight", ctc_kd_weight)):
             if value < 0:
                 raise ValueError(f"--{name} must be >= 0, got {value}")
+        if ctc_kd_weight > 0 and ctc_weight <= 0:
+            raise ValueError("--ctc-kd-weight distils the student's CTC head: it needs --ctc-weight > 0")
         if relation_heads is not None and relation_heads <= 0:
             raise ValueError(f"--relation-heads must be > 0, got {relation_heads}")
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.attention_weight, self.value_relation_weight = attention_weight, value_relation_weight
         self.conv_attention_weight = conv_attention_weight
+        self.ctc_kd_weight = ctc_kd_weight
         self.relation_heads = relation_heads
         self.sides: Tuple[str, ...] = SIDES if distill_side == "both" else (str(distill_side),)
         self.student_layer = student_layer
         self.teacher = FrozenTeacher(load_teacher(teacher_path, task))
         who = f"teacher {teacher_path}"
+        if ctc_kd_weight > 0:
+            try:
+                find_ctc_head(self.teacher.model)
+            except CTCHeadError:
+                raise DistillationSetupError(
+                    f"--ctc-kd-weight: {who} has no CTC head (a speech model trained with --ctc-weight > 0 has one)"
+                ) from None
         self.teacher_taps = self._taps(self.teacher.model, teacher_layer, "--teacher-layer", who, student=False)
         self.student_taps: Optional[List[LayerTap]] = None
 
@@ -308,14 +350,15 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
         with _recording(self.student_taps):
             net_output = model(**sample["net_input"])
         loss, sample_size, logging_output = self.task_loss(model, net_output, sample)
-        if self.kd_weight == 0 and not self.teacher_taps:
+        if self.kd_weight == 0 and self.ctc_kd_weight == 0 and not self.teacher_taps:
             return loss, sample_size, logging_output  # every distillation weight is 0: no teacher pass
 
         with _recording(self.teacher_taps):
             teacher_output = self.teacher(sample["net_input"])
-        terms = self._distillation_terms(net_output, teacher_output, sample)
+        terms = self._distillation_terms(model, net_output, teacher_output, sample)
         weights = {"kd_loss": self.kd_weight, "at_loss": self.attention_weight,
-                   "vr_loss": self.value_relation_weight, "conv_at_loss": self.conv_attention_weight}
+                   "vr_loss": self.value_relation_weight, "conv_at_loss": self.conv_attention_weight,
+                   "ctc_kd_loss": self.ctc_kd_weight}
         for name, value in terms.items():
             scale = 1.0 if name == "kd_loss" else float(sample_size)
             loss = loss + weights[name] * scale * value
@@ -323,7 +366,8 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
         logging_output["loss"] = loss.data
         return loss, sample_size, logging_output
 
-    def _distillation_terms(self, net_output: Any, teacher_output: Any, sample: Dict[str, Any]) -> Dict[str, Tensor]:
+    def _distillation_terms(self, model: Any, net_output: Any, teacher_output: Any,
+                            sample: Dict[str, Any]) -> Dict[str, Tensor]:
         """The weighted terms whose weights are > 0, each unweighted (KD a sum, the others means)."""
         terms: Dict[str, Tensor] = {}
         if self.kd_weight > 0:
@@ -332,6 +376,11 @@ class MiniLMDistillationCriterion(JointCTCAttentionCriterion):
                 teacher_output[0][:, self.ignore_prefix_size:], net_output[0][:, self.ignore_prefix_size:],
                 target.ne(self.padding_idx), self.kd_temperature,
             )
+        if self.ctc_kd_weight > 0:
+            with torch.no_grad():
+                teacher_ctc = ctc_log_probs(find_ctc_head(self.teacher.model), encoder_out_of(teacher_output))
+            student_ctc = ctc_log_probs(find_ctc_head(model), encoder_out_of(net_output))
+            terms["ctc_kd_loss"] = ctc_kd_loss(teacher_ctc, student_ctc)
         per_side: Dict[str, List[Tensor]] = {}
         for teacher_tap, student_tap in zip(self.teacher_taps, self.student_taps or []):
             teacher_view = teacher_tap.attention_view()

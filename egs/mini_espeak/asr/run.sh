@@ -36,7 +36,8 @@
 #      config) trained into exp/<its name>; with a sequence-level KD config, the training manifest transcribed by it
 #   10 distillation (egs/tools/asr.sh): the half-width --distill_student alone and distilled with each of
 #      --distill_configs (conf/distill/: word-level KD + MiniLM attention/value relations of the last encoder
-#      layer, sequence-level KD), decoded; teacher vs student alone vs distilled in exp/DISTILL.md:
+#      layer, the same plus frame-level KD of the CTC head, sequence-level KD), decoded; teacher vs student
+#      alone vs distilled in exp/DISTILL.md:
 #        ./run.sh --stage 9 --stop_stage 10 --average_checkpoints 3
 # Stages 6-10 are not run by default (stop_stage 5; 16 fine-tunes of the mini model). After stages 0-5:
 #   ./run.sh --stage 6 --stop_stage 6    # the compressed rows of exp/RESULTS.md
@@ -74,7 +75,7 @@ sweep_patterns="unstructured row 2:4"  # sweep patterns; an N:M pattern has one 
 distill_teacher=conf/tuning/s2t_sanm_mini_long.yaml  # teacher experiment of stages 9-10 (trained unless --teacher_exp holds one)
 teacher_exp=""          # experiment directory of an already trained teacher, e.g. exp_long/s2t_sanm_mini_long
 distill_student=conf/distill/s2t_sanm_half.yaml  # student of stage 10: the teacher's config at half width
-distill_configs="conf/distill/minilm.yaml conf/distill/seqkd.yaml"  # stage 10's distillations of the student
+distill_configs="conf/distill/minilm.yaml conf/distill/minilm_ctc.yaml conf/distill/seqkd.yaml"  # stage 10's distillations of the student
 verbose=false           # show the full output of every command on the console (it always goes to the logs)
 
 printf -v recipe_cmd '%q ' "$0" "$@"  # this command line, quoted in the sparsity sweep's table
