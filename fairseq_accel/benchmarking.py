@@ -11,9 +11,9 @@ cross-attention keys/values as well; where the checkpoint has calibrated output 
 take the int8 projections' output levels as they are; the other systems run its weights in float32), and
 for a stock ``transformer`` checkpoint CTranslate2 float32/int8 through its fairseq converter (when
 ``ctranslate2`` is installed; for a compressed checkpoint, of the float checkpoint it was made from,
-``--ct2-from``; at batch sizes above one also as 2 translators of one thread each, ``--ct2-translators``, that take
-parts of each batch at the same time, as the fast generator's sentence shards do: "by sentence" in the threads
-column). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
+``--ct2-from``; at batch sizes above one also as N translators of one thread each, ``--ct2-translators``, that
+take parts of each batch at the same time, as the fast generator's sentence shards do: "by sentence" in the
+threads column). For w8a8 a second table times an int8 GEMM against float32 for each linear layer shape of the
 decoder at its row counts (batch x beam).
 Every system runs at every thread count: first its first batch alone (building and warming up: reported
 apart as "first batch s"), then ``repeats`` timed passes over all batches, the systems taking turns (stock,
