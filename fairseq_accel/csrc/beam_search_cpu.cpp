@@ -524,6 +524,12 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 fold_16_sums(con
   return _mm512_permutexvar_ps(order, folded);
 }
 
+// Which lanes of each of the Vectors registers hold one of a head's d values (all but the last register full).
+template <int Vectors>
+__attribute__((target("avx512f"), always_inline)) inline void head_lanes(int64_t d, __mmask16* keep) {
+  for (int v = 0; v < Vectors; ++v) keep[v] = v + 1 < Vectors ? lanes_mask(16) : lanes_mask(d - 16 * (Vectors - 1));
+}
+
 // The lane-wise products q * key over the Vectors registers, summed lane by lane.
 template <int Vectors, typename Key>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 lane_products(
@@ -538,11 +544,9 @@ template <int Vectors, typename Key>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void register_scores(
     const float* q, const Key* const* keys, const float* key_scales, int64_t n, int64_t d, float* scores) {
   __mmask16 keep[Vectors];
+  head_lanes<Vectors>(d, keep);
   __m512 query[Vectors];
-  for (int v = 0; v < Vectors; ++v) {
-    keep[v] = v + 1 < Vectors ? lanes_mask(16) : lanes_mask(d - 16 * (Vectors - 1));
-    query[v] = _mm512_maskz_loadu_ps(keep[v], q + 16 * v);
-  }
+  for (int v = 0; v < Vectors; ++v) query[v] = _mm512_maskz_loadu_ps(keep[v], q + 16 * v);
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) {
     __m512 sums[16];
@@ -561,11 +565,9 @@ template <int Vectors, typename Value>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void register_weighted_sum(
     const float* weights, const Value* const* values, int64_t n, int64_t d, float* out) {
   __mmask16 keep[Vectors];
+  head_lanes<Vectors>(d, keep);
   __m512 sum[Vectors];
-  for (int v = 0; v < Vectors; ++v) {
-    keep[v] = v + 1 < Vectors ? lanes_mask(16) : lanes_mask(d - 16 * (Vectors - 1));
-    sum[v] = _mm512_setzero_ps();
-  }
+  for (int v = 0; v < Vectors; ++v) sum[v] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
     const __m512 weight = _mm512_set1_ps(weights[t]);
     for (int v = 0; v < Vectors; ++v)
@@ -602,10 +604,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline b
   }
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) void attend_avx512(const float* q, const float* const* keys,
-                                                                                 const float* const* values,
-                                                                                 const bool* masked, int64_t n,
-                                                                                 int64_t d, float* scores, float* out) {
+__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) void attend_avx512(
+    const float* q, const float* const* keys, const float* const* values, const bool* masked, int64_t n, int64_t d,
+    float* scores, float* out) {
   if (!attend_in_registers(q, keys, nullptr, values, nullptr, masked, n, d, scores, out))
     attend_body(q, keys, values, masked, n, d, scores, out);
 }
@@ -978,9 +979,6 @@ torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inp
   return out;
 }
 
-// Every call releases the GIL: the fast generator decodes several shards of a batch in threads at once.
-constexpr auto kNoGil = pybind11::call_guard<pybind11::gil_scoped_release>();
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_convolution_step", &window_convolution_step, kNoGil,
         "write a step's inputs into the window buffer and convolve each hypothesis' last inputs (CPU)");
@@ -990,13 +988,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cache_attention_step over the int8 caches with per-(head, token) scales (CPU)");
   m.def("level_cache_attention_step", &level_cache_attention_step, kNoGil,
         "the int8 attention path's step: projection outputs rounded to calibrated levels, int8 caches (CPU)");
-  m.def("memory_attention", &memory_attention, kNoGil, "attention of the beams' queries over their encoder memory (CPU)");
+  m.def("memory_attention", &memory_attention, kNoGil,
+        "attention of the beams' queries over their encoder memory (CPU)");
   m.def("log_softmax_topk", &log_softmax_topk, kNoGil,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
   m.def("merge_candidates", &merge_candidates, kNoGil, "each sentence's best candidates over its rows' best k (CPU)");
-  m.def("advance_beams", &advance_beams, kNoGil, "fairseq's beam advance over the candidates, histories updated in place (CPU)");
+  m.def("advance_beams", &advance_beams, kNoGil,
+        "fairseq's beam advance over the candidates, histories updated in place (CPU)");
   m.def("advance_table", &advance_table, kNoGil, "the beam indirection table after a step's parents, in place (CPU)");
-  m.def("compact_sentences", &compact_sentences, kNoGil, "move the kept sentences' rows to the buffer's front in place (CPU)");
+  m.def("compact_sentences", &compact_sentences, kNoGil,
+        "move the kept sentences' rows to the buffer's front in place (CPU)");
   register_int8_gemm(m);
   register_decoder_step(m);
 }

@@ -30,7 +30,7 @@ struct Linear {
   explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
   Tensor operator()(const Tensor& x) const {
     if (int8) return (*int8)(x);
-    if (layer) {  // the step runs without the GIL (see DecoderStep's binding)
+    if (layer) {  // the step runs without the GIL (kNoGil)
       pybind11::gil_scoped_acquire gil;
       return (*layer)(x).cast<Tensor>().clone();  // a tensor of its own: the step adds into outputs
     }
@@ -316,7 +316,6 @@ void register_decoder_step(pybind11::module_& m) {
   py::class_<DecoderStep>(m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
       .def(py::init<Tensor, double, std::optional<Norm>, std::vector<std::shared_ptr<Layer>>, std::optional<Norm>,
                     Linear>())
-      // without the GIL: the fast generator runs shards of a batch in threads at once
-      .def("__call__", &DecoderStep::forward, py::call_guard<py::gil_scoped_release>(), py::arg("tokens"), py::arg("caches"), py::arg("table"), py::arg("step"),
-           py::arg("positions"), py::arg("output_rows"));
+      .def("__call__", &DecoderStep::forward, kNoGil, py::arg("tokens"), py::arg("caches"), py::arg("table"),
+           py::arg("step"), py::arg("positions"), py::arg("output_rows"));
 }

@@ -388,8 +388,8 @@ void register_int8_gemm(pybind11::module_& m) {
       m, "Int8Weights", "an int8 linear layer's weights packed for the CPU int8 GEMM (7-bit activations)")
       .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, double, int64_t>(), py::arg("levels"),
            py::arg("scales"), py::arg("bias"), py::arg("input_scale"), py::arg("zero_point"))
-      .def("__call__", &Int8Weights::operator(), py::call_guard<py::gil_scoped_release>(), py::arg("input"))
-      .def("run", &Int8Weights::run, py::call_guard<py::gil_scoped_release>(), py::arg("input"), py::arg("isa"), py::arg("relu") = false,
+      .def("__call__", &Int8Weights::operator(), kNoGil, py::arg("input"))
+      .def("run", &Int8Weights::run, kNoGil, py::arg("input"), py::arg("isa"), py::arg("relu") = false,
            "the layer on the kernels of `isa` (avx512-vnni, avx2, baseline) where the CPU has them, max(0, y) with "
            "relu");
   m.def("int8_gemm_isa", [] { return std::string(best.isa); },

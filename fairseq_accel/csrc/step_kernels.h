@@ -7,6 +7,10 @@
 #include <optional>
 #include <string>
 
+// Every binding of the extension releases the GIL while it runs: the fast generator decodes several shards of a
+// batch in threads at once (a Python layer called back from the C++ step takes the GIL again).
+inline constexpr auto kNoGil = pybind11::call_guard<pybind11::gil_scoped_release>();
+
 torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
                                    int64_t step);

@@ -7,7 +7,7 @@ rows each; run on N OpenMP threads each of them ends at a barrier, and most are 
 threads gained 1.2-1.4x on a 2-core machine (transformer_mini and the long LSRA at batch 32, 2026-12-01) where
 two shards on one thread each gain 1.5-1.7x (docs/results/2026-12-01_sentence_parallel). CTranslate2 does the
 same with ``inter_threads``. The C++ kernels release the GIL; what the shards still take turns on is the beam
-search's Python (about a fifth of a step at 80 rows).
+search's Python (about an eighth of a step at 80 rows).
 
 Shards take every N-th sentence of the (length-sorted) batch, so that they get the same mix of lengths. Token
 sources keep the batch's padded width; speech features (``[B, T, F]``, padded at the end) are cut to the shard's
@@ -62,21 +62,18 @@ class SentenceParallel:
 
     def __init__(self, decoder: FastDecoder):
         self.decoders = [decoder]
-        self.pool: Optional[ThreadPoolExecutor] = None
-        self.workers = 0  # the pool's threads
+        self.pool: Optional[ThreadPoolExecutor] = None  # a thread per replica
         self.lock = threading.Lock()
 
     def _decoders(self, count: int) -> List[FastDecoder]:
         if len(self.decoders) < count:
             logger.info(f"--accel-parallel sentences: batches of {count} or more sentences decode in {count} shards, "
                         "one thread each")
-        while len(self.decoders) < count:
-            self.decoders.append(self.decoders[0].replica())
-        if self.workers < count - 1:
+            while len(self.decoders) < count:
+                self.decoders.append(self.decoders[0].replica())
             if self.pool is not None:
                 self.pool.shutdown()
             self.pool = ThreadPoolExecutor(count - 1, thread_name_prefix="fairseq-accel-shard")
-            self.workers = count - 1
         return self.decoders[:count]
 
     def decode(self, sample: dict, prefix_tokens: Optional[Tensor], shards: int, decode_shard: DecodeShard
