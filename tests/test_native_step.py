@@ -14,6 +14,8 @@ from fairseq.sequence_generator import SequenceGenerator
 from test_fast_generator import fast_from
 from model_builders import build_speech_model, build_translation_model, random_tokens, toy_dictionary
 from fairseq_accel.inference import cpu_kernels
+from fairseq_accel.inference.fast_decoder import FastDecoder
+from fairseq_accel.inference.fast_generator import _BeamSearch
 from fairseq_accel.modules.int8_linear import Int8Linear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_kernels_available(),
@@ -111,6 +113,39 @@ def test_native_step_decodes_what_the_python_step_decodes(name: str, beam: int) 
         for a, b in zip(native_list, python_list):
             assert torch.equal(a["tokens"], b["tokens"])
             assert torch.equal(a["score"], b["score"]) and torch.equal(a["positional_scores"], b["positional_scores"])
+
+
+@pytest.mark.parametrize("name", ["transformer pre-norm, gelu, embedding norm", "lite_transformer dynamic + glu",
+                                  "s2t_sanm"])
+def test_the_native_search_loop_hands_back_finished_sentences_and_decodes_what_the_python_loop_decodes(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ search loop (csrc/beam_search_loop_cpu.cpp) against the Python loop over the same C++ step: the same
+    hypotheses, scores and positional scores, with sentences finishing at different steps (the loop returns each
+    time, the generator drops them from its buffers and the caches, and the loop goes on with the rest)."""
+    model, dictionary, sample = build(*MODELS[name])
+    with torch.no_grad():  # EOS likelier (its output row 3x larger): the random model's sentences end before max_len
+        model.decoder.output_projection.weight[dictionary.eos()] *= 3
+    looped, stepped = fast_generator(model, dictionary, 5), fast_generator(model, dictionary, 5)
+    calls = []  # (active sentences, positions that finished, done) of every call into the C++ loop
+    run_native_search = FastDecoder.run_native_search
+
+    def counted(decoder, loop, tokens, scores, cands_to_ignore, sentence_ids):
+        result = run_native_search(decoder, loop, tokens, scores, cands_to_ignore, sentence_ids)
+        calls.append((len(sentence_ids), result[1], result[2]))
+        return result
+
+    monkeypatch.setattr(FastDecoder, "run_native_search", counted)
+    looped_hyps = looped.generate([model], sample)
+    monkeypatch.setattr(_BeamSearch, "_run_native_loop", _BeamSearch._run_steps)
+    stepped_hyps = stepped.generate([model], sample)
+    assert stepped.fast_decoder.native_caches is not None  # the C++ step under the Python loop
+    assert len(calls) >= 2 and calls[-1][2] and not any(done for *_, done in calls[:-1])
+    assert calls[0][0] == 4 and all(later[0] == earlier[0] - len(earlier[1]) for earlier, later in zip(calls, calls[1:]))
+    for looped_list, stepped_list in zip(looped_hyps, stepped_hyps):
+        assert len(looped_list) == len(stepped_list) == 5
+        for a, b in zip(looped_list, stepped_list):
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["score"], b["score"])
+            assert torch.equal(a["positional_scores"], b["positional_scores"])
 
 
 @pytest.mark.parametrize("name", [name for name in sorted(MODELS) if "sanm" not in name])

@@ -1000,4 +1000,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "move the kept sentences' rows to the buffer's front in place (CPU)");
   register_int8_gemm(m);
   register_decoder_step(m);
+  register_beam_search_loop(m);
+  register_encoder(m);
 }

@@ -11,6 +11,7 @@
 // takes the caches' tensors as one list in the order the layers consume them (per layer: each self-attention
 // branch's keys and values (an int8 cache: and their scales) or a convolution's window buffer, then the
 // cross-attention's keys, values, padding).
+#include "native_layers.h"
 #include "step_kernels.h"
 
 #include <memory>
@@ -21,44 +22,6 @@
 namespace {
 
 using torch::Tensor;
-
-// x @ W^T + b with W^T stored contiguous once (int8_execution.TransposedLinear), an int8 layer's packed weights
-// (int8_gemm_cpu.cpp), or a Python layer called back.
-struct Linear {
-  Linear(Tensor weight_t, std::optional<Tensor> bias) : weight_t(std::move(weight_t)), bias(std::move(bias)) {}
-  explicit Linear(std::shared_ptr<Int8Weights> int8) : int8(std::move(int8)) {}
-  explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
-  Tensor operator()(const Tensor& x) const {
-    if (int8) return (*int8)(x);
-    if (layer) {  // the step runs without the GIL (kNoGil)
-      pybind11::gil_scoped_acquire gil;
-      return (*layer)(x).cast<Tensor>().clone();  // a tensor of its own: the step adds into outputs
-    }
-    return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
-  }
-  Tensor weight_t;
-  std::optional<Tensor> bias;
-  std::shared_ptr<Int8Weights> int8;
-  std::optional<pybind11::object> layer;
-};
-
-// torch.nn.LayerNorm over the last dimension.
-struct Norm {
-  Norm(std::optional<Tensor> weight, std::optional<Tensor> bias, double eps, int64_t dim)
-      : weight(std::move(weight)), bias(std::move(bias)), eps(eps), dim(dim) {}
-  Tensor operator()(const Tensor& x) const { return at::layer_norm(x, {dim}, weight, bias, eps); }
-  std::optional<Tensor> weight, bias;
-  double eps;
-  int64_t dim;
-};
-
-enum Activation : int64_t { kRelu = 0, kGelu = 1 };
-
-// In place on the layer's fresh output (the same values as at::relu / at::gelu, one allocation less).
-Tensor activate(Tensor x, int64_t activation) {
-  TORCH_CHECK(activation == kRelu || activation == kGelu, "unknown activation ", activation);
-  return activation == kRelu ? at::relu_(x) : at::gelu_(x);
-}
 
 // One step's inputs: the caches' tensors, taken in order, the beam indirection table and the step.
 struct StepState {
@@ -159,21 +122,6 @@ struct CrossAttention {
   int64_t heads, head_dim;
 };
 
-// fc2(norm(activation(fc1 x))), the norm only in SAN-M's decoder FFN.
-struct FeedForward {
-  FeedForward(Linear fc1, int64_t activation, std::optional<Norm> inner_norm, Linear fc2)
-      : fc1(std::move(fc1)), activation(activation), inner_norm(std::move(inner_norm)), fc2(std::move(fc2)) {}
-  Tensor operator()(const Tensor& x) const {
-    // an int8 fc1 applies the relu in its GEMM's epilogue (the same values: max(0, y))
-    auto hidden = fc1.int8 && activation == kRelu ? fc1.int8->run(x, "", true) : activate(fc1(x), activation);
-    return fc2(inner_norm ? (*inner_norm)(hidden) : hidden);
-  }
-  Linear fc1;
-  int64_t activation;
-  std::optional<Norm> inner_norm;
-  Linear fc2;
-};
-
 struct Layer {
   virtual ~Layer() = default;
   virtual Tensor forward(const Tensor& x, StepState& state) const = 0;
@@ -193,13 +141,6 @@ struct TransformerLayer : Layer {
     TORCH_CHECK(!this->cross || this->cross_norm, "a cross-attention needs its norm");
   }
 
-  // x + body(norm(x)) (pre-norm) or norm(x + body(x)) (post-norm); the sum in place on the body's fresh output
-  // (float addition commutes: the same values as x + body)
-  template <typename Body>
-  Tensor block(const Tensor& x, const Norm& norm, Body body) const {
-    return pre_norm ? body(norm(x)).add_(x) : norm(body(x).add_(x));
-  }
-
   Tensor self_attention(const Tensor& x, StepState& state) const {
     if (branches.size() == 1) return branches[0]->forward(x, state);
     const auto chunks = at::split_with_sizes(x, widths, -1);
@@ -209,9 +150,9 @@ struct TransformerLayer : Layer {
   }
 
   Tensor forward(const Tensor& x, StepState& state) const override {
-    auto h = block(x, self_norm, [&](const Tensor& y) { return self_attention(y, state); });
-    if (cross) h = block(h, *cross_norm, [&](const Tensor& y) { return cross->forward(y, state); });
-    return block(h, final_norm, [&](const Tensor& y) { return feed_forward(y); });
+    auto h = residual_block(pre_norm, x, self_norm, [&](const Tensor& y) { return self_attention(y, state); });
+    if (cross) h = residual_block(pre_norm, h, *cross_norm, [&](const Tensor& y) { return cross->forward(y, state); });
+    return residual_block(pre_norm, h, final_norm, [&](const Tensor& y) { return feed_forward(y); });
   }
 
   bool pre_norm;
@@ -253,7 +194,7 @@ struct SANMLayer : Layer {
 
 // Token embedding (scaled, plus the step's position, normed optionally), the layers, the final norm of the rows
 // that are projected, and the output projection to float32 logits.
-struct DecoderStep {
+struct DecoderStep : NativeDecoderStep {
   DecoderStep(Tensor embedding, double embed_scale, std::optional<Norm> embedding_norm,
               std::vector<std::shared_ptr<Layer>> layers, std::optional<Norm> final_norm, Linear output)
       : embedding(std::move(embedding)), embed_scale(embed_scale), embedding_norm(std::move(embedding_norm)),
@@ -262,7 +203,7 @@ struct DecoderStep {
   // tokens [B * beam]; caches as the header says; table [B, beam, T] int64; positions [T, C] (the decoder's
   // positional embeddings by step) or None; output_rows: the rows to project, or None for all.
   Tensor forward(const Tensor& tokens, std::vector<Tensor> caches, const Tensor& table, int64_t step,
-                 const std::optional<Tensor>& positions, const std::optional<Tensor>& output_rows) const {
+                 const std::optional<Tensor>& positions, const std::optional<Tensor>& output_rows) const override {
     TORCH_CHECK(table.dim() == 3, "table must be [B, beam, T]");
     StepState state{caches, table, step, table.size(1)};
     auto x = at::embedding(embedding, tokens) * embed_scale;
@@ -313,7 +254,8 @@ void register_decoder_step(pybind11::module_& m) {
   py::class_<SANMLayer, Layer, std::shared_ptr<SANMLayer>>(m, "SANMLayer")
       .def(py::init<Norm, FeedForward, std::optional<Norm>, std::optional<Tensor>, std::shared_ptr<CrossAttention>,
                     std::optional<Norm>>());
-  py::class_<DecoderStep>(m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
+  py::class_<NativeDecoderStep, std::shared_ptr<NativeDecoderStep>>(m, "NativeDecoderStep");
+  py::class_<DecoderStep, NativeDecoderStep, std::shared_ptr<DecoderStep>>(m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
       .def(py::init<Tensor, double, std::optional<Norm>, std::vector<std::shared_ptr<Layer>>, std::optional<Norm>,
                     Linear>())
       .def("__call__", &DecoderStep::forward, kNoGil, py::arg("tokens"), py::arg("caches"), py::arg("table"),

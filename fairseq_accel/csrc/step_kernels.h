@@ -6,6 +6,8 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 // Every binding of the extension releases the GIL while it runs: the fast generator decodes several shards of a
 // batch in threads at once (a Python layer called back from the C++ step takes the GIL again).
@@ -25,6 +27,20 @@ torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Te
 
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& padding, int64_t beam);
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
+    const torch::Tensor& logits, const torch::Tensor& row_bias, int64_t k, int64_t pad, int64_t unk, int64_t eos,
+    double unk_penalty, int64_t eos_mode);
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, bool> merge_candidates(
+    const torch::Tensor& values, const torch::Tensor& ids, const torch::Tensor& cands_to_ignore, int64_t eos);
+
+torch::Tensor advance_beams(const torch::Tensor& cand_scores, const torch::Tensor& cand_tokens,
+                            const torch::Tensor& cand_beams, const torch::Tensor& eos_mask,
+                            torch::Tensor& cands_to_ignore, torch::Tensor& tokens, torch::Tensor& scores,
+                            int64_t step);
+
+void advance_table(torch::Tensor& table, const torch::Tensor& parents, int64_t steps);
 
 torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
                                       int64_t step, const torch::Tensor& weight);
@@ -47,5 +63,18 @@ struct Int8Weights {
   torch::Tensor padded_scales, padded_bias;  // [out rounded up to 16] float32, zeros beyond out
 };
 
+// A whole decoder step (decoder_step_cpu.cpp's DecoderStep), as the beam search loop (beam_search_loop_cpu.cpp)
+// calls it: float32 logits [rows, V] of tokens [B * beam] (or of output_rows only), the caches' tensors in the
+// order its layers take them, the beam indirection table [B, beam, T], the step, the positional embeddings by
+// step or none.
+struct NativeDecoderStep {
+  virtual ~NativeDecoderStep() = default;
+  virtual torch::Tensor forward(const torch::Tensor& tokens, std::vector<torch::Tensor> caches,
+                                const torch::Tensor& table, int64_t step, const std::optional<torch::Tensor>& positions,
+                                const std::optional<torch::Tensor>& output_rows) const = 0;
+};
+
 void register_decoder_step(pybind11::module_& m);
+void register_beam_search_loop(pybind11::module_& m);
+void register_encoder(pybind11::module_& m);
 void register_int8_gemm(pybind11::module_& m);

@@ -118,6 +118,11 @@ class BeamIndirection:
         self.step += 1
         self._forget_derived()
 
+    def advanced_to(self, step: int) -> None:
+        """The C++ search loop advanced the table itself (``beam_search_loop_cpu.cpp``): ``step`` is decoded next."""
+        self.step = step
+        self._forget_derived()
+
     def keep(self, sentences: Tensor) -> None:
         self.table = self.table.index_select(0, sentences)
         self._forget_derived()

@@ -10,8 +10,9 @@ step (LSRA's lightweight convolution, SAN-M's FSMN) over the window buffer; ``in
 self-attention step over the int8 cache (per-token scales, read without a float32 copy). Where the extension was not built (no compiler at install
 time), the generator keeps its torch path and says so in one line.
 
-The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp); the
-Python step objects build it from their own weights with the ``native_*`` helpers here, and say with
+The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp), and its
+``BeamSearchLoop`` (csrc/beam_search_loop_cpu.cpp) the generator's search over it, steps and candidates, until
+sentences finish; the Python step objects build the step from their own weights with the ``native_*`` helpers here, and say with
 ``NativeStepUnsupported`` why a model keeps the Python step (float16 caches, int8 cross-attention memories, the
 int8 attention path, other activations). Its int8 layers (a compressed checkpoint's ``Int8Linear``) run the extension's int8 GEMM
 (``Int8Weights``, csrc/int8_gemm_cpu.cpp), as their Python module does.
@@ -64,6 +65,15 @@ def advance_beams(cand_scores: torch.Tensor, cand_tokens: torch.Tensor, cand_bea
     updated in place; returns each continuation's parent beam ``[B, beam]``."""
     return _cpu_kernels.advance_beams(cand_scores, cand_tokens, cand_beams, eos_mask, cands_to_ignore, tokens, scores,
                                       step)
+
+
+def beam_search_loop(decoder_step, sentences: int, beam: int, pad: int, unk: int, eos: int, unk_penalty: float,
+                     min_len: int, max_len: int, normalize_scores: bool, len_penalty: float):
+    """fairseq's beam search for a batch of ``sentences`` over the C++ ``decoder_step`` (csrc/beam_search_loop_cpu.cpp):
+    its ``run`` decodes steps until sentences finish (the kernels above in the generator's order, without Python
+    between the steps), its ``hypotheses`` gives each sentence's finished (tokens, score, positional scores)."""
+    return _cpu_kernels.BeamSearchLoop(decoder_step, sentences, beam, pad, unk, eos, unk_penalty, min_len, max_len,
+                                       normalize_scores, len_penalty)
 
 
 def compact_sentences(buffer: torch.Tensor, sentences: torch.Tensor, time_dim: int, steps: int) -> torch.Tensor:

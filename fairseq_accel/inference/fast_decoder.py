@@ -10,7 +10,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ class FastDecoder:
     state: BeamState
     native_step = None  # the C++ step: None until built, False where the model has none
     native_caches: Optional[List[Tensor]] = None  # its cache tensors, where this batch runs it
+    positions: Optional[Tensor] = None  # the decoder's positional embeddings by step, where it adds them
 
     def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
         raise NotImplementedError
@@ -87,12 +88,24 @@ class FastDecoder:
                 logger.info(f"the fast decoder runs its Python step: {reason}")
             self.native_step = False
 
-    def native_logits(self, tokens: Tensor, output_rows: Optional[Tensor],
-                      positions: Optional[Tensor] = None) -> Tensor:
-        """:meth:`step` by the C++ step (where :meth:`bind_native_step` bound it for this batch); ``positions``:
-        the decoder's positional embeddings by step, if it has them."""
+    def native_logits(self, tokens: Tensor, output_rows: Optional[Tensor]) -> Tensor:
+        """:meth:`step` by the C++ step (where :meth:`bind_native_step` bound it for this batch)."""
         indirection = self.state.indirection
-        return self.native_step(tokens, self.native_caches, indirection.table, indirection.step, positions, output_rows)
+        return self.native_step(tokens, self.native_caches, indirection.table, indirection.step, self.positions,
+                                output_rows)
+
+    def run_native_search(self, loop, tokens: Tensor, scores: Tensor, cands_to_ignore: Tensor,
+                          sentence_ids: List[int]) -> Tuple[int, List[int], bool]:
+        """Steps of the C++ beam search ``loop`` (``cpu_kernels.beam_search_loop``) over the C++ step, from this
+        batch's current step until sentences finish: (steps decoded, the active positions of the sentences that
+        finished, whether the batch is done). The search's histories, ``cands_to_ignore`` and the beam table are
+        updated in place."""
+        indirection = self.state.indirection
+        reached, finished, done = loop.run(tokens, scores, cands_to_ignore, sentence_ids, self.native_caches,
+                                           indirection.table, indirection.step, self.positions)
+        if not done:
+            indirection.advanced_to(reached)
+        return reached, finished, done
 
     def keep(self, sentences: Tensor) -> None:
         self.state.keep(sentences)

@@ -6,7 +6,9 @@ length normalisation, min/max length, unknown-word penalty, n-gram blocking and 
 it returns what stock returns. What differs is the model side: one decoder step per token over
 preallocated caches reordered by index (``beam_cache``), cross-attention K/V once per sentence, and no
 per-step reordering of the encoder output. The generator is built from a stock ``SequenceGenerator``
-(``from_stock``) and takes every search setting from it.
+(``from_stock``) and takes every search setting from it. Where the decoder runs its C++ step with the C++
+kernels, the search loop runs in C++ too (``cpu_kernels.beam_search_loop``: the same steps, no Python between
+them), back here only when sentences finish.
 """
 import contextlib
 import gc
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import CacheBytes
 from fairseq_accel.inference.fast_decoder import FastDecoder
+from fairseq_accel.inference.native_encoder import build_native_encoder
 from fairseq_accel.inference.sentence_parallel import SentenceParallel
 from fairseq_accel.inference.thread_choice import ThreadChooser
 
@@ -74,6 +77,8 @@ class FastSequenceGenerator(nn.Module):
         super().__init__()
         self.model = model
         self.fast_decoder = decoder
+        # an int8 transformer encoder in one C++ call (with the C++ kernels); otherwise the model's own
+        self.native_encoder = build_native_encoder(model.encoder) if kernels is cpu_kernels else None
         self.sentence_parallel = SentenceParallel(decoder) if parallel_sentences else None
         self.kernels = kernels
         self.tgt_dict = stock.tgt_dict
@@ -115,6 +120,12 @@ class FastSequenceGenerator(nn.Module):
         return self.sentence_parallel.decode(sample, prefix_tokens, shards, decode)
 
 
+def _hypothesis(tokens: Tensor, score: Tensor, positional_scores: Tensor) -> Hypothesis:
+    """A finished hypothesis as fairseq's SequenceGenerator returns it (no attention or alignment)."""
+    return {"tokens": tokens, "score": score, "attention": torch.empty(0), "alignment": torch.empty(0),
+            "positional_scores": positional_scores}
+
+
 class _BeamSearch:
     """One batch of beam search; attributes hold the active sentences' buffers."""
 
@@ -132,7 +143,8 @@ class _BeamSearch:
         self.max_len = min(int(gen.max_len_a * src_len + gen.max_len_b), gen.max_len - 1)
         if gen.min_len > self.max_len:
             raise ValueError(f"--min-len {gen.min_len} is larger than the maximum output length {self.max_len}")
-        encoder_out = gen.model.encoder.forward_torchscript(net_input)
+        encoder_out = (gen.model.encoder.forward_torchscript(net_input) if gen.native_encoder is None
+                       else gen.native_encoder(net_input))
         decoder.start(encoder_out, self.beam, self.max_len + 1)
         device = src_tokens.device
         rows = self.bsz * self.beam
@@ -151,6 +163,36 @@ class _BeamSearch:
         self.rows_decoded = 0  # hypotheses times steps: the work --accel-threads auto compares
 
     def run(self) -> List[List[Hypothesis]]:
+        if self.native_search and self.decoder.native_caches is not None:
+            self._run_native_loop()
+        else:
+            self._run_steps()
+        for hypotheses in self.finalized:
+            hypotheses.sort(key=lambda h: float(h["score"]), reverse=True)
+        return self.finalized
+
+    def _run_native_loop(self) -> None:
+        """The search in C++ (``cpu_kernels.beam_search_loop``) between the steps where sentences finish, which
+        then leave this search's buffers and the decoder's caches here."""
+        gen = self.gen
+        loop = cpu_kernels.beam_search_loop(self.decoder.native_step, self.bsz, self.beam, gen.pad, gen.unk, gen.eos,
+                                            gen.unk_penalty, gen.min_len, self.max_len, gen.normalize_scores,
+                                            gen.len_penalty)
+        step, done = 0, False
+        while not done:
+            reached, finished, done = self.decoder.run_native_search(loop, self.tokens, self.scores,
+                                                                     self.cands_to_ignore, self.sentence_ids)
+            self.rows_decoded += self.bsz * self.beam * (reached - step)
+            step = reached
+            if finished:
+                gen.cache_stats.record(len(finished), self.decoder.state.bytes_per_sentence(reached))
+            if finished and not done:
+                self._keep_sentences(torch.tensor([i for i in range(self.bsz) if i not in finished]))
+        for sentence, hypotheses in enumerate(loop.hypotheses()):
+            self.finalized[sentence] = [_hypothesis(*hypothesis) for hypothesis in hypotheses]
+
+    def _run_steps(self) -> None:
+        """The search step by step from Python (over the C++ or the Python decoder step)."""
         remaining = self.bsz
         for step in range(self.max_len + 1):
             self.rows_decoded += self.bsz * self.beam
@@ -174,9 +216,6 @@ class _BeamSearch:
                 )
                 self._keep_sentences(keep)
             self._advance(step, cand_scores, cand_indices, cand_beams, eos_mask)
-        for hypotheses in self.finalized:
-            hypotheses.sort(key=lambda h: float(h["score"]), reverse=True)
-        return self.finalized
 
     def _output_rows(self, step: int) -> Optional[Tensor]:
         """At the first step every beam of a sentence is the same hypothesis and only the first one's
@@ -211,15 +250,7 @@ class _BeamSearch:
                                                                 positional.unbind(0)):
             hypotheses = self.finalized[self.sentence_ids[sentence]]
             if len(hypotheses) < beam:
-                hypotheses.append(
-                    {
-                        "tokens": hyp_tokens,
-                        "score": score,
-                        "attention": torch.empty(0),
-                        "alignment": torch.empty(0),
-                        "positional_scores": hyp_positional,
-                    }
-                )
+                hypotheses.append(_hypothesis(hyp_tokens, score, hyp_positional))
         finished = [
             sentence for sentence in sorted(set(sentences))
             if len(self.finalized[self.sentence_ids[sentence]]) == beam or step == self.max_len

@@ -312,7 +312,6 @@ class FastTransformerDecoder(FastDecoder):
         log_int8_attention(sum(step.int8_levels for layer in self.layers for step in layer.attention_steps()))
         self.output_projection = linear_step(decoder.output_projection)  # W^T stored once: the largest GEMM
         self.kernels = kernels  # for the int8 self-attention cache
-        self.positions: Optional[Tensor] = None
 
     def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:
         """Positional embeddings of steps ``0..steps-1`` (``[steps, C]``) from the decoder's own module."""
@@ -345,7 +344,7 @@ class FastTransformerDecoder(FastDecoder):
 
     def step(self, tokens: Tensor, output_rows: Optional[Tensor] = None) -> Tensor:
         if self.native_caches is not None:
-            return self.native_logits(tokens, output_rows, self.positions)
+            return self.native_logits(tokens, output_rows)
         decoder = self.decoder
         x = decoder.embed_scale * F.embedding(tokens, decoder.embed_tokens.weight)
         if decoder.project_in_dim is not None:
