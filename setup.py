@@ -91,7 +91,11 @@ def cpu_kernel_extensions():
         return []
     return [CppExtension(CPU_KERNELS, sources,
                          depends=sorted(glob("fairseq_accel/csrc/*.h")),
-                         extra_compile_args=["-O3", "-fno-trapping-math"])]
+                         # -fopenmp: at::parallel_for splits the kernels' loops between torch's threads only in
+                         # code built with OpenMP (else it runs them serially); the extension takes the libgomp
+                         # torch has loaded (same soname), so torch.set_num_threads sets its thread count
+                         extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"],
+                         extra_link_args=["-fopenmp"])]
 
 
 if BuildExtension is not None:
