@@ -6,6 +6,7 @@ path, and the generator's choice of them. Built by pip install; under
 CI=true their absence fails."""
 import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,16 +40,34 @@ def test_log_softmax_topk_matches_the_reference(rows: int, vocab: int, k: int, t
 
 
 def test_threads_give_the_same_result() -> None:
-    logits, bias = torch.randn(64, 3000), torch.randn(64)
+    """The kernels split their loops between torch's threads (the extension is built with OpenMP): the top-k by
+    rows, the int8 GEMM by columns, the attention by (row, head); every split gives the one-thread values."""
+    generator = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(64, 3000, generator=generator), torch.randn(64, generator=generator)
+    levels = torch.randint(-127, 128, (1000, 160), dtype=torch.int8, generator=generator)
+    int8 = cpu_kernels.int8_weights(levels, torch.rand(1000, generator=generator) * 0.01,
+                                    torch.randn(1000, generator=generator), 0.05, 64)
+    rows = torch.randn(5, 160, generator=generator)
+    q, keys, values = (torch.randn(*shape, generator=generator)
+                       for shape in ((12, 4, 36), (3, 4, 9, 36), (3, 4, 9, 36)))
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, :4] = True
+    runs = []
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.log_softmax_topk(logits, bias, 10, 1, 3, 2)
-        torch.set_num_threads(2)
-        two = cpu_kernels.log_softmax_topk(logits, bias, 10, 1, 3, 2)
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs.append([*cpu_kernels.log_softmax_topk(logits, bias, 10, 1, 3, 2), int8(rows),
+                         cpu_kernels.memory_attention(q, keys, values, padding, 4)])
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_the_extension_is_built_with_openmp() -> None:
+    """Without OpenMP at::parallel_for runs every kernel's loop on one thread, whatever torch's thread count."""
+    library = Path(cpu_kernels.native_kernels().__file__).read_bytes()
+    assert b"GOMP_parallel" in library
 
 
 def test_bad_arguments_are_one_line() -> None:

@@ -423,6 +423,34 @@ def test_benchmark_ignores_the_generation_options_a_checkpoint_saved(trained: Pa
     assert type(benchmarking._fairseq_generator(work, "stock")).__name__ == "SequenceGenerator"
 
 
+@pytest.mark.parametrize("trained", ["transformer"], indirect=True)
+def test_benchmark_settings_shard_by_sentence_only_batches_of_several(trained: Path, tiny_translation_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """At batch 1 there is nothing to split: every setting runs by operations; at batch 4 the fast generator's
+    2-thread setting and CTranslate2's 2 translators decode by sentence (and 1 translator is not a setting twice)."""
+    args = SimpleNamespace(path=str(trained), data=str(tiny_translation_data), config_yaml="config.yaml",
+                           gen_subset="test", max_sentences=8, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200,
+                           systems=["fast", "ct2-int8"], threads=[1, 2], ct2_threads=[1], ct2_translators=[1, 2],
+                           ct2_from=None)
+    task, models = benchmarking.load_checkpoint(args)
+    task.load_dataset("test")
+    for batch, sharded in ((1, set()), (4, {("fast", 2), ("ct2-int8", 2)})):
+        work = benchmarking.build_workload(args, batch, task, models)
+        settings = benchmarking._settings(args, work, tmp_path, lambda message: None)
+        assert sorted((s.system, s.threads) for s in settings) == sorted(
+            [("stock", 1), ("stock", 2), ("fast", 1), ("fast", 2), ("ct2-int8", 1)] + [("ct2-int8", 2)] * (batch > 1))
+        assert {(s.system, s.threads) for s in settings if s.by_sentence} == sharded
+
+
+def test_benchmark_refuses_to_undo_a_speech_tasks_units_twice() -> None:
+    """A speech task decodes its units with its data config's BPE; --remove-bpe on top joined the words (the
+    SAN-M rows of 2026-12-01 scored 73 % WER for fairseq-generate's 52 %)."""
+    task = SimpleNamespace(data_cfg=SimpleNamespace(bpe_tokenizer={"bpe": "sentencepiece"}))
+    args = SimpleNamespace(remove_bpe="sentencepiece")
+    with pytest.raises(benchmarking.BenchmarkError, match="--remove-bpe sentencepiece: the speech task decodes"):
+        benchmarking.build_workload(args, 1, task, [])
+
+
 def test_benchmark_settings_take_turns() -> None:
     """Every setting's first batch alone, then rounds of every setting in turn (not each one's repeats back
     to back, which put a change of load on one system only); the median of each one's passes is its time."""

@@ -140,7 +140,8 @@ def test_the_native_search_loop_hands_back_finished_sentences_and_decodes_what_t
     stepped_hyps = stepped.generate([model], sample)
     assert stepped.fast_decoder.native_caches is not None  # the C++ step under the Python loop
     assert len(calls) >= 2 and calls[-1][2] and not any(done for *_, done in calls[:-1])
-    assert calls[0][0] == 4 and all(later[0] == earlier[0] - len(earlier[1]) for earlier, later in zip(calls, calls[1:]))
+    assert calls[0][0] == 4
+    assert all(later[0] == earlier[0] - len(earlier[1]) for earlier, later in zip(calls, calls[1:]))
     for looped_list, stepped_list in zip(looped_hyps, stepped_hyps):
         assert len(looped_list) == len(stepped_list) == 5
         for a, b in zip(looped_list, stepped_list):

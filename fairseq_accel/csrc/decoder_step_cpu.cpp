@@ -255,7 +255,8 @@ void register_decoder_step(pybind11::module_& m) {
       .def(py::init<Norm, FeedForward, std::optional<Norm>, std::optional<Tensor>, std::shared_ptr<CrossAttention>,
                     std::optional<Norm>>());
   py::class_<NativeDecoderStep, std::shared_ptr<NativeDecoderStep>>(m, "NativeDecoderStep");
-  py::class_<DecoderStep, NativeDecoderStep, std::shared_ptr<DecoderStep>>(m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
+  py::class_<DecoderStep, NativeDecoderStep, std::shared_ptr<DecoderStep>>(
+      m, "DecoderStep", "a float32 decoder's whole step: logits of every hypothesis' next token")
       .def(py::init<Tensor, double, std::optional<Norm>, std::vector<std::shared_ptr<Layer>>, std::optional<Norm>,
                     Linear>())
       .def("__call__", &DecoderStep::forward, kNoGil, py::arg("tokens"), py::arg("caches"), py::arg("table"),

@@ -7,15 +7,16 @@
 #   run.sh sanm SANM_CKPT ASR_DATA
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-common=(--batch-sizes 1 32 --threads 1 2 --repeats 3 --remove-bpe sentencepiece)
+common=(--batch-sizes 1 32 --threads 1 2 --repeats 3)  # NMT: --remove-bpe sentencepiece; speech: its config's
 case $1 in
   transformer)
     fairseq-accel-benchmark "$4" --path "$3" --ct2-from "$2" --max-sentences 128 "${common[@]}" \
-      --ct2-threads 1 --ct2-translators 1 2 \
+      --remove-bpe sentencepiece --ct2-threads 1 2 --ct2-translators 1 2 \
       --systems stock fast fast-operations fast-w8a8-kv8 ct2-float32 ct2-int8 \
       --json "$here/transformer.json" 2> "$here/transformer.log" | tee "$here/transformer.md" ;;
   lsra)
-    fairseq-accel-benchmark "$3" --path "$2" --max-sentences 128 "${common[@]}" --systems stock fast fast-operations \
+    fairseq-accel-benchmark "$3" --path "$2" --max-sentences 128 "${common[@]}" --remove-bpe sentencepiece \
+      --systems stock fast fast-operations \
       --json "$here/lsra.json" 2> "$here/lsra.log" | tee "$here/lsra.md" ;;
   sanm)
     fairseq-accel-benchmark "$3" --path "$2" "${common[@]}" --systems stock fast fast-operations \
