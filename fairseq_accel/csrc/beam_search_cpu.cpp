@@ -183,9 +183,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   int64_t* out_ids = indices.data_ptr<int64_t>();
   const float penalty = static_cast<float>(unk_penalty);
   // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel, a chunk
-  // of rows at a time into one ~256 KiB buffer (cache-resident when scanned; the same values as one call)
+  // of rows at a time into one ~256 KiB buffer (cache-resident when scanned; the same values as one call), kept
+  // per thread from call to call (a fresh one each step cost a large malloc and glibc's consolidation of its bins)
   const int64_t chunk = std::min(rows, std::max<int64_t>(1, (256 * 1024) / (vocab * 4)));
-  auto log_probs = torch::empty({chunk, vocab}, x.options());
+  thread_local std::vector<float> buffer;
+  buffer.resize(chunk * vocab);
+  auto log_probs = torch::from_blob(buffer.data(), {chunk, vocab}, x.options());
   for (int64_t start = 0; start < rows; start += chunk) {
     const int64_t count = std::min(chunk, rows - start);
     auto part = log_probs.narrow(0, 0, count);
