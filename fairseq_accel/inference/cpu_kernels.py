@@ -1,5 +1,6 @@
 """C++ CPU kernels of the fast generator (``fairseq_accel/csrc``), built by ``pip install`` (setup.py) with the
-machine's C++ compiler against the installed torch.
+machine's C++ compiler against the installed torch, with OpenMP: their loops split between torch's threads
+(``torch.set_num_threads``, ``--accel-threads``).
 
 ``log_softmax_topk`` has the contract of the CUDA kernel of the same name (:mod:`.cuda_kernels`): the
 generator's candidate step (log-softmax, fairseq's token rules, the hypothesis' score and the top k) in one
