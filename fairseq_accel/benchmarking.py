@@ -144,10 +144,7 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
 
 
 def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.Module] = None) -> Workload:
-    speech = hasattr(task, "data_cfg")
-    if speech and args.remove_bpe and task.data_cfg.bpe_tokenizer is not None:
-        raise BenchmarkError(f"--remove-bpe {args.remove_bpe}: the speech task decodes the units with its data "
-                             f"config's bpe_tokenizer itself (undoing them twice joins the words): leave it out")
+    to_text = token_decoder(task, args.remove_bpe)
     dataset = task.dataset(args.gen_subset)
     limit = min(len(dataset), args.max_sentences or len(dataset))
     # fairseq-generate's batches: the dataset's own order (sorted by length), ``batch_size`` sentences each
@@ -155,11 +152,11 @@ def build_workload(args, batch_size: int, task, models, int8: Optional[torch.nn.
     batches = [dataset.collater([dataset[i] for i in indices[start : start + batch_size]])
                for start in range(0, limit, batch_size)]
     batches = [batch for batch in batches if batch]
-    to_text = token_decoder(task, args.remove_bpe)
     references = {}
     for batch in batches:
         for sample_id, target in zip(batch["id"].tolist(), batch["target"]):
             references[sample_id] = to_text(target)
+    speech = hasattr(task, "data_cfg")
     audio = sum(audio_seconds(frames) for batch in batches for frames in batch["net_input"]["src_lengths"].tolist())
     return Workload(task, models, batches, references, to_text, "WER" if speech else "BLEU", args.beam, batch_size,
                     args.max_len_a, args.max_len_b, int8, audio if speech else None)

@@ -14,11 +14,20 @@ METRICS = ("bleu", "wer", "cer")
 ERROR_RATES = ("wer", "cer")  # lower is better
 
 
+class PostProcessingError(ValueError):
+    """Post-processing that would score other text than the task's own decoding, said in one line."""
+
+
 def token_decoder(task, remove_bpe: Optional[str]) -> Callable[[Tensor], str]:
     """Target token ids to the text that is scored: the dictionary's string without ``</s>`` and padding,
-    ``remove_bpe`` undone (as fairseq-generate's ``--post-process``), and a speech task's own BPE decoded."""
+    ``remove_bpe`` undone (as fairseq-generate's ``--post-process``), and a speech task's own BPE decoded.
+    ``remove_bpe`` on top of a speech task's own BPE is a :class:`PostProcessingError`."""
+    speech = hasattr(task, "data_cfg")
+    if speech and remove_bpe and task.data_cfg.bpe_tokenizer is not None:
+        raise PostProcessingError(f"--remove-bpe {remove_bpe}: the speech task decodes the units with its data "
+                                  f"config's bpe_tokenizer itself (undoing them twice joins the words): leave it out")
     tgt_dict = task.target_dictionary
-    bpe = task.build_bpe(argparse.Namespace(bpe=None)) if hasattr(task, "data_cfg") else None
+    bpe = task.build_bpe(argparse.Namespace(bpe=None)) if speech else None
 
     def to_text(tokens: Tensor) -> str:
         tokens = tokens[tokens.ne(tgt_dict.pad())].int().cpu()

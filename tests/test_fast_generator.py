@@ -22,6 +22,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from conftest import TINY_TRAIN, USER_DIR, cli_output, run_cli, tiny_lsra
 import fairseq_accel.plugin  # noqa: F401  (registers the plugin, installs its fairseq patches)
 from fairseq_accel import benchmarking
+from fairseq_accel.decoding_metrics import PostProcessingError, token_decoder
 from fairseq_accel.compat import checkpoint_loading
 from model_builders import build_speech_model, build_translation_model, toy_dictionary
 from fairseq_accel.tasks.accel_generation import AccelGenerationConfig, AccelGenerationError, build_accel_generator
@@ -444,11 +445,14 @@ def test_benchmark_settings_shard_by_sentence_only_batches_of_several(trained: P
 
 def test_benchmark_refuses_to_undo_a_speech_tasks_units_twice() -> None:
     """A speech task decodes its units with its data config's BPE; --remove-bpe on top joined the words (the
-    SAN-M rows of 2026-12-01 scored 73 % WER for fairseq-generate's 52 %)."""
+    SAN-M rows of 2026-12-01 scored 73 % WER for fairseq-generate's 52 %). The check is in the scored text's
+    decoder, which fairseq-accel-compress's decoded sensitivity metrics share (its CLI says it in one line too)."""
     task = SimpleNamespace(data_cfg=SimpleNamespace(bpe_tokenizer={"bpe": "sentencepiece"}))
     args = SimpleNamespace(remove_bpe="sentencepiece")
-    with pytest.raises(benchmarking.BenchmarkError, match="--remove-bpe sentencepiece: the speech task decodes"):
+    with pytest.raises(PostProcessingError, match="--remove-bpe sentencepiece: the speech task decodes"):
         benchmarking.build_workload(args, 1, task, [])
+    with pytest.raises(PostProcessingError, match="--remove-bpe sentencepiece: the speech task decodes"):
+        token_decoder(task, "sentencepiece")
 
 
 def test_benchmark_settings_take_turns() -> None:

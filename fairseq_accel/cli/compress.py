@@ -48,6 +48,7 @@ from fairseq_accel.compression.ranking_calibration import (
 from fairseq_accel.compression.mixed_precision import format_sensitivity_table, plan_mixed_precision
 from fairseq_accel.compression.sensitivity_measures import SENSITIVITY_METRICS, sensitivity_measure
 from fairseq_accel.compression.similarity_calibration import SAMPLE_ROWS
+from fairseq_accel.decoding_metrics import PostProcessingError
 from fairseq_accel.compression import COMPRESSION_KEY
 
 PROG = "fairseq-accel-compress"
@@ -355,7 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         compressed = _compressed_state(state, calibrator, args, loaded)
         write_checkpoint(compressed, args.out)
-    except (CompressedFormatError, CheckpointLoadError, CalibrationError) as err:
+    except (CompressedFormatError, CheckpointLoadError, CalibrationError, PostProcessingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print(format_size_table(size_rows(compressed[COMPRESSED_KEY]), args.top))
