@@ -40,8 +40,9 @@ def test_log_softmax_topk_matches_the_reference(rows: int, vocab: int, k: int, t
 
 
 def test_threads_give_the_same_result() -> None:
-    """The kernels split their loops between torch's threads (the extension is built with OpenMP): the top-k by
-    rows, the int8 GEMM by columns, the attention by (row, head); every split gives the one-thread values."""
+    """The kernels split their loops between torch's threads (the extension is built with OpenMP) where there is
+    enough work (kMinParallelWork): the top-k by rows, the int8 GEMM by columns, the attention by (row, head); every
+    split gives the one-thread values."""
     generator = torch.Generator().manual_seed(0)
     logits, bias = torch.randn(64, 3000, generator=generator), torch.randn(64, generator=generator)
     levels = torch.randint(-127, 128, (1000, 160), dtype=torch.int8, generator=generator)
@@ -49,8 +50,8 @@ def test_threads_give_the_same_result() -> None:
                                     torch.randn(1000, generator=generator), 0.05, 64)
     rows = torch.randn(5, 160, generator=generator)
     q, keys, values = (torch.randn(*shape, generator=generator)
-                       for shape in ((12, 4, 36), (3, 4, 9, 36), (3, 4, 9, 36)))
-    padding = torch.zeros(3, 9, dtype=torch.bool)
+                       for shape in ((12, 4, 36), (3, 4, 200, 36), (3, 4, 200, 36)))
+    padding = torch.zeros(3, 200, dtype=torch.bool)
     padding[1, :4] = True
     runs = []
     threads = torch.get_num_threads()
@@ -62,6 +63,26 @@ def test_threads_give_the_same_result() -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_kernels_write_into_the_buffers_they_are_given() -> None:
+    """The decoder step's reused buffers (StepBuffers): the attention kernels and the int8 GEMM write their output
+    into ``out`` and give the values they give into a fresh tensor; an ``out`` of another shape is one line."""
+    generator = torch.Generator().manual_seed(0)
+    q, keys, values = (torch.randn(*shape, generator=generator) for shape in ((8, 2, 16), (2, 2, 5, 16), (2, 2, 5, 16)))
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    out = torch.full((8, 2, 16), math.nan)
+    given = cpu_kernels.native_kernels().memory_attention(q, keys, values, padding, 4, out)
+    assert given.data_ptr() == out.data_ptr()
+    assert torch.equal(out, cpu_kernels.memory_attention(q, keys, values, padding, 4))
+    levels = torch.randint(-127, 128, (24, 16), dtype=torch.int8, generator=generator)
+    int8 = cpu_kernels.int8_weights(levels, torch.rand(24, generator=generator), None, 0.05, 64)
+    rows, out = torch.randn(3, 16, generator=generator), torch.full((3, 24), math.nan)
+    assert int8.run(rows, "", False, out).data_ptr() == out.data_ptr() and torch.equal(out, int8(rows))
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 CPU tensor of \[8, 2, 16\]"):
+        cpu_kernels.native_kernels().memory_attention(q, keys, values, padding, 4, torch.empty(8, 2, 15))
+    with pytest.raises(RuntimeError, match=r"int8 linear: out must be a contiguous float32 tensor \[3, 24\]"):
+        int8.run(rows, "", False, torch.empty(24, 3).t())
 
 
 def test_the_extension_is_built_with_openmp() -> None:

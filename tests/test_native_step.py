@@ -234,3 +234,26 @@ def test_the_int8_attention_path_runs_in_the_native_step() -> None:
     native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
     assert native.layers[0].self_attn.int8_levels and native.layers[0].self_attn.cache.keys.dtype == torch.int8
     assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))
+
+
+def test_int8_cross_attention_keys_and_values_are_projected_in_one_native_call() -> None:
+    """Int8 cross-attention key/value projections: every layer's keys and values of the encoder output come from one
+    C++ call (``MemoryProjections``, the modules are not called) and equal the layers' own projections, so the
+    logits are those of the Python step, which projects layer by layer."""
+    model, dictionary, sample = build(*MODELS["transformer post-norm"])
+    for layer in model.decoder.layers:
+        for name in ("k_proj", "v_proj"):
+            setattr(layer.encoder_attn, name, Int8Linear.from_linear(getattr(layer.encoder_attn, name), 8, 0.05))
+    native, python = (fast_generator(model, dictionary, 4).fast_decoder for _ in range(2))
+    python.native_step, python.memory_projections = False, False
+    module_calls = []
+    for layer in model.decoder.layers:
+        for name in ("k_proj", "v_proj"):
+            getattr(layer.encoder_attn, name).register_forward_hook(lambda *_: module_calls.append(1))
+    native_logits, python_logits = drive_both(model, sample, dictionary, native, python)
+    assert isinstance(native.memory_projections, cpu_kernels.native_kernels().MemoryProjections)
+    assert len(module_calls) == 2 * len(model.decoder.layers)  # the Python decoder's, once per layer and projection
+    for native_layer, python_layer in zip(native.layers, python.layers):
+        assert torch.equal(native_layer.cross_attn.memory.keys, python_layer.cross_attn.memory.keys)
+        assert torch.equal(native_layer.cross_attn.memory.values, python_layer.cross_attn.memory.values)
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits))

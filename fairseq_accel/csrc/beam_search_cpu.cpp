@@ -194,7 +194,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
     auto part = log_probs.narrow(0, 0, count);
     at::_log_softmax_out(part, x.narrow(0, start, count), 1, false);
     const float* in = part.data_ptr<float>();
-    at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    at::parallel_for(0, count, parallel_grain(8 * vocab), [&](int64_t first, int64_t last) {
       for (int64_t i = first; i < last; ++i) {
         const int64_t row = start + i;
         shift[row] = raw[row * vocab] - in[i * vocab];  // logit - log-probability, of any token
@@ -424,6 +424,14 @@ inline float round_clamped(float x, float low, float high) {
   constexpr float kRoundingShift = 12582912.f;
   const float y = std::min(std::max(x, low), high);
   return (y + kRoundingShift) - kRoundingShift;
+}
+
+// out[i] = the int8 level of x[i] * factor[i], round_clamped to -128..127 (Int8Linear.forward_levels' formula).
+// Restrict pointers: the compiler may then keep the loop's pointers in registers and vectorize it (through the
+// lambdas' captured references it reloaded both from the stack at every value, ~40 % of the int8 attention step).
+inline void write_levels(const float* __restrict x, const float* __restrict factor, int8_t* __restrict out,
+                         int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(round_clamped(x[i] * factor[i], -128.f, 127.f));
 }
 
 // q . k over d values (float32 or int8 keys): 16 independent sums reduced pairwise, so that the loop vectorizes.
@@ -670,14 +678,23 @@ std::pair<torch::Tensor, int64_t> rows_of_heads(const torch::Tensor& t) {
   return {copy, copy.stride(0)};
 }
 
+// The kernel's output: `given` (a contiguous float32 CPU tensor of `sizes`: a decoder step's buffer) or a new one.
+torch::Tensor output_of(const std::optional<torch::Tensor>& given, at::IntArrayRef sizes) {
+  if (!given) return torch::empty(sizes, torch::kFloat32);
+  TORCH_CHECK(given->device().is_cpu() && given->scalar_type() == torch::kFloat32 && given->is_contiguous() &&
+                  given->sizes() == sizes,
+              "out must be a contiguous float32 CPU tensor of ", sizes, ", got ", given->sizes());
+  return *given;
+}
+
 }  // namespace
 
 // Writes the step's keys and values ([B * beam, H, D]) into each hypothesis' own slot of the caches
 // ([B, H, T, beam, D], contiguous) and returns the attention ([B * beam, H, D]) of the (pre-scaled) queries
 // over each hypothesis' steps 0..step, whose slots table ([B, beam, T], int64) names.
 torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
-                                   int64_t step) {
+                                   const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table,
+                                   int64_t step, const std::optional<torch::Tensor>& given_out) {
   check_float_cpu(q, "q", 3);
   check_float_cpu(keys, "keys", 5);
   check_float_cpu(values, "values", 5);
@@ -694,7 +711,7 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   auto slots = table.contiguous();
-  auto out = torch::empty({rows, heads, dim}, q.options());
+  auto out = output_of(given_out, {rows, heads, dim});
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   float *keys_p = keys.data_ptr<float>(), *values_p = values.data_ptr<float>(), *out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
@@ -703,7 +720,7 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   auto at_cache = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
     return (((b * heads + h) * max_steps + t) * beam + slot) * dim;
   };
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * dim), [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {  // the write of (row, head)
       const int64_t row = index / heads, h = index % heads, b = row / beam, slot = row % beam;
       const float* k_in = kp + row * k_row + h * dim;
@@ -712,7 +729,7 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
       std::copy(v_in, v_in + dim, values_p + at_cache(b, h, step, slot));
     }
   });
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * (step + 1) * dim), [&](int64_t first, int64_t last) {
     std::vector<float> scores(step + 1);
     std::vector<const float*> key_rows(step + 1), value_rows(step + 1);
     for (int64_t index = first; index < last; ++index) {
@@ -758,8 +775,9 @@ void check_int8_cache_step(const torch::Tensor& q, const torch::Tensor& k, const
 // an all-zero vector: beam_cache.quantize_int8's formula, so both give the same levels), and read as levels times
 // scales inside the attention, without a float32 copy of the cache.
 torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                        torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
-                                        torch::Tensor& value_scale, const torch::Tensor& table, int64_t step) {
+                                        const torch::Tensor& keys, const torch::Tensor& values,
+                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale, const torch::Tensor& table, int64_t step,
+                                        const std::optional<torch::Tensor>& given_out) {
   check_int8_cache_step(q, k, v, keys, values, table, step);
   for (const auto* scale : {&key_scale, &value_scale})
     TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
@@ -771,7 +789,7 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   auto slots = table.contiguous();
-  auto out = torch::empty({rows, heads, dim}, q.options());
+  auto out = output_of(given_out, {rows, heads, dim});
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
   float *key_scale_p = key_scale.data_ptr<float>(), *value_scale_p = value_scale.data_ptr<float>();
@@ -781,7 +799,7 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
   auto at_scale = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
     return ((b * heads + h) * max_steps + t) * beam + slot;
   };
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * dim), [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, b = row / beam, slot = row % beam;
       const int64_t at = at_scale(b, h, step, slot);
@@ -798,7 +816,7 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
       }
     }
   });
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * (step + 1) * dim), [&](int64_t first, int64_t last) {
     std::vector<float> scores(step + 1), key_scales(step + 1), value_scales(step + 1);
     std::vector<const int8_t*> key_rows(step + 1), value_rows(step + 1);
     for (int64_t index = first; index < last; ++index) {
@@ -824,8 +842,9 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
 // into the int8 caches ([B, H, T, beam, D], no scales), the attention read from the levels: the query's levels
 // times its and the key's level steps (level_steps [3, H, D], absmax / 127), the output times the value's.
 torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& level_factors,
-                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step) {
+                                         const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& level_factors,
+                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step,
+                                         const std::optional<torch::Tensor>& given_out) {
   check_int8_cache_step(q, k, v, keys, values, table, step);
   const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),
                 dim = keys.size(4), rows = batch * beam;
@@ -837,37 +856,33 @@ torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Te
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   const auto factors = level_factors.contiguous(), steps = level_steps.contiguous(), slots = table.contiguous();
-  auto out = torch::empty({rows, heads, dim}, q.options());
+  auto out = output_of(given_out, {rows, heads, dim});
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   const float *factor_p = factors.data_ptr<float>(), *step_p = steps.data_ptr<float>();
   int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
   float* out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
   const int64_t table_steps = slots.size(2), part = heads * dim;
-  auto level = [](float x, float factor) { return round_clamped(x * factor, -128.f, 127.f); };
   auto at_cache = [=](int64_t b, int64_t h, int64_t t, int64_t slot) {
     return (((b * heads + h) * max_steps + t) * beam + slot) * dim;
   };
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * dim), [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, at = at_cache(row / beam, h, step, row % beam);
-      const float *k_in = kp + row * k_row + h * dim, *v_in = vp + row * v_row + h * dim;
-      const float *k_factor = factor_p + part + h * dim, *v_factor = factor_p + 2 * part + h * dim;
-      for (int64_t i = 0; i < dim; ++i) {
-        keys_p[at + i] = static_cast<int8_t>(level(k_in[i], k_factor[i]));
-        values_p[at + i] = static_cast<int8_t>(level(v_in[i], v_factor[i]));
-      }
+      write_levels(kp + row * k_row + h * dim, factor_p + part + h * dim, keys_p + at, dim);
+      write_levels(vp + row * v_row + h * dim, factor_p + 2 * part + h * dim, values_p + at, dim);
     }
   });
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * heads, parallel_grain(2 * (step + 1) * dim), [&](int64_t first, int64_t last) {
     std::vector<float> scores(step + 1), unit_scales(step + 1, 1.f), query_steps(dim);
+    std::vector<int8_t> query_levels(dim);
     std::vector<const int8_t*> key_rows(step + 1), value_rows(step + 1);
     for (int64_t index = first; index < last; ++index) {
       const int64_t row = index / heads, h = index % heads, b = row / beam;
       const int64_t* history = slot_p + row * table_steps;
-      const float *q_in = qp + row * q_row + h * dim, *q_factor = factor_p + h * dim;
       const float *q_step = step_p + h * dim, *k_step = step_p + part + h * dim, *v_step = step_p + 2 * part + h * dim;
-      for (int64_t i = 0; i < dim; ++i) query_steps[i] = level(q_in[i], q_factor[i]) * q_step[i] * k_step[i];
+      write_levels(qp + row * q_row + h * dim, factor_p + h * dim, query_levels.data(), dim);
+      for (int64_t i = 0; i < dim; ++i) query_steps[i] = static_cast<float>(query_levels[i]) * q_step[i] * k_step[i];
       for (int64_t t = 0; t <= step; ++t) {
         key_rows[t] = keys_p + at_cache(b, h, t, history[t]);
         value_rows[t] = values_p + at_cache(b, h, t, history[t]);
@@ -884,7 +899,8 @@ torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Te
 // The attention ([B * beam, H, D]) of the (pre-scaled) queries over their sentence's encoder keys and values
 // ([B, H, S, D]), padded positions (padding [B, S], bool, or an empty tensor) left out.
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               const torch::Tensor& padding, int64_t beam) {
+                               const torch::Tensor& padding, int64_t beam,
+                               const std::optional<torch::Tensor>& given_out) {
   check_float_cpu(q, "q", 3);
   check_float_cpu(keys, "keys", 4);
   check_float_cpu(values, "values", 4);
@@ -895,13 +911,13 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
                           padding.size(1) == source), "padding must be bool [B, S] or empty");
   auto query = q.contiguous(), key = keys.contiguous(), value = values.contiguous();
   auto pad = masked ? padding.contiguous() : padding;
-  auto out = torch::empty_like(query);
+  auto out = output_of(given_out, query.sizes());
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   const bool* pad_p = masked ? pad.data_ptr<bool>() : nullptr;
   float* out_p = out.data_ptr<float>();
   // tasks in (sentence, head, beam) order: a sentence's beams read the same keys and values one after another,
   // while they are in L1 (each (row, head) computes what it computed in any order)
-  at::parallel_for(0, batch * heads * beam, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch * heads * beam, parallel_grain(2 * source * dim), [&](int64_t first, int64_t last) {
     std::vector<float> scores(source);
     std::vector<const float*> key_rows(source), value_rows(source);
     int64_t gathered = -1;  // the (sentence, head) whose rows key_rows / value_rows hold
@@ -929,7 +945,7 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
 // sum_j weight[j, c] * (its input at step - W + 1 + j), the slots named by table [B, beam, T]; weight is [W, C]
 // (a lightweight convolution, an FSMN) or each hypothesis' own [H, W] (a dynamic convolution: channel c takes
 // head c / (C / H)'s taps).
-torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
+torch::Tensor window_convolution_step(const torch::Tensor& x, const torch::Tensor& inputs, const torch::Tensor& table,
                                       int64_t step, const torch::Tensor& weight) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(inputs, "inputs", 4);
@@ -951,14 +967,14 @@ torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inp
   float *buffer = inputs.data_ptr<float>(), *out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
   const int64_t table_steps = slots.size(2), head_channels = channels / heads;
-  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows, parallel_grain(channels), [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t b = row / beam, own = row % beam;
       std::copy(xp + row * channels, xp + (row + 1) * channels,
                 buffer + ((b * times + width - 1 + step) * beam + own) * channels);
     }
   });
-  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows, parallel_grain(width * channels), [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t b = row / beam, own = row % beam;
       float* o = out_p + row * channels;
@@ -982,17 +998,32 @@ torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inp
   return out;
 }
 
+torch::Tensor StepBuffers::take(at::IntArrayRef sizes) {
+  if (next_ == buffers_.size()) buffers_.emplace_back();
+  torch::Tensor& buffer = buffers_[next_++];
+  if (!buffer.defined() || buffer.sizes() != sizes) buffer = torch::empty(sizes, torch::kFloat32);
+  return buffer;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.def("window_convolution_step", &window_convolution_step, kNoGil,
         "write a step's inputs into the window buffer and convolve each hypothesis' last inputs (CPU)");
   m.def("cache_attention_step", &cache_attention_step, kNoGil,
-        "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)");
+        "write a step's keys/values into the beam caches and attend over each hypothesis' history (CPU)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("keys"), py::arg("values"), py::arg("table"), py::arg("step"),
+        py::arg("out") = py::none());
   m.def("int8_cache_attention_step", &int8_cache_attention_step, kNoGil,
-        "cache_attention_step over the int8 caches with per-(head, token) scales (CPU)");
+        "cache_attention_step over the int8 caches with per-(head, token) scales (CPU)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("keys"), py::arg("values"), py::arg("key_scale"), py::arg("value_scale"),
+        py::arg("table"), py::arg("step"), py::arg("out") = py::none());
   m.def("level_cache_attention_step", &level_cache_attention_step, kNoGil,
-        "the int8 attention path's step: projection outputs rounded to calibrated levels, int8 caches (CPU)");
+        "the int8 attention path's step: projection outputs rounded to calibrated levels, int8 caches (CPU)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("keys"), py::arg("values"), py::arg("level_factors"),
+        py::arg("level_steps"), py::arg("table"), py::arg("step"), py::arg("out") = py::none());
   m.def("memory_attention", &memory_attention, kNoGil,
-        "attention of the beams' queries over their encoder memory (CPU)");
+        "attention of the beams' queries over their encoder memory (CPU)", py::arg("q"), py::arg("keys"),
+        py::arg("values"), py::arg("padding"), py::arg("beam"), py::arg("out") = py::none());
   m.def("log_softmax_topk", &log_softmax_topk, kNoGil,
         "log-softmax, fairseq's token rules, row bias and top-k of every row in one pass (CPU)");
   m.def("merge_candidates", &merge_candidates, kNoGil, "each sentence's best candidates over its rows' best k (CPU)");

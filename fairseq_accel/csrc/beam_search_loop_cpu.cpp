@@ -67,7 +67,9 @@ class BeamSearchLoop {
       // at the first step every beam of a sentence is the same hypothesis: only the first ones are projected
       std::optional<Tensor> output_rows;
       if (step == 0 && beam > 1) output_rows = at::arange(batch, tokens.options()) * beam;
-      const Tensor logits = decoder_->forward(tokens.select(1, step), caches, table, step, positions, output_rows);
+      buffers_.rewind();  // the last step's logits and intermediate results are no longer read
+      const Tensor logits =
+          decoder_->forward(tokens.select(1, step), caches, table, step, positions, output_rows, &buffers_);
       const int64_t k = std::min(2 * beam, logits.size(1) - 1);
       const Tensor row_bias = step > 0 ? scores.select(1, step - 1).contiguous() : at::zeros({logits.size(0)},
                                                                                                scores.options());
@@ -146,6 +148,7 @@ class BeamSearchLoop {
   std::shared_ptr<NativeDecoderStep> decoder_;
   SearchRules rules_;
   std::vector<std::vector<Hypothesis>> finalized_;  // by sentence of the batch
+  StepBuffers buffers_;  // the decoder step's outputs, reused from step to step
 };
 
 }  // namespace

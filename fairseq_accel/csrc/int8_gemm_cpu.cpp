@@ -348,7 +348,8 @@ Int8Weights::Int8Weights(const torch::Tensor& levels, const torch::Tensor& scale
   }
 }
 
-torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& isa, bool relu) const {
+torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& isa, bool relu,
+                               const std::optional<torch::Tensor>& given_out) const {
   const Kernels kernels = isa.empty() ? best : kernels_for(isa);
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == torch::kFloat32 && input.dim() == 2 &&
                   input.size(1) == in_features,
@@ -360,7 +361,12 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   // much as a small layer's GEMM); the padding inputs beyond in_features meet zero weights, but are set to 0
   thread_local std::vector<uint8_t> buffer;
   buffer.resize(rows * padded_in);
-  auto out = torch::empty({rows, out_features}, torch::kFloat32);
+  if (given_out) {
+    TORCH_CHECK(given_out->scalar_type() == torch::kFloat32 && given_out->is_contiguous() &&
+                    given_out->sizes() == at::IntArrayRef({rows, out_features}),
+                "int8 linear: out must be a contiguous float32 tensor [", rows, ", ", out_features, "]");
+  }
+  auto out = given_out ? *given_out : torch::empty({rows, out_features}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
   uint8_t* qp = buffer.data();
   const float low = static_cast<float>(-zero_point), high = static_cast<float>(kMaxLevel - zero_point);
@@ -372,8 +378,10 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   const int8_t* wp = packed.data_ptr<int8_t>();
   const Epilogue all{offsets.data_ptr<int32_t>(), padded_scales.data_ptr<float>(), padded_bias.data_ptr<float>(),
                      out.data_ptr<float>(), out_features, out_features, relu};
-  // columns split between threads in whole tiles: each thread streams its share of the weights once
-  at::parallel_for(0, blocks, kTileBlocks, [&](int64_t first, int64_t last) {
+  // columns split between threads in whole tiles: each thread streams its share of the weights once (a small
+  // layer at a step's few rows stays on this thread: parallel_grain)
+  const int64_t grain = std::max<int64_t>(kTileBlocks, parallel_grain(rows * groups * kBlockBytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
     const int64_t column = first * kBlockColumns;
     const Epilogue part{all.offsets + column, all.scales + column, all.bias + column, all.out + column, all.ldo,
                         all.columns - column, all.relu};
@@ -390,8 +398,9 @@ void register_int8_gemm(pybind11::module_& m) {
            py::arg("scales"), py::arg("bias"), py::arg("input_scale"), py::arg("zero_point"))
       .def("__call__", &Int8Weights::operator(), kNoGil, py::arg("input"))
       .def("run", &Int8Weights::run, kNoGil, py::arg("input"), py::arg("isa"), py::arg("relu") = false,
+           py::arg("out") = py::none(),
            "the layer on the kernels of `isa` (avx512-vnni, avx2, baseline) where the CPU has them, max(0, y) with "
-           "relu");
+           "relu, into `out` where given");
   m.def("int8_gemm_isa", [] { return std::string(best.isa); },
         "the instruction set the int8 GEMM runs on: avx512-vnni, avx2 or baseline");
 }

@@ -1,10 +1,13 @@
 // The layers the native decoder step (decoder_step_cpu.cpp) and the native encoder (encoder_cpu.cpp) are built
 // from: a linear layer (float32 weights, int8 weights or a Python layer called back), a layer norm, the
-// feed-forward block and the residual block around a sublayer; the same ATen calls as the Python modules they
-// stand for, so that their outputs are those modules', bit for bit.
+// feed-forward block and the residual block around a sublayer; the same ATen kernels as the Python modules they
+// stand for, so that their outputs are those modules', bit for bit. The linear layers take the StepBuffers to
+// write their outputs into, or none (fresh tensors).
 #pragma once
 
 #include "step_kernels.h"
+
+#include <ATen/ops/native_layer_norm_native.h>
 
 #include <memory>
 #include <optional>
@@ -17,13 +20,21 @@ struct Linear {
       : weight_t(std::move(weight_t)), bias(std::move(bias)) {}
   explicit Linear(std::shared_ptr<Int8Weights> int8) : int8(std::move(int8)) {}
   explicit Linear(pybind11::object layer) : layer(std::move(layer)) {}
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    if (int8) return (*int8)(x);
+  torch::Tensor operator()(const torch::Tensor& x, StepBuffers* buffers = nullptr) const {
+    if (int8) return int8->run(x, "", false, output(x, buffers));
     if (layer) {  // the step runs without the GIL (kNoGil)
       pybind11::gil_scoped_acquire gil;
       return (*layer)(x).cast<torch::Tensor>().clone();  // a tensor of its own: the step adds into outputs
     }
-    return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
+    auto out = output(x, buffers);
+    if (!out) return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
+    return bias ? at::addmm_out(*out, *bias, x, weight_t) : at::mm_out(*out, x, weight_t);  // the same kernels
+  }
+  int64_t out_features() const { return int8 ? int8->out_features : weight_t.size(1); }
+  // the buffer for the output of x [rows, in], where there are buffers
+  std::optional<torch::Tensor> output(const torch::Tensor& x, StepBuffers* buffers) const {
+    if (buffers == nullptr) return std::nullopt;
+    return buffers->take({x.size(0), out_features()});
   }
   torch::Tensor weight_t;
   std::optional<torch::Tensor> bias;
@@ -35,7 +46,14 @@ struct Linear {
 struct Norm {
   Norm(std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, double eps, int64_t dim)
       : weight(std::move(weight)), bias(std::move(bias)), eps(eps), dim(dim) {}
-  torch::Tensor operator()(const torch::Tensor& x) const { return at::layer_norm(x, {dim}, weight, bias, eps); }
+  // On the CPU, ATen's CPU layer norm (what at::layer_norm dispatches to) called directly: the same kernel and
+  // values, without the dispatcher's hops through the composite and autograd layers.
+  // Small inputs (a step's few rows) on this thread: ATen splits every layer norm of more than one row.
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (!x.device().is_cpu()) return at::layer_norm(x, {dim}, weight, bias, eps);
+    const SerialScope small(x.numel() * 4 < kMinParallelWork);
+    return std::get<0>(at::native::layer_norm_cpu(x, {dim}, weight, bias, eps));
+  }
   std::optional<torch::Tensor> weight, bias;
   double eps;
   int64_t dim;
@@ -53,10 +71,11 @@ inline torch::Tensor activate(torch::Tensor x, int64_t activation) {
 struct FeedForward {
   FeedForward(Linear fc1, int64_t activation, std::optional<Norm> inner_norm, Linear fc2)
       : fc1(std::move(fc1)), activation(activation), inner_norm(std::move(inner_norm)), fc2(std::move(fc2)) {}
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  torch::Tensor operator()(const torch::Tensor& x, StepBuffers* buffers = nullptr) const {
     // an int8 fc1 applies the relu in its GEMM's epilogue (the same values: max(0, y))
-    auto hidden = fc1.int8 && activation == kRelu ? fc1.int8->run(x, "", true) : activate(fc1(x), activation);
-    return fc2(inner_norm ? (*inner_norm)(hidden) : hidden);
+    auto hidden = fc1.int8 && activation == kRelu ? fc1.int8->run(x, "", true, fc1.output(x, buffers))
+                                                  : activate(fc1(x, buffers), activation);
+    return fc2(inner_norm ? (*inner_norm)(hidden) : hidden, buffers);
   }
   Linear fc1;
   int64_t activation;

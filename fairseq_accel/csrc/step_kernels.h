@@ -2,8 +2,10 @@
 // step (decoder_step_cpu.cpp) calls, and the registration of those classes into the extension module.
 #pragma once
 
+#include <omp.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -13,20 +15,75 @@
 // batch in threads at once (a Python layer called back from the C++ step takes the GIL again).
 inline constexpr auto kNoGil = pybind11::call_guard<pybind11::gil_scoped_release>();
 
+// About how many multiply-adds a kernel's loop must hold before it is split between threads. A fork and join of
+// OpenMP's threads costs ~1.5-2 us (a 160 x 160 int8 layer at 5 rows: 7.7 us at 1 thread, 9.3 us at 2), more than
+// most of a decoding step's ~40 kernels take at its few rows; split at every size, a batch-1 step spent more in
+// forks and joins than 2 threads saved.
+constexpr int64_t kMinParallelWork = 1 << 18;
+
+// at::parallel_for's grain for items of about `work` multiply-adds each: loops of less than kMinParallelWork in all
+// run on the calling thread.
+inline int64_t parallel_grain(int64_t work) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work));
+}
+
+// In its scope, the ATen kernels the calling thread runs stay on it where `serial` (ATen splits e.g. a layer norm
+// of more than one row between threads, whatever its size): OpenMP's thread count of this thread is set to 1 and
+// restored (at::parallel_for splits only where it is above 1; at::in_parallel_region is OpenMP's own flag).
+class SerialScope {
+ public:
+  explicit SerialScope(bool serial) : before_(serial ? omp_get_max_threads() : 1) {
+    if (before_ > 1) omp_set_num_threads(1);
+  }
+  ~SerialScope() {
+    if (before_ > 1) omp_set_num_threads(before_);
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  int before_;
+};
+
+// The output buffers of a decoder step, reused from step to step. A step asks for its intermediate results in the
+// same order and shapes every step (until sentences leave the batch), so from the second step on it allocates
+// nothing: at a step's few rows, ATen's ~40 allocations per step (posix_memalign, glibc's slow path) and the free
+// of the 160 KB logits (which makes glibc consolidate its bins) were ~8 % of a batch-1 int8 decode of the mini
+// NMT transformer (perf, 2026-12-01; a run under jemalloc was 5 % faster). A buffer is valid until the next
+// rewind(): whoever holds one across steps must copy it.
+class StepBuffers {
+ public:
+  // The next buffer, float32 of `sizes` (reallocated where the last step's was of another shape).
+  torch::Tensor take(at::IntArrayRef sizes);
+  void rewind() { next_ = 0; }
+
+ private:
+  std::vector<torch::Tensor> buffers_;
+  size_t next_ = 0;
+};
+
+// A float32 tensor of `sizes` to write into: the next of `buffers`, or a fresh one where there are none.
+inline torch::Tensor fresh(StepBuffers* buffers, at::IntArrayRef sizes) {
+  return buffers != nullptr ? buffers->take(sizes) : torch::empty(sizes, torch::kFloat32);
+}
+
 torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& table,
-                                   int64_t step);
+                                   const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table,
+                                   int64_t step, const std::optional<torch::Tensor>& out = std::nullopt);
 
 torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                        torch::Tensor& keys, torch::Tensor& values, torch::Tensor& key_scale,
-                                        torch::Tensor& value_scale, const torch::Tensor& table, int64_t step);
+                                        const torch::Tensor& keys, const torch::Tensor& values,
+                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale, const torch::Tensor& table, int64_t step,
+                                        const std::optional<torch::Tensor>& out = std::nullopt);
 
 torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         torch::Tensor& keys, torch::Tensor& values, const torch::Tensor& level_factors,
-                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step);
+                                         const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& level_factors,
+                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step,
+                                         const std::optional<torch::Tensor>& out = std::nullopt);
 
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                               const torch::Tensor& padding, int64_t beam);
+                               const torch::Tensor& padding, int64_t beam,
+                               const std::optional<torch::Tensor>& out = std::nullopt);
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
     const torch::Tensor& logits, const torch::Tensor& row_bias, int64_t k, int64_t pad, int64_t unk, int64_t eos,
@@ -42,7 +99,7 @@ torch::Tensor advance_beams(const torch::Tensor& cand_scores, const torch::Tenso
 
 void advance_table(torch::Tensor& table, const torch::Tensor& parents, int64_t steps);
 
-torch::Tensor window_convolution_step(const torch::Tensor& x, torch::Tensor& inputs, const torch::Tensor& table,
+torch::Tensor window_convolution_step(const torch::Tensor& x, const torch::Tensor& inputs, const torch::Tensor& table,
                                       int64_t step, const torch::Tensor& weight);
 
 // An int8 linear layer (int8_gemm_cpu.cpp): int8 levels [out, in] packed once, 7-bit activations with a static
@@ -51,8 +108,10 @@ struct Int8Weights {
   Int8Weights(const torch::Tensor& levels, const torch::Tensor& scales, std::optional<torch::Tensor> bias,
               double input_scale, int64_t zero_point);
   torch::Tensor operator()(const torch::Tensor& input) const { return run(input, "", false); }
-  // on the kernels of `isa` (avx512-vnni, avx2, baseline; "": the best this CPU has), relu: max(0, y) fused
-  torch::Tensor run(const torch::Tensor& input, const std::string& isa, bool relu) const;
+  // on the kernels of `isa` (avx512-vnni, avx2, baseline; "": the best this CPU has), relu: max(0, y) fused; into
+  // `out` [rows, out_features] where given
+  torch::Tensor run(const torch::Tensor& input, const std::string& isa, bool relu,
+                    const std::optional<torch::Tensor>& out = std::nullopt) const;
   int64_t out_features, in_features;
   torch::Tensor scales;
   std::optional<torch::Tensor> bias;
@@ -66,12 +125,12 @@ struct Int8Weights {
 // A whole decoder step (decoder_step_cpu.cpp's DecoderStep), as the beam search loop (beam_search_loop_cpu.cpp)
 // calls it: float32 logits [rows, V] of tokens [B * beam] (or of output_rows only), the caches' tensors in the
 // order its layers take them, the beam indirection table [B, beam, T], the step, the positional embeddings by
-// step or none.
+// step or none; its intermediate results and logits in `buffers` where given (valid until their next rewind).
 struct NativeDecoderStep {
   virtual ~NativeDecoderStep() = default;
-  virtual torch::Tensor forward(const torch::Tensor& tokens, std::vector<torch::Tensor> caches,
+  virtual torch::Tensor forward(const torch::Tensor& tokens, const std::vector<torch::Tensor>& caches,
                                 const torch::Tensor& table, int64_t step, const std::optional<torch::Tensor>& positions,
-                                const std::optional<torch::Tensor>& output_rows) const = 0;
+                                const std::optional<torch::Tensor>& output_rows, StepBuffers* buffers) const = 0;
 };
 
 void register_decoder_step(pybind11::module_& m);

@@ -14,7 +14,7 @@ kernels the rounding to levels, the cache writes and the attention are one call 
 which the C++ decoder step runs too.
 """
 from types import ModuleType
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from fairseq_accel.inference.fast_decoder import (
 )
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
 from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
+from fairseq_accel.modules.int8_linear import Int8Linear
 from fairseq_accel.modules.multibranch import MultiBranch
 
 
@@ -210,8 +211,10 @@ class CrossAttentionStep:
     def int8_levels(self) -> bool:
         return self.level_steps is not None
 
-    def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor]) -> None:
-        """``encoder_out``: ``[S, B, C]`` (fairseq's layout); ``padding_mask``: ``[B, S]``."""
+    def start(self, state: BeamState, options: FastDecodingOptions, encoder_out: Tensor, padding_mask: Optional[Tensor],
+              keys_values: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """``encoder_out``: ``[S, B, C]`` (fairseq's layout); ``padding_mask``: ``[B, S]``; ``keys_values``: the
+        projections of ``encoder_out`` as ``[B, H, S, D]`` where they are made already (:class:`MemoryProjections`)."""
         source_len, batch, _ = encoder_out.shape
         attention = self.attention
 
@@ -219,11 +222,10 @@ class CrossAttentionStep:
             x = projection.forward_levels(encoder_out) if self.int8_levels else projection(encoder_out)
             return x.view(source_len, batch, self.heads, self.head_dim).permute(1, 2, 0, 3).contiguous()
 
+        keys, values = keys_values or (heads(attention.k_proj), heads(attention.v_proj))
         self.memory = state.add(
-            CrossAttentionMemory(
-                heads(attention.k_proj), heads(attention.v_proj), padding_mask, state.beam,
-                options.cross_kv_dtype, options.key_scale, self.level_steps, state.cpu_kernels,
-            )
+            CrossAttentionMemory(keys, values, padding_mask, state.beam, options.cross_kv_dtype, options.key_scale,
+                                 self.level_steps, state.cpu_kernels)
         )
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -263,10 +265,11 @@ class TransformerLayerStep:
         steps = [step for step in self_attn if isinstance(step, SelfAttentionStep)]
         return steps + ([self.cross_attn] if self.cross_attn is not None else [])
 
-    def start(self, state, options, encoder_out, padding_mask, dtype, device) -> None:
+    def start(self, state, options, encoder_out, padding_mask, dtype, device,
+              memory_keys_values: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         self.self_attn.start(state, options, dtype, device)
         if self.cross_attn is not None:
-            self.cross_attn.start(state, options, encoder_out, padding_mask)
+            self.cross_attn.start(state, options, encoder_out, padding_mask, memory_keys_values)
 
     def _block(self, x: Tensor, norm: nn.Module, body: Callable[[Tensor], Tensor]) -> Tensor:
         """Residual block: ``x + body(norm(x))`` (pre-norm) or ``norm(x + body(x))`` (post-norm)."""
@@ -313,6 +316,7 @@ class FastTransformerDecoder(FastDecoder):
         self.output_projection = linear_step(decoder.output_projection)  # W^T stored once: the largest GEMM
         self.kernels = kernels  # for the int8 self-attention cache
         self.position_cache: Optional[Tensor] = None  # the longest table made so far (a batch's is a prefix)
+        self.memory_projections = None  # MemoryProjections: None until built, False where the model has none
 
     def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:
         """Positional embeddings of steps ``0..steps-1`` (``[steps, C]``) from the decoder's own module; made once
@@ -333,9 +337,33 @@ class FastTransformerDecoder(FastDecoder):
         self.state = BeamState(memory.size(1), beam, max_steps, weight.device, self.kernels,
                                resolve_cpu_kernels(self.options.kernel_choice, weight.device))
         self.positions = self._position_table(max_steps, weight.device)
-        for layer in self.layers:
-            layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device)
+        projected = self._project_memory(memory)
+        for i, layer in enumerate(self.layers):
+            keys_values = None if projected is None else (projected[2 * i], projected[2 * i + 1])
+            layer.start(self.state, self.options, memory, padding, weight.dtype, weight.device, keys_values)
         self.bind_native_step()
+
+    def _project_memory(self, memory: Tensor) -> Optional[List[Tensor]]:
+        """Every layer's cross-attention keys and values of ``memory`` (``[k0, v0, k1, v1, ...]``) in one C++ call
+        where the C++ kernels are in use and they are all int8 layers with float32 outputs; else None (each layer
+        projects its own in Python). Float32 layers stay with ``nn.Linear``: their output must be stock's."""
+        if self.memory_projections is None:
+            self.memory_projections = self._build_memory_projections()
+        if self.memory_projections is False or self.state.cpu_kernels is None or memory.dtype != torch.float32:
+            return None
+        return self.memory_projections(memory)
+
+    def _build_memory_projections(self):
+        steps = [layer.cross_attn for layer in self.layers]
+        if not steps or any(step is None or step.int8_levels for step in steps):
+            return False
+        projections = [p for step in steps for p in (step.attention.k_proj, step.attention.v_proj)]
+        if not all(isinstance(p, Int8Linear) and p.native_weights() is not None for p in projections):
+            return False
+        if len({(step.heads, step.head_dim) for step in steps}) != 1:
+            return False
+        return native_kernels().MemoryProjections([native_linear(p) for p in projections], steps[0].heads,
+                                                  steps[0].head_dim)
 
     def build_native_step(self):
         decoder = self.decoder
