@@ -182,20 +182,21 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   float* out_values = values.data_ptr<float>();
   int64_t* out_ids = indices.data_ptr<int64_t>();
   const float penalty = static_cast<float>(unk_penalty);
-  // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel, a chunk
-  // of rows at a time into one ~256 KiB buffer (cache-resident when scanned; the same values as one call), kept
-  // per thread from call to call (a fresh one each step cost a large malloc and glibc's consolidation of its bins)
+  // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel (each row's
+  // values are those of one call over all rows), each thread on its own rows, a chunk at a time into its ~256 KiB
+  // buffer (cache-resident when scanned), kept from call to call (a fresh one each step cost a large malloc and
+  // glibc's consolidation of its bins); inside the threads' loop ATen's kernel stays on its thread: one fork
+  // and join per step for both passes
   const int64_t chunk = std::min(rows, std::max<int64_t>(1, (256 * 1024) / (vocab * 4)));
-  thread_local std::vector<float> buffer;
-  buffer.resize(chunk * vocab);
-  auto log_probs = torch::from_blob(buffer.data(), {chunk, vocab}, x.options());
-  for (int64_t start = 0; start < rows; start += chunk) {
-    const int64_t count = std::min(chunk, rows - start);
-    auto part = log_probs.narrow(0, 0, count);
-    at::_log_softmax_out(part, x.narrow(0, start, count), 1, false);
-    const float* in = part.data_ptr<float>();
-    at::parallel_for(0, count, parallel_grain(8 * vocab), [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
+  at::parallel_for(0, rows, parallel_grain(8 * vocab), [&](int64_t first, int64_t last) {
+    thread_local std::vector<float> buffer;
+    buffer.resize(chunk * vocab);
+    for (int64_t start = first; start < last; start += chunk) {
+      const int64_t count = std::min(chunk, last - start);
+      auto part = torch::from_blob(buffer.data(), {count, vocab}, x.options());
+      at::_log_softmax_out(part, x.narrow(0, start, count), 1, false);
+      const float* in = buffer.data();
+      for (int64_t i = 0; i < count; ++i) {
         const int64_t row = start + i;
         shift[row] = raw[row * vocab] - in[i * vocab];  // logit - log-probability, of any token
         // a NaN logit makes the row's log-probabilities NaN: none is offered, the row is -inf, lowest ids first
@@ -205,8 +206,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
           out_ids[row * k + j] = best.ids[j];
         }
       }
-    });
-  }
+    }
+  });
   return {values, indices, lse};
 }
 
