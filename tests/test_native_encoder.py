@@ -3,12 +3,14 @@ output is the Python encoder's bit for bit (post- and pre-norm, relu and gelu, l
 padded batches), the fast generator uses it and decodes what it decodes with the Python encoder; float32 encoders
 (stock's own path) and encoders it cannot take keep the Python encoder."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 from torch import nn
 
+from conftest import TINY_TRAIN, TINY_TRANSFORMER, USER_DIR, cli_output, run_cli
 from model_builders import build_translation_model, random_tokens, toy_dictionary
 from test_fast_generator import fast_from
 from fairseq_accel.inference import cpu_kernels
@@ -90,3 +92,28 @@ def test_an_encoder_with_float_layers_among_its_int8_ones_stays_in_python_and_sa
         assert build_native_encoder(model.encoder) is None
     assert [r.getMessage() for r in caplog.records] == [
         "the int8 encoder runs in Python: 4 of its linear layers are not int8"]
+
+
+def test_fairseq_generate_decodes_a_calibrated_int8_transformer_with_the_native_encoder_as_stock_does(
+        tiny_translation_data: Path, tmp_path: Path) -> None:
+    """Through the real entry points: a tiny transformer trained, compressed with calibrated activations
+    (``fairseq-accel-compress --data``: every linear layer int8), decoded by ``fairseq-generate`` with the fast
+    generator (its encoder in C++, the cross-attention keys and values in one C++ call) and with stock's SequenceGenerator
+    over the same int8 modules: the same hypotheses."""
+    save_dir = tmp_path / "checkpoints"
+    train = run_cli(["fairseq-train", tiny_translation_data, "--user-dir", USER_DIR, "--task", "translation_accel",
+                     *TINY_TRANSFORMER, *TINY_TRAIN, "--max-update", "30", "--save-dir", save_dir])
+    assert train.returncode == 0, cli_output(train)
+    compressed = tmp_path / "int8.pt"
+    compress = run_cli(["fairseq-accel-compress", "--path", save_dir / "checkpoint_last.pt", "--data",
+                        tiny_translation_data, "--calib-batches", "2", "--max-tokens", "60", "--out", compressed])
+    assert compress.returncode == 0, cli_output(compress)
+    runs = {}
+    for name, extra in (("fast", ("--accel-generator", "fast")), ("stock", ())):
+        result = run_cli(["fairseq-generate", tiny_translation_data, "--path", compressed, "--gen-subset", "test",
+                          "--beam", "3", "--cpu", "--batch-size", "16", "--user-dir", USER_DIR, "--task",
+                          "translation_accel", "--int8-min-weights", "0", *extra])
+        assert result.returncode == 0, cli_output(result)
+        assert ("the int8 encoder runs in C++" in result.stderr) == (name == "fast"), result.stderr[-2000:]
+        runs[name] = sorted(line for line in result.stdout.splitlines() if line.startswith("H-"))
+    assert len(runs["fast"]) == 40 and runs["fast"] == runs["stock"]

@@ -54,7 +54,9 @@ def build_native_encoder(encoder: nn.Module) -> Optional[NativeEncoder]:
     if not cpu_kernels_available() or not any(isinstance(m, Int8Linear) for m in linears):
         return None
     try:
-        return NativeEncoder(encoder, _native_encoder(encoder, linears))
+        native = NativeEncoder(encoder, _native_encoder(encoder, linears))
+        logger.info("the int8 encoder runs in C++ (csrc/encoder_cpu.cpp, one call per batch)")
+        return native
     except NativeStepUnsupported as reason:
         logger.info(f"the int8 encoder runs in Python: {reason}")
         return None
