@@ -428,8 +428,8 @@ inline float round_clamped(float x, float low, float high) {
 }
 
 // out[i] = the int8 level of x[i] * factor[i], round_clamped to -128..127 (Int8Linear.forward_levels' formula).
-// Restrict pointers: the compiler may then keep the loop's pointers in registers and vectorize it (through the
-// lambdas' captured references it reloaded both from the stack at every value, ~40 % of the int8 attention step).
+// Restrict pointers let the compiler keep the pointers in registers and vectorize the loop (through the lambdas'
+// captured references it reloaded them from the stack at every value).
 inline void write_levels(const float* __restrict x, const float* __restrict factor, int8_t* __restrict out,
                          int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(round_clamped(x[i] * factor[i], -128.f, 127.f));
@@ -777,7 +777,8 @@ void check_int8_cache_step(const torch::Tensor& q, const torch::Tensor& k, const
 // scales inside the attention, without a float32 copy of the cache.
 torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                         const torch::Tensor& keys, const torch::Tensor& values,
-                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale, const torch::Tensor& table, int64_t step,
+                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale,
+                                        const torch::Tensor& table, int64_t step,
                                         const std::optional<torch::Tensor>& given_out) {
   check_int8_cache_step(q, k, v, keys, values, table, step);
   for (const auto* scale : {&key_scale, &value_scale})
@@ -843,8 +844,9 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
 // into the int8 caches ([B, H, T, beam, D], no scales), the attention read from the levels: the query's levels
 // times its and the key's level steps (level_steps [3, H, D], absmax / 127), the output times the value's.
 torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& level_factors,
-                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step,
+                                         const torch::Tensor& keys, const torch::Tensor& values,
+                                         const torch::Tensor& level_factors, const torch::Tensor& level_steps,
+                                         const torch::Tensor& table, int64_t step,
                                          const std::optional<torch::Tensor>& given_out) {
   check_int8_cache_step(q, k, v, keys, values, table, step);
   const int64_t batch = keys.size(0), heads = keys.size(1), max_steps = keys.size(2), beam = keys.size(3),

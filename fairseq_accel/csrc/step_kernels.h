@@ -45,12 +45,12 @@ class SerialScope {
   int before_;
 };
 
-// The output buffers of a decoder step, reused from step to step. A step asks for its intermediate results in the
-// same order and shapes every step (until sentences leave the batch), so from the second step on it allocates
-// nothing: at a step's few rows, ATen's ~40 allocations per step (posix_memalign, glibc's slow path) and the free
-// of the 160 KB logits (which makes glibc consolidate its bins) were ~8 % of a batch-1 int8 decode of the mini
-// NMT transformer (perf, 2026-12-01; a run under jemalloc was 5 % faster). A buffer is valid until the next
-// rewind(): whoever holds one across steps must copy it.
+// The output buffers of a decoder step, reused from step to step. A step asks for its GEMM, attention and embedding
+// outputs and its logits in the same order and shapes every step (until sentences leave the batch), so from the
+// second step on they are not allocated again: ~30 allocations per step at a step's few rows (posix_memalign,
+// glibc's slow path), and the free of the 160 KB logits made glibc consolidate its bins every step (~2 % of a
+// batch-1 int8 decode of the mini NMT transformer, 2026-12-01; ATen's layer norms still allocate theirs). A buffer
+// is valid until the next rewind(): whoever holds one across steps must copy it.
 class StepBuffers {
  public:
   // The next buffer, float32 of `sizes` (reallocated where the last step's was of another shape).
@@ -73,12 +73,14 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
 
 torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                         const torch::Tensor& keys, const torch::Tensor& values,
-                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale, const torch::Tensor& table, int64_t step,
+                                        const torch::Tensor& key_scale, const torch::Tensor& value_scale,
+                                        const torch::Tensor& table, int64_t step,
                                         const std::optional<torch::Tensor>& out = std::nullopt);
 
 torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& level_factors,
-                                         const torch::Tensor& level_steps, const torch::Tensor& table, int64_t step,
+                                         const torch::Tensor& keys, const torch::Tensor& values,
+                                         const torch::Tensor& level_factors, const torch::Tensor& level_steps,
+                                         const torch::Tensor& table, int64_t step,
                                          const std::optional<torch::Tensor>& out = std::nullopt);
 
 torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
