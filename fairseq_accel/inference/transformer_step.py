@@ -47,8 +47,8 @@ from fairseq_accel.inference.fast_decoder import (
     register_fast_decoder,
 )
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
-from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
 from fairseq_accel.modules.int8_linear import Int8Linear
+from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
 from fairseq_accel.modules.multibranch import MultiBranch
 
 
