@@ -79,9 +79,10 @@ def test_kernels_write_into_the_buffers_they_are_given() -> None:
     int8 = cpu_kernels.int8_weights(levels, torch.rand(24, generator=generator), None, 0.05, 64)
     rows, out = torch.randn(3, 16, generator=generator), torch.full((3, 24), math.nan)
     assert int8.run(rows, "", False, out).data_ptr() == out.data_ptr() and torch.equal(out, int8(rows))
-    with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 CPU tensor of \[8, 2, 16\]"):
+    wrong_shape = r"memory_attention: out must be a contiguous float32 CPU tensor of \[8, 2, 16\]"
+    with pytest.raises(RuntimeError, match=wrong_shape):
         cpu_kernels.native_kernels().memory_attention(q, keys, values, padding, 4, torch.empty(8, 2, 15))
-    with pytest.raises(RuntimeError, match=r"int8 linear: out must be a contiguous float32 tensor \[3, 24\]"):
+    with pytest.raises(RuntimeError, match=r"int8 linear: out must be a contiguous float32 CPU tensor of \[3, 24\]"):
         int8.run(rows, "", False, torch.empty(24, 3).t())
 
 

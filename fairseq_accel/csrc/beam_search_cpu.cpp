@@ -679,15 +679,6 @@ std::pair<torch::Tensor, int64_t> rows_of_heads(const torch::Tensor& t) {
   return {copy, copy.stride(0)};
 }
 
-// The kernel's output: `given` (a contiguous float32 CPU tensor of `sizes`: a decoder step's buffer) or a new one.
-torch::Tensor output_of(const std::optional<torch::Tensor>& given, at::IntArrayRef sizes) {
-  if (!given) return torch::empty(sizes, torch::kFloat32);
-  TORCH_CHECK(given->device().is_cpu() && given->scalar_type() == torch::kFloat32 && given->is_contiguous() &&
-                  given->sizes() == sizes,
-              "out must be a contiguous float32 CPU tensor of ", sizes, ", got ", given->sizes());
-  return *given;
-}
-
 }  // namespace
 
 // Writes the step's keys and values ([B * beam, H, D]) into each hypothesis' own slot of the caches
@@ -712,7 +703,7 @@ torch::Tensor cache_attention_step(const torch::Tensor& q, const torch::Tensor& 
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   auto slots = table.contiguous();
-  auto out = output_of(given_out, {rows, heads, dim});
+  auto out = output_of(given_out, {rows, heads, dim}, "cache_attention_step");
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   float *keys_p = keys.data_ptr<float>(), *values_p = values.data_ptr<float>(), *out_p = out.data_ptr<float>();
   const int64_t* slot_p = slots.data_ptr<int64_t>();
@@ -791,7 +782,7 @@ torch::Tensor int8_cache_attention_step(const torch::Tensor& q, const torch::Ten
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   auto slots = table.contiguous();
-  auto out = output_of(given_out, {rows, heads, dim});
+  auto out = output_of(given_out, {rows, heads, dim}, "int8_cache_attention_step");
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
   float *key_scale_p = key_scale.data_ptr<float>(), *value_scale_p = value_scale.data_ptr<float>();
@@ -859,7 +850,7 @@ torch::Tensor level_cache_attention_step(const torch::Tensor& q, const torch::Te
   const auto [key, k_row] = rows_of_heads(k);
   const auto [value, v_row] = rows_of_heads(v);
   const auto factors = level_factors.contiguous(), steps = level_steps.contiguous(), slots = table.contiguous();
-  auto out = output_of(given_out, {rows, heads, dim});
+  auto out = output_of(given_out, {rows, heads, dim}, "level_cache_attention_step");
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   const float *factor_p = factors.data_ptr<float>(), *step_p = steps.data_ptr<float>();
   int8_t *keys_p = keys.data_ptr<int8_t>(), *values_p = values.data_ptr<int8_t>();
@@ -914,7 +905,7 @@ torch::Tensor memory_attention(const torch::Tensor& q, const torch::Tensor& keys
                           padding.size(1) == source), "padding must be bool [B, S] or empty");
   auto query = q.contiguous(), key = keys.contiguous(), value = values.contiguous();
   auto pad = masked ? padding.contiguous() : padding;
-  auto out = output_of(given_out, query.sizes());
+  auto out = output_of(given_out, query.sizes(), "memory_attention");
   const float *qp = query.data_ptr<float>(), *kp = key.data_ptr<float>(), *vp = value.data_ptr<float>();
   const bool* pad_p = masked ? pad.data_ptr<bool>() : nullptr;
   float* out_p = out.data_ptr<float>();

@@ -30,11 +30,6 @@ struct StepState {
     TORCH_CHECK(next < caches.size(), "the decoder step needs more cache tensors than the ", caches.size(), " given");
     return caches[next++];
   }
-  // the output of an attention kernel, [rows, heads, head_dim], where there are buffers
-  std::optional<Tensor> heads_output(int64_t rows, int64_t heads, int64_t head_dim) const {
-    if (buffers == nullptr) return std::nullopt;
-    return buffers->take({rows, heads, head_dim});
-  }
   const std::vector<Tensor>& caches;
   const Tensor& table;
   int64_t step;
@@ -67,7 +62,7 @@ struct AttentionBranch : Branch {
     const auto q = projected.select(1, 0), k = projected.select(1, 1), v = projected.select(1, 2);
     const Tensor& keys = state.take();
     const Tensor& values = state.take();
-    const auto output = state.heads_output(rows, heads, head_dim);
+    const auto output = fresh(state.buffers, {rows, heads, head_dim});
     Tensor attended;
     if (level_steps) {
       attended = level_cache_attention_step(q, k, v, keys, values, *level_factors, *level_steps, state.table,
@@ -126,7 +121,7 @@ struct CrossAttention {
     const Tensor& values = state.take();
     const Tensor& padding = state.take();
     const auto attended =
-        memory_attention(query, keys, values, padding, state.beam, state.heads_output(rows, heads, head_dim));
+        memory_attention(query, keys, values, padding, state.beam, fresh(state.buffers, {rows, heads, head_dim}));
     return out(attended.view({rows, heads * head_dim}), state.buffers);
   }
   Linear q, out;

@@ -361,12 +361,7 @@ torch::Tensor Int8Weights::run(const torch::Tensor& input, const std::string& is
   // much as a small layer's GEMM); the padding inputs beyond in_features meet zero weights, but are set to 0
   thread_local std::vector<uint8_t> buffer;
   buffer.resize(rows * padded_in);
-  if (given_out) {
-    TORCH_CHECK(given_out->scalar_type() == torch::kFloat32 && given_out->is_contiguous() &&
-                    given_out->sizes() == at::IntArrayRef({rows, out_features}),
-                "int8 linear: out must be a contiguous float32 tensor [", rows, ", ", out_features, "]");
-  }
-  auto out = given_out ? *given_out : torch::empty({rows, out_features}, torch::kFloat32);
+  auto out = output_of(given_out, {rows, out_features}, "int8 linear");
   const float* xp = x.data_ptr<float>();
   uint8_t* qp = buffer.data();
   const float low = static_cast<float>(-zero_point), high = static_cast<float>(kMaxLevel - zero_point);

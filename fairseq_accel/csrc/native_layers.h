@@ -26,15 +26,12 @@ struct Linear {
       pybind11::gil_scoped_acquire gil;
       return (*layer)(x).cast<torch::Tensor>().clone();  // a tensor of its own: the step adds into outputs
     }
-    auto out = output(x, buffers);
-    if (!out) return bias ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
-    return bias ? at::addmm_out(*out, *bias, x, weight_t) : at::mm_out(*out, x, weight_t);  // the same kernels
+    auto out = output(x, buffers);  // addmm's and mm's own kernels, into out
+    return bias ? at::addmm_out(out, *bias, x, weight_t) : at::mm_out(out, x, weight_t);
   }
-  int64_t out_features() const { return int8 ? int8->out_features : weight_t.size(1); }
-  // the buffer for the output of x [rows, in], where there are buffers
-  std::optional<torch::Tensor> output(const torch::Tensor& x, StepBuffers* buffers) const {
-    if (buffers == nullptr) return std::nullopt;
-    return buffers->take({x.size(0), out_features()});
+  // the tensor the output of x [rows, in] goes to (a step buffer, or a fresh one)
+  torch::Tensor output(const torch::Tensor& x, StepBuffers* buffers) const {
+    return fresh(buffers, {x.size(0), int8 ? int8->out_features : weight_t.size(1)});
   }
   torch::Tensor weight_t;
   std::optional<torch::Tensor> bias;

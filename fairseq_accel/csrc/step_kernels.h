@@ -62,6 +62,16 @@ class StepBuffers {
   size_t next_ = 0;
 };
 
+// A kernel's output: `given` (a contiguous float32 CPU tensor of `sizes`, e.g. a step buffer; anything else is a
+// one-line error naming the kernel) or a new tensor.
+inline torch::Tensor output_of(const std::optional<torch::Tensor>& given, at::IntArrayRef sizes, const char* kernel) {
+  if (!given) return torch::empty(sizes, torch::kFloat32);
+  TORCH_CHECK(given->device().is_cpu() && given->scalar_type() == torch::kFloat32 && given->is_contiguous() &&
+                  given->sizes() == sizes,
+              kernel, ": out must be a contiguous float32 CPU tensor of ", sizes, ", got ", given->sizes());
+  return *given;
+}
+
 // A float32 tensor of `sizes` to write into: the next of `buffers`, or a fresh one where there are none.
 inline torch::Tensor fresh(StepBuffers* buffers, at::IntArrayRef sizes) {
   return buffers != nullptr ? buffers->take(sizes) : torch::empty(sizes, torch::kFloat32);

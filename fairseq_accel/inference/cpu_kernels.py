@@ -14,9 +14,10 @@ time), the generator keeps its torch path and says so in one line.
 The extension's ``DecoderStep`` runs a whole float32 decoder step in one call (csrc/decoder_step_cpu.cpp), and its
 ``BeamSearchLoop`` (csrc/beam_search_loop_cpu.cpp) the generator's search over it, steps and candidates, until
 sentences finish; the Python step objects build the step from their own weights with the ``native_*`` helpers
-here, and say with ``NativeStepUnsupported`` why a model keeps the Python step (float16 caches, int8 cross-attention memories, the
-int8 attention path, other activations). Its int8 layers (a compressed checkpoint's ``Int8Linear``) run the extension's int8 GEMM
-(``Int8Weights``, csrc/int8_gemm_cpu.cpp), as their Python module does.
+here, and say with ``NativeStepUnsupported`` why a model keeps the Python step (float16 caches, int8
+cross-attention memories, the int8 attention path, other activations). Its int8 layers (a compressed checkpoint's
+``Int8Linear``) run the extension's int8 GEMM (``Int8Weights``, csrc/int8_gemm_cpu.cpp), as their Python module
+does.
 """
 from __future__ import annotations
 
