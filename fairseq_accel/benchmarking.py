@@ -44,6 +44,7 @@ import fairseq_accel.plugin  # noqa: F401  (registers the plugin, makes checkpoi
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.dataclass.configs import GenerationConfig
+from fairseq.tasks import TASK_REGISTRY
 from omegaconf import OmegaConf
 
 from fairseq_accel.compat.checkpoint_files import COMPRESSED_KEY
@@ -137,6 +138,12 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
     overrides = {"data": args.data, "config_yaml": args.config_yaml,
                  **{option.name: option.default for option in dataclasses.fields(AccelGenerationConfig)
                     if not option.name.startswith("_")}}
+    if args.task is not None:
+        if args.task not in TASK_REGISTRY:
+            raise BenchmarkError(f"--task {args.task}: no such task (e.g. translation_accel, speech_to_text_accel)")
+        # a dict replaces the task section's fields, adding those the checkpoint's own task lacks; fairseq drops
+        # the ones the new task's config does not have
+        overrides["task"] = {"_name": args.task, **overrides}
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides)
     for model in models:
         model.eval()
@@ -378,8 +385,12 @@ def _settings(args, work: Workload, tmp: Path, progress: Callable[[str], None]) 
     """Every system of ``args.systems`` (stock first) that can run here, at each of its thread counts."""
     fairseq_systems = ["stock"] + [s for s in args.systems if s in FAIRSEQ_SYSTEMS and s != "stock"]
     if work.int8_model is None and any(s in INT8_LINEAR_SYSTEMS for s in fairseq_systems):
-        progress(f"skipping {' '.join(INT8_LINEAR_SYSTEMS)}: the checkpoint has no int8 layers (make one with "
-                 "fairseq-accel-compress --data ...)")
+        if _is_compressed(args.path):
+            reason = (f"its task {type(work.task).__name__} runs the compressed checkpoint in float32 (--task "
+                      "translation_accel, speech: speech_to_text_accel, runs its int8 layers)")
+        else:
+            reason = "the checkpoint has no int8 layers (make one with fairseq-accel-compress --data ...)"
+        progress(f"skipping {' '.join(INT8_LINEAR_SYSTEMS)}: {reason}")
         fairseq_systems = [s for s in fairseq_systems if s not in INT8_LINEAR_SYSTEMS]
     settings = []
     for system in fairseq_systems:

@@ -454,9 +454,10 @@ def test_mixed_precision_by_a_decoded_metric(pruned_lsra: Path, calibrated: "tup
 
 
 def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_lsra: Path,
-                                         tiny_translation_data: Path) -> None:
+                                         tiny_translation_data: Path, tmp_path: Path) -> None:
     """fairseq-accel-benchmark runs the compressed checkpoint's int8 layers (fast-w8a8) beside float32, and
-    times each decoder layer shape as an int8 GEMM; a checkpoint without int8 layers says it skips them."""
+    times each decoder layer shape as an int8 GEMM; a checkpoint without int8 layers says it skips them, and
+    so does one trained under the stock task, until ``--task translation_accel`` loads it."""
     common = ("fairseq-accel-benchmark", tiny_translation_data, "--systems", "stock", "fast", "fast-w8a8",
               "--batch-sizes", "2", "--threads", "1", "--repeats", "1", "--max-sentences", "6",
               "--int8-min-weights", "0")
@@ -473,3 +474,21 @@ def test_benchmark_times_the_int8_layers(calibrated: "tuple[Path, str]", pruned_
     assert plain.returncode == 0, cli_output(plain)
     assert "skipping fast-w8a8 fast-w8a8-kv8 fast-w8a8-kv8-cross: the checkpoint has no int8 layers" in plain.stderr
     assert "| fast-w8a8 |" not in plain.stdout and "| decoder." not in plain.stdout
+
+    # the mini recipe trains its transformer under the stock task: the checkpoint remembers "translation"
+    stock_trained = read_checkpoint(str(calibrated[0]))
+    stock_trained["cfg"]["task"]["_name"] = "translation"
+    stock_path = tmp_path / "stock_task.pt"
+    torch.save(stock_trained, stock_path)
+    as_trained = run_cli([*common, "--path", stock_path])
+    assert as_trained.returncode == 0, cli_output(as_trained)
+    assert ("skipping fast-w8a8 fast-w8a8-kv8 fast-w8a8-kv8-cross: its task TranslationTask runs the compressed "
+            "checkpoint in float32 (--task translation_accel") in as_trained.stderr
+    assert "| fast-w8a8 |" not in as_trained.stdout
+    with_task = run_cli([*common, "--path", stock_path, "--task", "translation_accel"])
+    assert with_task.returncode == 0, cli_output(with_task)
+    assert "| fast-w8a8 |" in with_task.stdout and "skipping" not in with_task.stderr
+    unknown = run_cli([*common, "--path", stock_path, "--task", "translation_acel"])
+    assert unknown.returncode != 0
+    assert unknown.stderr.strip().splitlines()[-1].endswith(
+        "--task translation_acel: no such task (e.g. translation_accel, speech_to_text_accel)")

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", help="the data directory fairseq-generate would get (binarized text or S2T manifests)")
     parser.add_argument("--path", required=True, help="checkpoint to decode with")
+    parser.add_argument("--task", help="load the checkpoint under this task instead of the one it was trained with: "
+                        "a compressed checkpoint of a model trained under a stock task runs its int8 layers under "
+                        "translation_accel (speech: speech_to_text_accel)")
     parser.add_argument("--gen-subset", default="test", help="subset to decode (default: test)")
     parser.add_argument("--config-yaml", default="config.yaml", help="speech_to_text data config (default: config.yaml)")
     parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,

@@ -14,10 +14,12 @@
 #   2-6 the shared NMT pipeline (egs/tools/nmt.sh): joint sentencepiece unigram model,
 #      fairseq-preprocess (joined dictionary), fairseq-train per config, fairseq-generate (beam 5),
 #      sacrebleu BLEU/chrF and one results table (exp/RESULTS.md)
-#   7  decoding speed: fairseq-accel-benchmark of the --bench_configs checkpoints on the first
-#      --bench_sentences test sentences (stock SequenceGenerator, the fast generator with fp32 and int8
-#      caches, CTranslate2 for a stock transformer), batch 1 and 32, beam 5 (exp/<config name>/BENCHMARK.md,
-#      its rows in benchmark.json and BLEU against decoded tokens/s of every system in frontier.png)
+#   7  decoding speed: each --bench_configs checkpoint compressed to int8 (fairseq-accel-compress, calibrated
+#      on valid: exp/<config name>/int8/compressed.pt), then fairseq-accel-benchmark on the first
+#      --bench_sentences test sentences: stock SequenceGenerator and the fast generator in float32, the fast
+#      generator with the int8 layers and int8 self-attention cache, CTranslate2 float32 and int8 of the float
+#      checkpoint; batch 1 and 32, beam 5, each system at its best of 1 and 2 threads (exp/<config
+#      name>/BENCHMARK.md, its rows in benchmark.json and BLEU against decoded tokens/s in frontier.png)
 #   8  compression (egs/tools/nmt.sh): fine-tune the trained --compress_base model (200 updates) with each of
 #      --compress_configs (conf/compress/: 50 % unstructured, 2:4 and row sparsity, 8-bit ADMM, 50 % + ADMM,
 #      55 % + 4-bit ADMM of everything: the >= 10x model),
@@ -63,7 +65,7 @@ train_jobs=2            # trainings run at a time, one thread each (faster here 
 gen_subset=test         # split decoded (test or valid)
 bench_configs="conf/transformer_mini.yaml"  # experiments whose decoding speed stage 7 measures
 bench_sentences=64      # test sentences the stage-7 benchmark decodes (0: all): two batches of 32
-bench_args="--threads 2 --ct2-threads 1 --repeats 2 --systems fast fast-int8 ct2-float32 ct2-int8"  # thread counts measured best here (see the README); the demo's systems and repeats
+bench_args="--threads 1 2 --ct2-threads 1 --repeats 2 --systems fast fast-w8a8-kv8 ct2-float32 ct2-int8"  # thread counts (CTranslate2: 1, its best here, see the README), systems and repeats
 compress_base=conf/lite_transformer_mini.yaml  # trained experiment that stages 8-9 fine-tune
 compress_configs="conf/compress/sparse50.yaml conf/compress/sparse_2of4.yaml conf/compress/sparse_row50.yaml conf/compress/admm8.yaml conf/compress/sparse50_admm8.yaml conf/compress/sparse55_admm4_all.yaml"  # compression fine-tunes of stage 8
 compress_args=""        # extra fairseq-train arguments for the fine-tunes of stages 8-9 (train_args are not used there)
@@ -124,12 +126,21 @@ if in_stage 7; then
   for config in "${bench_list[@]}"; do
     exp="${exp_dir}/$(basename "${config}" .yaml)"
     stage_done "${exp}/.benchmark.done" "benchmark of ${exp}" && { cat "${exp}/BENCHMARK.md"; plot_frontier "${exp}"; continue; }
-    require fairseq-accel-benchmark
+    require fairseq-accel-compress fairseq-accel-benchmark
+    bin_dir="${data_dir}/bin_${bpe_type}${bpe_vocab_size}"
+    float_checkpoint="${exp}/checkpoints/checkpoint_best.pt"
+    # the int8 systems decode a calibrated int8 copy (under translation_accel: the model was trained under the
+    # stock task, which would run it in float32); stock and fast run its weights in float32 and CTranslate2
+    # converts the float checkpoint it was made from (--ct2-from)
+    if ! stage_done "${exp}/int8/compressed.pt" "int8 copy of $(basename "${exp}")"; then
+      run_logged "${exp}/int8/compress.log" -- fairseq-accel-compress --path "${float_checkpoint}" \
+        --out "${exp}/int8/compressed.pt" --data "${bin_dir}" --calib-subset valid
+    fi
     # shellcheck disable=SC2086  # ${bench_args} holds several arguments
     run_logged "${exp}/benchmark.log" --desc "benchmark $(basename "${exp}")" --unit round \
       --count 'round [0-9]+/[0-9]+, batch' --stdout "${exp}/BENCHMARK.md" -- \
-      fairseq-accel-benchmark "${data_dir}/bin_${bpe_type}${bpe_vocab_size}" \
-      --path "${exp}/checkpoints/checkpoint_best.pt" --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
+      fairseq-accel-benchmark "${bin_dir}" --path "${exp}/int8/compressed.pt" --ct2-from "${float_checkpoint}" \
+      --task translation_accel --gen-subset "${gen_subset}" --remove-bpe sentencepiece \
       --batch-sizes 1 32 --beam 5 --max-sentences "${bench_sentences}" --json "${exp}/benchmark.json" \
       ${bench_args}
     cat "${exp}/BENCHMARK.md"
