@@ -47,7 +47,7 @@ def test_mini_recipe_end_to_end(tmp_path):
         "bash", recipe, "--data_dir", tmp_path / "data", "--exp_dir", tmp_path / "exp", "--bpe_vocab_size", "2000",
         "--train_args", "--max-update 2 --max-tokens 2048", "--gen_subset", "valid",
         "--decode_args", "--beam 2 --max-len-a 0 --max-len-b 6 --batch-size 128",
-        "--bench_sentences", "8", "--bench_args", "--threads 1 --repeats 1 --max-len-b 6 --systems stock fast ct2-int8",
+        "--bench_sentences", "8", "--bench_args", "--threads 1 --repeats 1 --max-len-b 6 --systems stock fast fast-w8a8-kv8 ct2-int8",
     ]
     result = run_cli(command, timeout=900)
     assert result.returncode == 0, cli_output(result)[-5000:]
@@ -63,7 +63,9 @@ def test_mini_recipe_end_to_end(tmp_path):
     assert abs(lsra - baseline) / lsra < 0.05
     assert "| lite_transformer_mini | lite_transformer_mini |" in result.stdout
     bench = json.loads((tmp_path / "exp" / "transformer_mini" / "benchmark.json").read_text())  # stage 7
-    assert [(row["system"], row["batch"]) for row in bench] == [(s, b) for b in (1, 32) for s in ("stock", "fast", "ct2-int8")]
+    systems = ("stock", "fast", "fast-w8a8-kv8", "ct2-int8")  # fast-w8a8-kv8: the calibrated int8 copy's layers
+    assert [(row["system"], row["batch"]) for row in bench] == [(s, b) for b in (1, 32) for s in systems]
+    assert (tmp_path / "exp" / "transformer_mini" / "int8" / "compressed.pt").is_file()
     assert all(row["sentences"] == 8 for row in bench)
     rerun = run_cli(command, timeout=600)
     assert rerun.returncode == 0, cli_output(rerun)[-3000:]
