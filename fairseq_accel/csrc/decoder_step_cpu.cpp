@@ -137,6 +137,7 @@ struct MemoryProjections {
       : projections(std::move(projections)), heads(heads), head_dim(head_dim) {}
   std::vector<Tensor> forward(const Tensor& encoder_out) const {
     TORCH_CHECK(encoder_out.dim() == 3, "the encoder output must be [S, B, C]");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the beam search loop: no autograd in decoding
     const int64_t length = encoder_out.size(0), batch = encoder_out.size(1);
     const auto rows = encoder_out.reshape({length * batch, encoder_out.size(2)});
     std::vector<Tensor> projected;

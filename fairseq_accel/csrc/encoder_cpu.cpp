@@ -78,6 +78,7 @@ struct TransformerEncoder {
   std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& src_tokens, const std::optional<Tensor>& positions) const {
     TORCH_CHECK(src_tokens.dim() == 2 && src_tokens.scalar_type() == torch::kInt64,
                 "the native encoder takes int64 src_tokens [batch, length]");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as the beam search loop: no autograd in decoding
     const int64_t batch = src_tokens.size(0), length = src_tokens.size(1);
     const auto padding = src_tokens.eq(padding_idx);
     const auto has_pads = padding.any();
