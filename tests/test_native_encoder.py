@@ -52,7 +52,7 @@ def padded_batch(dictionary, lengths=(9, 4, 7)) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
-@pytest.mark.parametrize("lengths", [(9, 4, 7), (6,)])
+@pytest.mark.parametrize("lengths", [(9, 4, 7), (6,), (5, 5)])  # padded; unpadded: positions from the table
 def test_the_native_encoder_gives_the_python_encoders_output_bit_for_bit(name: str, lengths: tuple) -> None:
     model = int8_model(ENCODERS[name])
     native = build_native_encoder(model.encoder)

@@ -23,6 +23,7 @@ from fairseq_accel.inference.cpu_kernels import (
     native_linear,
     native_norm,
 )
+from fairseq_accel.inference.position_table import PositionTable
 from fairseq_accel.modules.int8_linear import Int8Linear
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,25 @@ class NativeEncoder:
     def __init__(self, encoder: nn.Module, native):
         self.encoder = encoder
         self.native = native
+        self.position_table = (None if encoder.embed_positions is None
+                               else PositionTable(encoder.embed_positions, encoder.dictionary.eos()))
 
     def __call__(self, net_input: Dict[str, Tensor]) -> Dict[str, List[Tensor]]:
         src_tokens = net_input["src_tokens"]
-        encoder = self.encoder
-        positions = None if encoder.embed_positions is None else encoder.embed_positions(src_tokens)
-        encoder_out, padding, embedding = self.native(src_tokens, positions)
-        lengths = src_tokens.ne(encoder.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        lengths = src_tokens.ne(self.encoder.padding_idx).sum(dim=1, dtype=torch.int32)
+        encoder_out, padding, embedding = self.native(src_tokens, self._positions(src_tokens, lengths))
         return {"encoder_out": [encoder_out], "encoder_padding_mask": [padding], "encoder_embedding": [embedding],
-                "encoder_states": [], "fc_results": [], "src_tokens": [], "src_lengths": [lengths]}
+                "encoder_states": [], "fc_results": [], "src_tokens": [], "src_lengths": [lengths.reshape(-1, 1)]}
+
+    def _positions(self, src_tokens: Tensor, lengths: Tensor) -> Optional[Tensor]:
+        """The encoder's positional embeddings of ``src_tokens``: without padding (every batch of one sentence)
+        each row's are the table's first ones, as the module would number and look them up."""
+        if self.position_table is None:
+            return None
+        batch, width = src_tokens.shape
+        if bool(lengths.eq(width).all()):
+            return self.position_table.first(width, src_tokens.device).expand(batch, width, -1)
+        return self.encoder.embed_positions(src_tokens)
 
 
 def build_native_encoder(encoder: nn.Module) -> Optional[NativeEncoder]:

@@ -46,6 +46,7 @@ from fairseq_accel.inference.fast_decoder import (
     layer_norm,
     register_fast_decoder,
 )
+from fairseq_accel.inference.position_table import PositionTable
 from fairseq_accel.models.lite_transformer import LiteTransformerDecoder
 from fairseq_accel.modules.int8_linear import Int8Linear
 from fairseq_accel.modules.lsra_convolution import ConvBranch, DynamicConvBranch, LightweightConvBranch
@@ -315,20 +316,9 @@ class FastTransformerDecoder(FastDecoder):
         log_int8_attention(sum(step.int8_levels for layer in self.layers for step in layer.attention_steps()))
         self.output_projection = linear_step(decoder.output_projection)  # W^T stored once: the largest GEMM
         self.kernels = kernels  # for the int8 self-attention cache
-        self.position_cache: Optional[Tensor] = None  # the longest table made so far (a batch's is a prefix)
+        self.position_table = (None if decoder.embed_positions is None
+                               else PositionTable(decoder.embed_positions, decoder.dictionary.eos()))
         self.memory_projections = None  # MemoryProjections: None until built, False where the model has none
-
-    def _position_table(self, steps: int, device: torch.device) -> Optional[Tensor]:
-        """Positional embeddings of steps ``0..steps-1`` (``[steps, C]``) from the decoder's own module; made once
-        for the longest batch so far (a sentence's position embeddings do not depend on how long the table is),
-        not for every batch (~0.1 ms, a few % of a short sentence's decode at batch 1)."""
-        if self.decoder.embed_positions is None:
-            return None
-        cache = self.position_cache
-        if cache is None or cache.size(0) < steps or cache.device != device:
-            tokens = torch.full((1, steps), self.decoder.dictionary.eos(), dtype=torch.long, device=device)
-            cache = self.position_cache = self.decoder.embed_positions(tokens)[0]
-        return cache[:steps]
 
     def start(self, encoder_out: Dict[str, List[Tensor]], beam: int, max_steps: int) -> None:
         memory = encoder_out["encoder_out"][0]
@@ -336,7 +326,8 @@ class FastTransformerDecoder(FastDecoder):
         weight = self.decoder.embed_tokens.weight
         self.state = BeamState(memory.size(1), beam, max_steps, weight.device, self.kernels,
                                resolve_cpu_kernels(self.options.kernel_choice, weight.device))
-        self.positions = self._position_table(max_steps, weight.device)
+        # positions of steps 0..max_steps-1, made once for the longest batch so far, not for every batch
+        self.positions = None if self.position_table is None else self.position_table.first(max_steps, weight.device)
         projected = self._project_memory(memory)
         for i, layer in enumerate(self.layers):
             keys_values = None if projected is None else (projected[2 * i], projected[2 * i + 1])
