@@ -6,7 +6,7 @@
 # Each system at its best of 1 and 2 threads, beam 5, settings taking turns; CTranslate2 at 1 intra-thread (its best
 # here: docs/results/2026-12-01_native_search/README.md) and, at batch 32, also as 2 translators of one thread each.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+here=${RESULTS_DIR:-$(cd "$(dirname "$0")" && pwd)}  # where the tables and logs go
 case $1 in
   short)
     fairseq-accel-benchmark "$4" --path "$3" --ct2-from "$2" --max-sentences 64 --batch-sizes 1 --threads 1 2 \
