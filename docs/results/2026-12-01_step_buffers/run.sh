@@ -7,7 +7,7 @@
 # here: docs/results/2026-12-01_native_search/README.md) and, at batch 32, also as 2 translators of one thread each.
 set -euo pipefail
 here=${RESULTS_DIR:-$(cd "$(dirname "$0")" && pwd)}  # where the tables and logs go
-case $1 in
+case ${1:-} in
   short)
     fairseq-accel-benchmark "$4" --path "$3" --ct2-from "$2" --max-sentences 64 --batch-sizes 1 --threads 1 2 \
       --repeats 5 --remove-bpe sentencepiece --ct2-threads 1 --ct2-translators 1 --systems fast-w8a8-kv8 ct2-int8 \
