@@ -128,7 +128,9 @@ class Workload:
     audio_seconds: Optional[float] = None  # speech: the length of the batches' audio
 
 
-def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
+def load_checkpoint(args, task_name: Optional[str] = None) -> Tuple[object, List[torch.nn.Module]]:
+    """The task and models of ``args.path`` for ``args.data``, under ``task_name`` if given (else the task the
+    checkpoint was trained with)."""
     if not Path(args.path).is_file():
         raise BenchmarkError(f"--path {args.path}: no such checkpoint")
     if not Path(args.data).is_dir():
@@ -138,12 +140,12 @@ def load_checkpoint(args) -> Tuple[object, List[torch.nn.Module]]:
     overrides = {"data": args.data, "config_yaml": args.config_yaml,
                  **{option.name: option.default for option in dataclasses.fields(AccelGenerationConfig)
                     if not option.name.startswith("_")}}
-    if args.task is not None:
-        if args.task not in TASK_REGISTRY:
-            raise BenchmarkError(f"--task {args.task}: no such task (e.g. translation_accel, speech_to_text_accel)")
+    if task_name is not None:
+        if task_name not in TASK_REGISTRY:
+            raise BenchmarkError(f"--task {task_name}: no such task (e.g. translation_accel, speech_to_text_accel)")
         # a dict replaces the task section's fields, adding those the checkpoint's own task lacks; fairseq drops
         # the ones the new task's config does not have
-        overrides["task"] = {"_name": args.task, **overrides}
+        overrides["task"] = {"_name": task_name, **overrides}
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides)
     for model in models:
         model.eval()
@@ -437,7 +439,7 @@ def run_benchmark(args: argparse.Namespace,
                              "positive")
     if args.ct2_from is not None and not Path(args.ct2_from).is_file():
         raise BenchmarkError(f"--ct2-from {args.ct2_from}: no such checkpoint")
-    task, models = load_checkpoint(args)
+    task, models = load_checkpoint(args, args.task)
     int8 = take_int8_model(task, models, args.int8_min_weights)
     task.load_dataset(args.gen_subset)  # once: every batch size batches the same sentences
     rows: List[Row] = []

@@ -396,8 +396,7 @@ def test_benchmark_converts_the_float_checkpoint_of_a_compressed_one_for_ctransl
 def test_benchmark_batches_like_fairseq_generate(trained: Path, tiny_translation_data: Path) -> None:
     """The benchmark decodes the batches fairseq-generate would (its length order), not the file's order."""
     args = SimpleNamespace(path=str(trained), data=str(tiny_translation_data), config_yaml="config.yaml",
-                           gen_subset="test", max_sentences=None, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200,
-                           task=None)
+                           gen_subset="test", max_sentences=None, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200)
     task, models = benchmarking.load_checkpoint(args)
     task.load_dataset("test")
     work = benchmarking.build_workload(args, 4, task, models)
@@ -418,8 +417,7 @@ def test_benchmark_ignores_the_generation_options_a_checkpoint_saved(trained: Pa
     older = tmp_path / "older.pt"
     torch.save(state, older)
     args = SimpleNamespace(path=str(older), data=str(tiny_translation_data), config_yaml="config.yaml",
-                           gen_subset="test", max_sentences=4, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200,
-                           task=None)
+                           gen_subset="test", max_sentences=4, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200)
     task, models = benchmarking.load_checkpoint(args)
     task.load_dataset("test")
     work = benchmarking.build_workload(args, 4, task, models)
@@ -434,7 +432,7 @@ def test_benchmark_settings_shard_by_sentence_only_batches_of_several(trained: P
     args = SimpleNamespace(path=str(trained), data=str(tiny_translation_data), config_yaml="config.yaml",
                            gen_subset="test", max_sentences=8, remove_bpe=None, beam=5, max_len_a=0, max_len_b=200,
                            systems=["fast", "ct2-int8"], threads=[1, 2], ct2_threads=[1], ct2_translators=[1, 2],
-                           ct2_from=None, task=None)
+                           ct2_from=None)
     task, models = benchmarking.load_checkpoint(args)
     task.load_dataset("test")
     for batch, sharded in ((1, set()), (4, {("fast", 2), ("ct2-int8", 2)})):
