@@ -6,8 +6,12 @@ path, and the generator's choice of them. Built by pip install; under
 CI=true their absence fails."""
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -37,6 +41,43 @@ class CpuBackend:
 def test_log_softmax_topk_matches_the_reference(rows: int, vocab: int, k: int, ties: bool, eos_mode: int) -> None:
     with torch.inference_mode():
         check_topk(CpuBackend, rows, vocab, k, eos_mode, ties)
+
+
+LOG_PROBABILITY_CHECK = """
+import torch
+from fairseq_accel.inference import cpu_kernels
+generator = torch.Generator().manual_seed(0)
+for vocab in (8000, 1003, 37, 17, 16, 12):  # whole vectors of 16, tails, and fewer than 16
+    for scale in (1.0, 30.0):
+        logits, bias = torch.randn(9, vocab, generator=generator) * scale, torch.randn(9, generator=generator)
+        logits[2, 5] = logits[2].max()  # a tie at the top
+        logits[4, 7] = float("nan")
+        k = min(10, vocab - 1)
+        values, ids, shift = cpu_kernels.log_softmax_topk(logits, bias, k, 1, 3, 2, 0.5, 0)
+        log_probs = torch.log_softmax(logits, -1)
+        rules = log_probs.clone()
+        rules[:, 1] = -float("inf")
+        rules[:, 3] -= 0.5
+        rules[4] = -float("inf")  # a NaN row offers nothing: -inf, the lowest ids
+        expected, expected_ids = (t[:, :k] for t in torch.sort(rules + bias[:, None], descending=True, stable=True))
+        assert torch.equal(values, expected), (vocab, scale)
+        assert torch.equal(ids[torch.arange(9) != 4], expected_ids[torch.arange(9) != 4]), (vocab, scale)
+        keep = torch.arange(9) != 4
+        assert torch.equal(shift[keep], (logits[:, 0] - log_probs[:, 0])[keep]), (vocab, scale)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "avx2"])
+def test_log_softmax_topk_gives_atens_log_probabilities_bit_for_bit(capability: Optional[str]) -> None:
+    """The values are torch.log_softmax's exactly (what the Python search and stock compare against): where ATen
+    runs its AVX-512 kernel the kernel computes them itself in ATen's order, and where ATen runs another one
+    (ATEN_CPU_CAPABILITY=avx2 here) it calls ATen's."""
+    env = {**os.environ, **({"ATEN_CPU_CAPABILITY": capability} if capability else {})}
+    result = subprocess.run([sys.executable, "-c", LOG_PROBABILITY_CHECK], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert capability is None or result.stdout.split()[-1] == capability.upper()
 
 
 def test_threads_give_the_same_result() -> None:

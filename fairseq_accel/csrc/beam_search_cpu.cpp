@@ -15,10 +15,13 @@
 // smaller token id first among equal values), their token ids and the row's logsumexp. The torch path
 // masks the [rows x V] log-probabilities in place, adds the scores and sorts them: three more passes over the
 // largest tensor of the step and as many dispatches; this is one pass after ATen's log-softmax (which is
-// 2x faster than its logsumexp on these rows, and gives the torch path's log-probabilities exactly).
+// 2x faster than its logsumexp on these rows, and gives the torch path's log-probabilities exactly). Where ATen
+// runs its AVX-512 kernel, the log-probabilities are not stored at all: the row's max and log-sum come from
+// ATen's arithmetic in ATen's order, and the top-k scan computes each value it looks at (the same bits).
 #include "step_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -84,18 +87,38 @@ inline float block_max(const float* x) {
 #endif
 }
 
-// Which of a block's 16 values may enter the top k (bit i: x[i]): all of them if its largest is above the
-// threshold, else none (4-wide SSE2 max).
-struct BlockMaxScan {
-  static uint32_t lanes_above(const float* x, float threshold) { return block_max(x) > threshold ? 0xFFFFu : 0u; }
+// A row of log-probabilities as given: which of a block's 16 values may enter the top k (bit i: start + i), all
+// of them if its largest is above the threshold, else none (4-wide SSE2 max), and each value.
+struct LogProbRow {
+  uint32_t lanes_above(int64_t start, float threshold) const {
+    return block_max(log_prob + start) > threshold ? 0xFFFFu : 0u;
+  }
+  float operator[](int64_t id) const { return log_prob[id]; }
+  const float* log_prob;
 };
 
 #if defined(__GNUC__) && defined(__x86_64__)
 // Exactly the values above the threshold (NaN never is): one 16-wide compare into a mask.
-struct Avx512Scan {
-  __attribute__((target("avx512f"))) static inline uint32_t lanes_above(const float* x, float threshold) {
-    return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(threshold), _CMP_GT_OQ);
+struct Avx512LogProbRow {
+  __attribute__((target("avx512f"))) uint32_t lanes_above(int64_t start, float threshold) const {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(log_prob + start), _mm512_set1_ps(threshold), _CMP_GT_OQ);
   }
+  float operator[](int64_t id) const { return log_prob[id]; }
+  const float* log_prob;
+};
+
+// A row of logits read as log-probabilities, logit - max - log(sum), each computed where it is looked at, with
+// ATen's operations in ATen's order (serial_vec_log_softmax_lastdim_range: (x - max) - log_sum), so every value
+// is the one ATen's log-softmax would have stored.
+struct Avx512ShiftedLogitRow {
+  __attribute__((target("avx512f"))) uint32_t lanes_above(int64_t start, float threshold) const {
+    const __m512 values = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(logits + start), _mm512_set1_ps(max)),
+                                        _mm512_set1_ps(log_sum));
+    return _mm512_cmp_ps_mask(values, _mm512_set1_ps(threshold), _CMP_GT_OQ);
+  }
+  float operator[](int64_t id) const { return (logits[id] - max) - log_sum; }
+  const float* logits;
+  float max, log_sum;
 };
 #endif
 
@@ -103,15 +126,15 @@ struct Avx512Scan {
 // values a block's scan marks are looked at (each against the threshold as it rises); pad, unk and eos are
 // offered apart with their rules. Tokens never offered (NaN, or rows with fewer than k allowed tokens) leave
 // -inf entries, filled with the lowest ids.
-template <typename Scan>
-inline TopK row_topk_scan(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos,
+template <typename Row>
+inline TopK row_topk_scan(const Row& log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos,
                           float unk_penalty, int64_t eos_mode) {
   TopK best(k);
   if (eos_mode != kEosOnly) {
     float threshold = kNegInf;
     for (int64_t start = 0; start < vocab; start += kBlock) {
       const int64_t size = std::min(kBlock, vocab - start);
-      uint32_t lanes = size == kBlock ? Scan::lanes_above(log_prob + start, threshold) : (1u << size) - 1u;
+      uint32_t lanes = size == kBlock ? log_prob.lanes_above(start, threshold) : (1u << size) - 1u;
       for (; lanes != 0; lanes &= lanes - 1) {
         const int64_t id = start + __builtin_ctz(lanes);
         const float value = log_prob[id];
@@ -138,7 +161,7 @@ using RowTopkFunction = TopK (*)(const float*, int64_t, int64_t, int64_t, int64_
 
 TopK row_topk_baseline(const float* log_prob, int64_t vocab, int64_t k, int64_t pad, int64_t unk, int64_t eos,
                        float unk_penalty, int64_t eos_mode) {
-  return row_topk_scan<BlockMaxScan>(log_prob, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+  return row_topk_scan(LogProbRow{log_prob}, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -146,7 +169,7 @@ TopK row_topk_baseline(const float* log_prob, int64_t vocab, int64_t k, int64_t 
 __attribute__((target("avx512f"), flatten)) TopK row_topk_avx512(const float* log_prob, int64_t vocab, int64_t k,
                                                                  int64_t pad, int64_t unk, int64_t eos,
                                                                  float unk_penalty, int64_t eos_mode) {
-  return row_topk_scan<Avx512Scan>(log_prob, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+  return row_topk_scan(Avx512LogProbRow{log_prob}, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
 }
 #endif
 
@@ -160,6 +183,89 @@ RowTopkFunction best_row_topk() {
 }
 
 const RowTopkFunction row_topk = best_row_topk();
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// ATen's AVX-512 vectors of exp and log (torch's bundled SLEEF, exported by libtorch_cpu; Vectorized<float>::exp
+// and ::log call them).
+extern "C" __attribute__((target("avx512f"))) __m512 Sleef_expf16_u10(__m512);
+extern "C" __attribute__((target("avx512f"))) __m512 Sleef_logf16_u10(__m512);
+
+// The vector operations of ATen's log-softmax, as functors (AVX-512 enabled in each).
+struct NanPropagatingMax {  // ATen's vec::maximum: the lanes' max, NaN (all ones) where either is NaN
+  __attribute__((target("avx512f"))) __m512 operator()(__m512 a, __m512 b) const {
+    const __mmask16 unordered = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_max_ps(a, b)),
+                                               _mm512_maskz_set1_epi32(unordered, -1)));
+  }
+};
+struct Add {
+  __attribute__((target("avx512f"))) __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); }
+};
+struct Unchanged {
+  __attribute__((target("avx512f"))) __m512 operator()(__m512 v) const { return v; }
+};
+struct ExpBelow {  // exp(v - max)
+  __attribute__((target("avx512f"))) __m512 operator()(__m512 v) const {
+    return Sleef_expf16_u10(_mm512_sub_ps(v, _mm512_set1_ps(max)));
+  }
+  float max;
+};
+
+// ATen's vec_reduce_all over 16 lanes on AVX-512: halves folded by 256-, 128-, 64- and 32-bit shuffles.
+template <typename Op>
+__attribute__((target("avx512f"))) inline float fold_lanes(__m512 v, Op op) {
+  v = op(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+  v = op(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  v = op(v, _mm512_shuffle_ps(v, v, 0x4E));
+  v = op(v, _mm512_shuffle_ps(v, v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+
+// ATen's map_reduce_all / reduce_all (size >= 16): the first vector, then one per 16 values, a masked last one
+// whose lanes past the row keep the accumulator's.
+template <typename Map, typename Op>
+__attribute__((target("avx512f"))) inline float map_fold(const float* x, int64_t size, Map map, Op op) {
+  __m512 acc = map(_mm512_loadu_ps(x));
+  int64_t d = 16;
+  for (; d < size - size % 16; d += 16) acc = op(acc, map(_mm512_loadu_ps(x + d)));
+  if (size - d > 0) {
+    const auto tail = static_cast<__mmask16>((1u << (size - d)) - 1u);
+    acc = _mm512_mask_mov_ps(acc, tail, op(acc, map(_mm512_maskz_loadu_ps(tail, x + d))));
+  }
+  return fold_lanes(acc, op);
+}
+
+// A row's max and log(sum(exp(x - max))) as ATen's AVX-512 log-softmax computes them (size >= 16), bit for bit
+// (aten/src/ATen/native/cpu/LogSoftmaxKernelImpl.h, ATen/cpu/vec/functional_base.h of torch 2.13).
+__attribute__((target("avx512f"))) std::pair<float, float> log_softmax_shift_avx512(const float* x, int64_t size) {
+  const float max = map_fold(x, size, Unchanged{}, NanPropagatingMax{});
+  const float sum = map_fold(x, size, ExpBelow{max}, Add{});
+  return {max, _mm512_cvtss_f32(Sleef_logf16_u10(_mm512_set1_ps(sum)))};
+}
+
+// The top k of a row of logits without storing its log-probabilities: ATen's max and log-sum, then the scan
+// computing each value it looks at.
+__attribute__((target("avx512f"), flatten)) TopK logits_topk_avx512(const float* logits, int64_t vocab, int64_t k,
+                                                                    int64_t pad, int64_t unk, int64_t eos,
+                                                                    float unk_penalty, int64_t eos_mode,
+                                                                    float* shift) {
+  const auto [max, log_sum] = log_softmax_shift_avx512(logits, vocab);
+  const Avx512ShiftedLogitRow row{logits, max, log_sum};
+  *shift = logits[0] - row[0];  // logit - log-probability, of any token
+  return row_topk_scan(row, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+}
+#endif
+
+// Whether log_softmax_topk may compute ATen's log-probabilities itself: ATen runs its AVX-512 kernels here
+// (ATEN_CPU_CAPABILITY can lower them, and a CPU may lack AVX-512), so its arithmetic is the one reproduced.
+bool aten_log_softmax_is_avx512() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -182,6 +288,24 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
   float* out_values = values.data_ptr<float>();
   int64_t* out_ids = indices.data_ptr<int64_t>();
   const float penalty = static_cast<float>(unk_penalty);
+  const auto store = [&](int64_t row, const TopK& best) {
+    for (int64_t j = 0; j < k; ++j) {
+      out_values[row * k + j] = best.values[j] + add[row];  // the torch path's lprobs + scores
+      out_ids[row * k + j] = best.ids[j];
+    }
+  };
+#if defined(__GNUC__) && defined(__x86_64__)
+  // where ATen's log-softmax is its AVX-512 kernel, its values are computed here where the scan looks at them:
+  // two passes over each row (max; sum of exp) and the scan, instead of ATen's three and a scan of what it stored
+  static const bool fused = aten_log_softmax_is_avx512();
+  if (fused && vocab >= 16) {
+    at::parallel_for(0, rows, parallel_grain(8 * vocab), [&](int64_t first, int64_t last) {
+      for (int64_t row = first; row < last; ++row)
+        store(row, logits_topk_avx512(raw + row * vocab, vocab, k, pad, unk, eos, penalty, eos_mode, shift + row));
+    });
+    return {values, indices, lse};
+  }
+#endif
   // log-probabilities over the whole vocabulary (pad included, as fairseq's): ATen's vectorized kernel (each row's
   // values are those of one call over all rows), each thread on its own rows, a chunk at a time into its ~256 KiB
   // buffer (cache-resident when scanned), kept from call to call (a fresh one each step cost a large malloc and
@@ -200,11 +324,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> log_softmax_topk(
         const int64_t row = start + i;
         shift[row] = raw[row * vocab] - in[i * vocab];  // logit - log-probability, of any token
         // a NaN logit makes the row's log-probabilities NaN: none is offered, the row is -inf, lowest ids first
-        const TopK best = row_topk(in + i * vocab, vocab, k, pad, unk, eos, penalty, eos_mode);
-        for (int64_t j = 0; j < k; ++j) {
-          out_values[row * k + j] = best.values[j] + add[row];  // the torch path's lprobs + scores
-          out_ids[row * k + j] = best.ids[j];
-        }
+        store(row, row_topk(in + i * vocab, vocab, k, pad, unk, eos, penalty, eos_mode));
       }
     }
   });
