@@ -14,7 +14,7 @@ from model_builders import build_speech_model
 from fairseq_accel.compression.activation_calibration import cached_projections
 from fairseq_accel.inference import cpu_kernels
 from fairseq_accel.inference.beam_cache import BeamState
-from fairseq_accel.inference.fast_decoder import FastDecodingOptions
+from fairseq_accel.inference.fast_decoder import FastDecodingOptions, FastDecodingUnsupported
 from fairseq_accel.inference.sanm_step import SANMCrossAttentionStep
 from fairseq_accel.inference.transformer_step import CrossAttentionStep, SelfAttentionStep
 from fairseq_accel.modules.int8_linear import Int8Linear
@@ -125,6 +125,17 @@ def test_layers_without_output_ranges_keep_the_float_path(options: FastDecodingO
         setattr(attention, name, Int8Linear(layer.levels, layer.row_scales, layer.bias, layer.input_scale))
     step = SelfAttentionStep(attention, options)
     assert not step.int8_levels and step.level_steps is None
+
+
+def test_projections_quantizing_their_input_differently_are_a_notice_not_a_crash() -> None:
+    """One int8 GEMM serves the query, key and value: projections calibrated to different input scales (a checkpoint
+    not made by fairseq-accel-compress) make the fast generator step aside with its reason, not a ValueError."""
+    attention = int8_attention(step_inputs()[0])
+    key = attention.k_proj
+    attention.k_proj = Int8Linear(key.levels, key.row_scales, key.bias, key.input_scale * 2, key.input_zero_point,
+                                  key.output_absmax)
+    with pytest.raises(FastDecodingUnsupported, match="quantize their input differently"):
+        SelfAttentionStep(attention, FLOAT)
 
 
 @pytest.mark.parametrize("arch, expected", [

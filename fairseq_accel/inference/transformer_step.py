@@ -77,6 +77,11 @@ class SelfAttentionStep:
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         if any(p.bias is None for p in projections) and any(p.bias is not None for p in projections):
             raise FastDecodingUnsupported("decoder self-attention has biases on some projections only")
+        quantizers = {(p.input_scale, p.input_zero_point) for p in projections if isinstance(p, Int8Linear)}
+        if len(quantizers) > 1:  # not from fairseq-accel-compress, whose calibration gives one input one scale
+            raise FastDecodingUnsupported(f"decoder self-attention's int8 query, key and value projections quantize "
+                                          f"their input differently ({sorted(quantizers)}): one int8 GEMM cannot take "
+                                          "them")
         q_weight = attention.q_proj.weight.detach()
         q_scale = q_weight.new_full((q_weight.size(0),), attention.scaling)
         k_scale = torch.ones_like(q_scale)
