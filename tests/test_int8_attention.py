@@ -134,7 +134,7 @@ def test_projections_quantizing_their_input_differently_are_a_notice_not_a_crash
     key = attention.k_proj
     attention.k_proj = Int8Linear(key.levels, key.row_scales, key.bias, key.input_scale * 2, key.input_zero_point,
                                   key.output_absmax)
-    with pytest.raises(FastDecodingUnsupported, match="quantize their input differently"):
+    with pytest.raises(FastDecodingUnsupported, match="decoder self-attention: fused int8 layers must share their input scale and zero point"):
         SelfAttentionStep(attention, FLOAT)
 
 

@@ -77,18 +77,16 @@ class SelfAttentionStep:
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         if any(p.bias is None for p in projections) and any(p.bias is not None for p in projections):
             raise FastDecodingUnsupported("decoder self-attention has biases on some projections only")
-        quantizers = {(p.input_scale, p.input_zero_point) for p in projections if isinstance(p, Int8Linear)}
-        if len(quantizers) > 1:  # not from fairseq-accel-compress, whose calibration gives one input one scale
-            raise FastDecodingUnsupported(f"decoder self-attention's int8 query, key and value projections quantize "
-                                          f"their input differently ({sorted(quantizers)}): one int8 GEMM cannot take "
-                                          "them")
         q_weight = attention.q_proj.weight.detach()
         q_scale = q_weight.new_full((q_weight.size(0),), attention.scaling)
         k_scale = torch.ones_like(q_scale)
         if options.key_scale == "channel" and options.kv_cache_dtype == "int8":
             balance = key_channel_balance(attention.k_proj)
             q_scale, k_scale = q_scale * balance, 1.0 / balance
-        self.qkv = fused_linear_step(projections, (q_scale, k_scale, torch.ones_like(q_scale)))
+        try:
+            self.qkv = fused_linear_step(projections, (q_scale, k_scale, torch.ones_like(q_scale)))
+        except ValueError as reason:  # int8 projections that quantize their input differently (Int8Linear.fuse)
+            raise FastDecodingUnsupported(f"decoder self-attention: {reason}") from None
         self.out = linear_step(attention.out_proj)
         self.cache: Optional[AttentionKVCache] = None
         # the int8 attention path: one level's value per channel of the query, key and value [3, H, D]
