@@ -163,12 +163,13 @@ def caches(dtype: str = "fp32", beam: int = 4, batch: int = 3, heads: int = 4, d
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
 def test_cache_attention_step_equals_the_torch_cache_through_reorders_and_finished_sentences(dtype: str) -> None:
-    """head size 36: the 16-wide dot product and its tail; beams reordered every step, a sentence leaves. The int8
-    cache: the same levels and scales as the torch path's quantization, read without a float32 copy."""
+    """head size 36: the 16-wide dot product and its tail; 20 steps: the scores' maximum by lanes from 16 keys on;
+    beams reordered every step, a sentence leaves. The int8 cache: the same levels and scales as the torch path's
+    quantization, read without a float32 copy."""
     torch.manual_seed(0)
-    indirection, reference, kernel = caches(dtype)
+    indirection, reference, kernel = caches(dtype, steps=21)
     assert kernel.cpu_kernels is cpu_kernels and reference.cpu_kernels is None
-    for step in range(7):
+    for step in range(20):
         rows = indirection.batch * indirection.beam
         # odd steps: the views a fused query/key/value projection unbinds into (read in place, rows 3 H D apart)
         q, k, v = torch.randn(rows, 3, 4, 36).unbind(1) if step % 2 else (torch.randn(rows, 4, 36) for _ in range(3))
