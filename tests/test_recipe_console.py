@@ -412,9 +412,9 @@ def test_demo_runs_the_asr_data_beside_the_nmt_recipe_then_prints_the_summary(de
     assert result.returncode == 0, cli_output(result)
     calls = (demo_recipes / "calls.txt").read_text().splitlines()
     data = "asr nice=19 --stop_stage 2 --verbose false"  # in the background (it waited for nmt), lowest priority
-    assert [call for call in calls if call != data] == [
-        "nmt nice=0 --verbose false", "nmt nice=0 --stage 10 --stop_stage 10 --verbose false",
-        "asr nice=0 --stage 3 --verbose false"]
+    assert [call for call in calls if call != data] == [  # the decoding benchmark (stage 7) last, alone
+        "nmt nice=0 --stop_stage 6 --verbose false", "nmt nice=0 --stage 10 --stop_stage 10 --verbose false",
+        "asr nice=0 --stage 3 --verbose false", "nmt nice=0 --stage 7 --stop_stage 7 --verbose false"]
     assert calls.count(data) == 1
     assert "ASR data ready" in result.stderr
     assert all(text in result.stdout for text in SUMMARY_TABLES.values())
