@@ -1,13 +1,16 @@
-import os
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf64_b32.py")).read().split("def run():")[0])
-for bi, batch in enumerate(work.batches):
-    out = work.task.inference_step(gen, work.models, batch)
-    src = batch["net_input"]["src_lengths"].tolist()
-    outl = [len(h[0]["tokens"]) for h in out]
-    # best hypothesis length and longest finished hyp
-    longest = [max(len(x["tokens"]) for x in h) for h in out]
-    print("batch", bi)
+"""Each sentence's source length, best hypothesis length and longest finished hypothesis, by shard (batches of 32
+in two shards of every other sentence): lens.py THREADS."""
+import sys
+
+from common import decode, workload
+
+_, work, gen = workload(32, threads=int(sys.argv[1]))
+for index, (batch, out) in enumerate(zip(work.batches, decode(work, gen))):
+    sources = batch["net_input"]["src_lengths"].tolist()
+    best = [len(hypotheses[0]["tokens"]) for hypotheses in out]
+    longest = [max(len(h["tokens"]) for h in hypotheses) for hypotheses in out]
+    print("batch", index)
     for shard in (0, 1):
-        idx = list(range(shard, len(src), 2))
-        print(" shard", shard, "src", [src[i] for i in idx])
-        print("         out", [outl[i] for i in idx], "longest hyp", [longest[i] for i in idx])
+        rows = list(range(shard, len(sources), 2))
+        print(" shard", shard, "src", [sources[i] for i in rows])
+        print("         out", [best[i] for i in rows], "longest hyp", [longest[i] for i in rows])

@@ -1,19 +1,10 @@
-import os, sys, argparse, time, torch
-from fairseq_accel import benchmarking as B
+"""fast-w8a8-kv8 on the first 64 test sentences at batch 32: perf64_b32.py THREADS [REPEATS]."""
+import sys
+
+from common import best_of, decode, workload
+
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-reps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-args = argparse.Namespace(path="/work/nmt_exp/tf_mini/c_int8.pt", data="/work/main/egs/mini_l10n/nmt/data/bin_unigram8000", config_yaml="config.yaml", gen_subset="test", max_sentences=64, remove_bpe="sentencepiece", beam=5, max_len_a=0, max_len_b=200, int8_min_weights=0, task=None)
-torch.set_num_threads(threads)
-task, models = B.load_checkpoint(args)
-int8 = B.take_int8_model(task, models, 0)
-task.load_dataset("test")
-work = B.build_workload(args, 32, task, models, int8)
-gen = B._fairseq_generator(work, "fast-w8a8-kv8")
-def run():
-    for batch in work.batches:
-        work.task.inference_step(gen, work.models, batch)
-run()
-ts = []
-for _ in range(reps):
-    t = time.perf_counter(); run(); ts.append(time.perf_counter() - t)
-print("threads", threads, "best", min(ts), "median", sorted(ts)[len(ts)//2])
+repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+_, work, gen = workload(32, threads=threads)
+decode(work, gen)
+print("threads", threads, "best", best_of(repeats, lambda: decode(work, gen)))

@@ -1,13 +1,27 @@
-import os
+"""Sentence 25 at batch 1 at 1 and 2 OpenMP threads, on the main thread and on another Python thread."""
 import threading
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tail25.py")).read().split('print("pid"')[0].replace("reps = int(sys.argv[2])", "reps = 20"))
-gen.sentence_parallel = None
-def timed(label, n):
-    torch.set_num_threads(n)
-    work.task.inference_step(gen, work.models, batch)
-    t = time.perf_counter()
-    for _ in range(reps): work.task.inference_step(gen, work.models, batch)
-    print(label, n, "threads: %.1f ms" % ((time.perf_counter() - t) / reps * 1e3), flush=True)
-for n in (1, 2):
-    timed("main", n)
-    th = threading.Thread(target=timed, args=("other", n)); th.start(); th.join()
+import time
+
+import torch
+
+from common import decode, workload
+
+_, work, gen = workload(1)
+gen.sentence_parallel = None  # every operation on the thread count, no shards
+batch = [b for b in work.batches if b["id"].item() == 25]
+
+
+def timed(label: str, threads: int, repeats: int = 20) -> None:
+    torch.set_num_threads(threads)
+    decode(work, gen, batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        decode(work, gen, batch)
+    print(label, threads, "threads: %.1f ms" % ((time.perf_counter() - start) / repeats * 1e3), flush=True)
+
+
+for threads in (1, 2):
+    timed("main", threads)
+    other = threading.Thread(target=timed, args=("other", threads))
+    other.start()
+    other.join()
