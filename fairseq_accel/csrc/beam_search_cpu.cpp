@@ -511,8 +511,8 @@ namespace {
 
 // The largest of scores[0..n) (NaN ignored; -inf for none). From 16 scores on, as 16 running maxima folded
 // pairwise, so that the loop vectorizes: a single running maximum is a chain of dependent compares that GCC keeps
-// scalar (~12 % of the int8 self-attention of a 200-step decode, perf 2026-12-01). Where the largest is a zero, its sign may
-// differ from a single running maximum's: exp(0 - 0) is 1 either way.
+// scalar (~12 % of the int8 self-attention of a 200-step decode, perf 2026-12-01). Where the largest is a zero, its
+// sign may differ from a single running maximum's: exp(0 - 0) is 1 either way.
 __attribute__((always_inline)) inline float largest_score(const float* scores, int64_t n) {
   float largest = kNegInf;
   int64_t t = 0;
