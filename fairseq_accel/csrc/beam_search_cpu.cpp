@@ -98,13 +98,11 @@ struct LogProbRow {
 };
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// Exactly the values above the threshold (NaN never is): one 16-wide compare into a mask.
-struct Avx512LogProbRow {
+// The same row, but exactly the values above the threshold (NaN never is): one 16-wide compare into a mask.
+struct Avx512LogProbRow : LogProbRow {
   __attribute__((target("avx512f"))) uint32_t lanes_above(int64_t start, float threshold) const {
     return _mm512_cmp_ps_mask(_mm512_loadu_ps(log_prob + start), _mm512_set1_ps(threshold), _CMP_GT_OQ);
   }
-  float operator[](int64_t id) const { return log_prob[id]; }
-  const float* log_prob;
 };
 
 // A row of logits read as log-probabilities, logit - max - log(sum), each computed where it is looked at, with
@@ -169,7 +167,7 @@ TopK row_topk_baseline(const float* log_prob, int64_t vocab, int64_t k, int64_t 
 __attribute__((target("avx512f"), flatten)) TopK row_topk_avx512(const float* log_prob, int64_t vocab, int64_t k,
                                                                  int64_t pad, int64_t unk, int64_t eos,
                                                                  float unk_penalty, int64_t eos_mode) {
-  return row_topk_scan(Avx512LogProbRow{log_prob}, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
+  return row_topk_scan(Avx512LogProbRow{{log_prob}}, vocab, k, pad, unk, eos, unk_penalty, eos_mode);
 }
 #endif
 
