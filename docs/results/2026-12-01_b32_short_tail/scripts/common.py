@@ -1,11 +1,13 @@
 """What the measurements here share: the transformer_mini of 2026-12-01_step_buffers (FLOAT), its calibrated int8
 copy (INT8) and the mini NMT test set, loaded as fairseq-accel-benchmark loads them."""
 import argparse
+import threading
 import time
 
 import torch
 
 from fairseq_accel import benchmarking as B
+from fairseq_accel.inference import sentence_parallel as SP
 
 FLOAT = "/work/nmt_exp/tf_mini/ckpt/checkpoint_best.pt"
 INT8 = "/work/nmt_exp/tf_mini/c_int8.pt"
@@ -40,3 +42,30 @@ def best_of(repeats: int, run) -> float:
         run()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def record_shards(serial: bool = False):
+    """From now on, every sentence shard's (thread, start, end, sentences, rows) and every sharded batch's (start,
+    end), in two lists it returns (clear them to start over); ``serial``: the shards take turns."""
+    shards, batches = [], []
+    turns = threading.Lock() if serial else None
+    on_one_thread, parallel_decode = SP._on_one_thread, SP.SentenceParallel.decode
+
+    def timed_shard(*args, **kwargs):
+        if turns:
+            turns.acquire()
+        start = time.perf_counter()
+        result = on_one_thread(*args, **kwargs)
+        shards.append((threading.current_thread().name[-3:], start, time.perf_counter(), len(result[0]), result[1]))
+        if turns:
+            turns.release()
+        return result
+
+    def timed_decode(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = parallel_decode(self, *args, **kwargs)
+        batches.append((start, time.perf_counter()))
+        return result
+
+    SP._on_one_thread, SP.SentenceParallel.decode = timed_shard, timed_decode
+    return shards, batches

@@ -1,36 +1,17 @@
 """How much of a pass the second core idles at a batch's end (batches of 32 in 2 shards, 2 threads): per batch, twice
 its decode time minus both shards' busy times, summed over the pass: idle_core.py SENTENCES."""
 import sys
-import threading
-import time
 
-from common import decode, workload
-from fairseq_accel.inference import sentence_parallel as SP
+from common import decode, record_shards, workload
 
 _, work, gen = workload(32, sentences=int(sys.argv[1]), threads=2)
-busy, walls = [], []
-on_one_thread, parallel_decode = SP._on_one_thread, SP.SentenceParallel.decode
-
-
-def timed_shard(*args, **kwargs):
-    start = time.perf_counter()
-    result = on_one_thread(*args, **kwargs)
-    busy.append(time.perf_counter() - start)
-    return result
-
-
-def timed_decode(self, *args, **kwargs):
-    start = time.perf_counter()
-    result = parallel_decode(self, *args, **kwargs)
-    walls.append(time.perf_counter() - start)
-    return result
-
-
-SP._on_one_thread, SP.SentenceParallel.decode = timed_shard, timed_decode
+shard_log, decode_log = record_shards()
 decode(work, gen)
 for repeat in range(3):
-    busy.clear(), walls.clear()
+    shard_log.clear(), decode_log.clear()
     decode(work, gen)
-    idle = 2 * sum(walls) - sum(busy)
-    print(f"pass {repeat}: {len(walls)} batches, decode {sum(walls):.3f} s, shards busy {sum(busy):.3f} core-s, "
-          f"second core idle {idle:.3f} s = {idle / (2 * sum(walls)):.0%} of the two cores' time")
+    wall = sum(end - start for start, end in decode_log)
+    busy = sum(end - start for _, start, end, _, _ in shard_log)
+    idle = 2 * wall - busy
+    print(f"pass {repeat}: {len(decode_log)} batches, decode {wall:.3f} s, shards busy {busy:.3f} core-s, "
+          f"second core idle {idle:.3f} s = {idle / (2 * wall):.0%} of the two cores' time")
